@@ -1,0 +1,438 @@
+"""How results are analysed: ranking with honest uncertainty, the seed's insight sections, the
+interpretation, and the next command to run.
+
+Works from `summary.json` alone (no torch), on partial or failed sweeps, single experiments,
+summaries from older versions without per-example scores, and sweeps over several sources.
+"""
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from . import stats
+from .errors import UsageError
+
+CATEGORY_PREFIXES = [("baseline", "baseline"), ("rms_scale", "rms_matching"),
+                     ("batch_dist", "batch_distribution"), ("nearest_k", "nearest_k"),
+                     ("anchor_eps", "anchor_offset"), ("codebook_", "soft_codebook")]
+
+# How a winning transform's hyperparameters become flags of the training script.
+TRAIN_FLAGS = {
+    "baseline": (None, {}),
+    "rms_matching": ("rms_matching", {"target_scale": "--target_rms_scale"}),
+    "batch_distribution": ("batch_distribution", {}),
+    "nearest_k": ("nearest_k", {"k": "--nearest_k", "alpha": "--nearest_alpha"}),
+    "anchor_offset": ("anchor_offset", {"eps": "--anchor_eps"}),
+    "soft_codebook": ("soft_codebook", {"size": "--codebook_size", "tau": "--codebook_tau"}),
+}
+
+# The seed's interpretation table: what a winning category means and what to do about it.
+MEANING = {
+    "rms_matching": ("Magnitude mismatch: the model needs embeddings at the vocabulary's scale.",
+                     "Integrate RMS calibration after the adapter."),
+    "anchor_offset": ("Embeddings must stay near real tokens.",
+                      "Add manifold regularisation (anchor + small offset) to training."),
+    "nearest_k": ("Arbitrary embeddings fail; convex combinations of tokens work.",
+                  "Force convex combinations of vocabulary embeddings in the adapter."),
+    "batch_distribution": ("The per-feature distribution is off; matching its moments helps.",
+                           "Normalise adapter outputs to the vocabulary's mean and std."),
+    "soft_codebook": ("A discrete bottleneck over the vocabulary helps.",
+                      "Train with a soft codebook over vocabulary embeddings."),
+}
+
+
+def load_summary(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"summary file {path} does not exist; run a sweep first or pass the "
+                         "path of its summary.json")
+    try:
+        summary = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"summary file {path} is not valid JSON ({err}); rerun the sweep into "
+                         "the same directory to rebuild it from the per-experiment files")
+    if not isinstance(summary, dict) or "results" not in summary:
+        raise UsageError(f"summary file {path} has no 'results'; it is not a sweep summary")
+    return summary
+
+
+def category_of(name: str) -> str:
+    for prefix, category in CATEGORY_PREFIXES:
+        if name.startswith(prefix):
+            return category
+    return "other"
+
+
+def normalise(summary: dict) -> tuple[list[dict], list[dict]]:
+    """(successful results, failed results) with every field the analysis reads filled in, so
+    summaries from older versions (results as a dict, no status/category/source) still work."""
+    raw = summary.get("results", [])
+    if isinstance(raw, dict):
+        raw = [{"experiment": k, **v} for k, v in raw.items()]
+    ok, failed = [], []
+    for r in raw:
+        r = dict(r)
+        r.setdefault("source", "text")
+        r.setdefault("category", category_of(r.get("experiment", "")))
+        r.setdefault("config", {})
+        r.setdefault("diagnostics", {})
+        status = r.get("status", "ok" if "f1" in r and "error" not in r else "failed")
+        (ok if status == "ok" and r.get("f1") is not None else failed).append(r)
+    return ok, failed
+
+
+def _scores(r: dict) -> dict[str, float] | None:
+    preds = r.get("predictions")
+    if not preds:
+        return None
+    return {p["id"]: float(p["f1"]) for p in preds}
+
+
+def _paired(a: dict, b: dict) -> tuple[list[float], list[float]]:
+    ids = sorted(set(a) & set(b))
+    return [a[i] for i in ids], [b[i] for i in ids]
+
+
+def _fmt(x, digits=3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def analyse_source(results: list[dict]) -> dict:
+    """Everything the report says about one source's experiments."""
+    rows = []
+    baseline = next((r for r in results if r["experiment"] == "baseline"), None)
+    base_scores = _scores(baseline) if baseline else None
+    for r in results:
+        s = _scores(r)
+        row = {"experiment": r["experiment"], "category": r["category"], "config": r["config"],
+               "f1": r["f1"], "em": r.get("em"), "empty_rate": r.get("empty_rate"),
+               "num_samples": r.get("num_samples"),
+               "f1_ci": stats.bootstrap_ci(list(s.values())) if s else None,
+               "identical_to_input": bool(r["diagnostics"].get("identical_to_input")),
+               "reused_generations_from": r.get("reused_generations_from"),
+               "diagnostics": r["diagnostics"], "vs_baseline": None}
+        if s and base_scores and r["experiment"] != "baseline":
+            a, b = _paired(s, base_scores)
+            row["vs_baseline"] = stats.paired_comparison(a, b)
+        if row["identical_to_input"] and r["experiment"] != "baseline":
+            row["vs_baseline"] = {**(row["vs_baseline"] or {}), "label": "no-op"}
+        rows.append(row)
+    # Among equal F1s: the baseline first, experiments that changed nothing last.
+    rows.sort(key=lambda x: (-x["f1"], x["experiment"] != "baseline",
+                             x["identical_to_input"], x["experiment"]))
+    out = {"ranked": rows, "baseline_f1": baseline["f1"] if baseline else None}
+
+    # Statistical ties with the leader: paired comparison of each against the top experiment.
+    top = rows[0] if rows else None
+    top_scores = _scores(next(r for r in results if r["experiment"] == top["experiment"])) if top else None
+    tied = []
+    if top_scores:
+        for row in rows[1:]:
+            s = _scores(next(r for r in results if r["experiment"] == row["experiment"]))
+            if s is None:
+                continue
+            a, b = _paired(top_scores, s)
+            cmp = stats.paired_comparison(a, b)
+            row["tied_with_top"] = cmp["label"] == "indistinguishable"
+            if row["tied_with_top"] and not row["identical_to_input"]:
+                tied.append(row["experiment"])
+        if len(rows) > 1 and len(tied) > 0:
+            runner = next(r for r in rows[1:] if r["experiment"] == tied[0])
+            s = _scores(next(r for r in results if r["experiment"] == runner["experiment"]))
+            a, b = _paired(top_scores, s)
+            out["separation"] = {"top": top["experiment"], "runner_up": runner["experiment"],
+                                 "samples_needed": stats.samples_needed(a, b),
+                                 "samples_used": len(a)}
+    out["tied_with_top"] = tied
+
+    best = {}
+    for row in rows:
+        best.setdefault(row["category"], row)
+    out["best_per_category"] = best
+    out["hyperparameters"] = hyperparameters(rows)
+    out["interpretation"], out["recommendations"], out["next_command"] = interpret(out)
+    return out
+
+
+def _marginal(rows, category, key):
+    groups = defaultdict(list)
+    for r in rows:
+        if r["category"] == category and key in r["config"]:
+            groups[r["config"][key]].append(r["f1"])
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def hyperparameters(rows: list[dict]) -> dict:
+    hp = {}
+    if any(r["category"] == "nearest_k" for r in rows):
+        best = next(r for r in rows if r["category"] == "nearest_k")
+        hp["nearest_k"] = {"best": best["config"], "best_experiment": best["experiment"],
+                           "mean_f1_by_k": _marginal(rows, "nearest_k", "k"),
+                           "mean_f1_by_alpha": _marginal(rows, "nearest_k", "alpha")}
+    if any(r["category"] == "anchor_offset" for r in rows):
+        by_eps = _marginal(rows, "anchor_offset", "eps")
+        values = list(by_eps.values())
+        trend = "flat"
+        if len(values) > 1 and max(values) - min(values) > 0.01:
+            trend = "rising with eps" if values[-1] > values[0] else "falling with eps"
+        noop = all(r["identical_to_input"] for r in rows if r["category"] == "anchor_offset")
+        hp["anchor_offset"] = {"f1_by_eps": by_eps, "trend": trend, "all_no_op": noop}
+    if any(r["category"] == "rms_matching" for r in rows):
+        hp["rms_matching"] = {"f1_by_scale": _marginal(rows, "rms_matching", "target_scale")}
+    if any(r["category"] == "soft_codebook" for r in rows):
+        best = next(r for r in rows if r["category"] == "soft_codebook")
+        hp["soft_codebook"] = {"best": best["config"],
+                               "mean_f1_by_size": _marginal(rows, "soft_codebook", "size"),
+                               "mean_f1_by_tau": _marginal(rows, "soft_codebook", "tau")}
+    return hp
+
+
+def train_command(row: dict) -> str | None:
+    transform, flags = TRAIN_FLAGS.get(row["category"], (None, {}))
+    if transform is None:
+        return None
+    args = " ".join(f"{flag} {row['config'][key]}" for key, flag in flags.items()
+                    if key in row["config"])
+    return (f"python latentwire/train.py --embed_transform {transform} {args} "
+            "--samples 10000 --epochs 10").replace("  ", " ")
+
+
+def interpret(out: dict) -> tuple[list[str], list[str], str | None]:
+    rows, base = out["ranked"], out["baseline_f1"]
+    insights, recs = [], []
+    real = [r for r in rows if not r["identical_to_input"] or r["experiment"] == "baseline"]
+    if rows and max(r["f1"] for r in rows) < 0.02:
+        insights.append("Everything fails (best F1 < 0.02): the inputs_embeds path or the "
+                        "generation setup is likely broken.")
+        recs.append("Debug generation: check the baseline's predictions, the prompt format and "
+                    "that inputs_embeds reach the model unchanged.")
+        return insights, recs, None
+    if base is not None:
+        if base > 0.5:
+            insights.append(f"Baseline F1 {base:.3f} > 0.5: the model can use embeddings; the "
+                            "problem is the encoder's distribution.")
+        else:
+            insights.append(f"Baseline F1 {base:.3f} is the reference (the seed's 0.5 bar is for "
+                            "larger models); transforms are judged against it, not against 1.0.")
+    noops = [r["experiment"] for r in rows if r["identical_to_input"] and r["experiment"] != "baseline"]
+    if noops:
+        insights.append(f"{len(noops)} experiment(s) changed nothing and only repeat the baseline: "
+                        f"{', '.join(noops)}. On real token embeddings anchor_offset is a no-op; "
+                        "test it on an off-distribution source (--source mismatch).")
+    better = [r for r in real if (r.get("vs_baseline") or {}).get("label") == "better"]
+    worse = [r for r in real if (r.get("vs_baseline") or {}).get("label") == "worse"]
+    same = [r for r in real if (r.get("vs_baseline") or {}).get("label") == "indistinguishable"]
+    if any(r.get("vs_baseline") for r in rows):
+        insights.append(f"Against the baseline (paired bootstrap, 95%): {len(better)} better, "
+                        f"{len(worse)} worse, {len(same)} indistinguishable.")
+    if out.get("tied_with_top"):
+        sep = out.get("separation") or {}
+        need = sep.get("samples_needed")
+        msg = (f"{rows[0]['experiment']} ranks first but is statistically tied with "
+               f"{len(out['tied_with_top'])} other(s) ({', '.join(out['tied_with_top'][:5])}"
+               f"{', ...' if len(out['tied_with_top']) > 5 else ''}).")
+        if need:
+            msg += (f" Separating it from {sep['runner_up']} at the observed variance needs about "
+                    f"{need} samples (used {sep['samples_used']}).")
+        insights.append(msg)
+    winner = better[0] if better else None
+    if winner is None:
+        best = next((r for r in real if r["experiment"] != "baseline"), None)
+        if best is not None and base is not None:
+            insights.append(f"No transform beats the baseline: the best, {best['experiment']} "
+                            f"(F1 {best['f1']:.3f}), is not significantly better. On real token "
+                            "embeddings a transform can only keep or lose; whether one repairs "
+                            "an encoder's distribution is tested with off-distribution sources.")
+        recs.append("Keep the plain embeddings for this source; rerun with --source mismatch "
+                    "(or your adapter) to see which transform repairs a broken distribution.")
+        return insights, recs, None
+    meaning, action = MEANING.get(winner["category"], ("", ""))
+    insights.append(f"{winner['experiment']} wins ({winner['category']}, F1 {winner['f1']:.3f} vs "
+                    f"baseline {_fmt(base)}). {meaning}")
+    recs.append(action)
+    command = train_command(winner)
+    if command:
+        recs.append(f"Next: {command}")
+    return insights, recs, command
+
+
+def recovery(ok: list[dict]) -> list[dict]:
+    """F1(source + transform) / F1(text baseline), with paired bootstrap intervals."""
+    text_base = next((r for r in ok if r["source"] == "text" and r["experiment"] == "baseline"), None)
+    if text_base is None or not text_base.get("f1"):
+        return []
+    base = _scores(text_base)
+    rows = []
+    for r in ok:
+        if r["source"] == "text":
+            continue
+        s = _scores(r)
+        if s and base:
+            a, b = _paired(s, base)
+            ratio, ci = stats.ratio_ci(a, b)
+        else:
+            ratio, ci = r["f1"] / text_base["f1"], None
+        rows.append({"source": r["source"], "experiment": r["experiment"], "f1": r["f1"],
+                     "recovery": ratio, "recovery_ci": ci})
+    rows.sort(key=lambda x: (x["source"], -x["recovery"]))
+    return rows
+
+
+def build(summary: dict) -> dict:
+    ok, failed = normalise(summary)
+    by_source = defaultdict(list)
+    for r in ok:
+        by_source[r["source"]].append(r)
+    return {
+        "sources": {src: analyse_source(rs) for src, rs in by_source.items()},
+        "recovery": recovery(ok),
+        "failed": [{"experiment": r.get("experiment"), "source": r.get("source"),
+                    "error": r.get("error")} for r in failed],
+        "not_run": summary.get("not_run", []),
+        "interrupted": bool(summary.get("interrupted")),
+        "provenance": summary.get("provenance", {}),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Text output.
+
+def ranked_table(summary: dict) -> str:
+    ok, failed = normalise(summary)
+    if not ok and not failed:
+        return "no results"
+    lines = [f"{'rank':>4}  {'experiment':<20} {'source':<12} {'F1':>6} {'95% CI':>15} "
+             f"{'EM':>6} {'empty':>6}  note"]
+    ok.sort(key=lambda r: (r["source"] != "text", r["source"], -r["f1"],
+                           r["experiment"] != "baseline",
+                           bool(r["diagnostics"].get("identical_to_input")), r["experiment"]))
+    rank, current = 0, None
+    for r in ok:
+        if r["source"] != current:
+            rank, current = 0, r["source"]
+        rank += 1
+        s = _scores(r)
+        ci = stats.bootstrap_ci(list(s.values())) if s else None
+        ci_text = f"[{ci[0]:.3f},{ci[1]:.3f}]" if ci else "n/a"
+        note = []
+        if r["diagnostics"].get("identical_to_input") and r["experiment"] != "baseline":
+            note.append("no-op")
+        if r.get("reused_generations_from"):
+            note.append(f"= {r['reused_generations_from']}")
+        lines.append(f"{rank:>4}  {r['experiment']:<20} {r['source']:<12} {r['f1']:>6.3f} "
+                     f"{ci_text:>15} {r.get('em', 0):>6.3f} {r.get('empty_rate', 0) or 0:>6.0%}  "
+                     f"{' '.join(note)}")
+    for r in failed:
+        err = r.get("error") or {}
+        lines.append(f"   -  {r.get('experiment', '?'):<20} {r.get('source', 'text'):<12} FAILED "
+                     f"{err.get('type', '')}: {err.get('message', '')}")
+    return "\n".join(lines)
+
+
+def _heading(title: str) -> str:
+    return f"{'=' * 72}\n{title}\n{'=' * 72}"
+
+
+def render_text(insights: dict) -> str:
+    out = []
+    for src, a in insights["sources"].items():
+        tag = f" (source: {src})" if len(insights["sources"]) > 1 or src != "text" else ""
+        out.append(_heading(f"TOP 5 PERFORMERS{tag}"))
+        for i, r in enumerate(a["ranked"][:5], 1):
+            ci = r["f1_ci"]
+            label = (r.get("vs_baseline") or {}).get("label", "reference"
+                                                      if r["experiment"] == "baseline" else "n/a")
+            tie = "  (tied with #1)" if r.get("tied_with_top") else ""
+            out.append(f"  {i}. {r['experiment']:<20} F1 {r['f1']:.3f} "
+                       f"{'[' + _fmt(ci[0]) + ', ' + _fmt(ci[1]) + ']' if ci else '[n/a]'}  "
+                       f"EM {_fmt(r['em'])}  vs baseline: {label}{tie}")
+        out.append(_heading(f"BEST IN EACH CATEGORY{tag}"))
+        for cat, r in a["best_per_category"].items():
+            label = (r.get("vs_baseline") or {}).get("label", "")
+            out.append(f"  {cat:<20} {r['experiment']:<20} F1 {r['f1']:.3f}  {label}")
+        out.append(_heading(f"HYPERPARAMETER INSIGHTS{tag}"))
+        hp = a["hyperparameters"]
+        if "nearest_k" in hp:
+            h = hp["nearest_k"]
+            out.append(f"  nearest_k: best k={h['best'].get('k')}, alpha={h['best'].get('alpha')} "
+                       f"({h['best_experiment']})")
+            out.append("    mean F1 by k:     " + ", ".join(f"k={k}: {v:.3f}"
+                                                          for k, v in h["mean_f1_by_k"].items()))
+            out.append("    mean F1 by alpha: " + ", ".join(f"a={k}: {v:.3f}"
+                                                          for k, v in h["mean_f1_by_alpha"].items()))
+        if "anchor_offset" in hp:
+            h = hp["anchor_offset"]
+            out.append(f"  anchor_offset: F1 {h['trend']}: " + ", ".join(
+                f"eps={k}: {v:.3f}" for k, v in h["f1_by_eps"].items())
+                + ("  (every anchor run was a no-op on this source)" if h["all_no_op"] else ""))
+        if "rms_matching" in hp:
+            out.append("  rms_matching: " + ", ".join(
+                f"scale {k}: {v:.3f}" for k, v in hp["rms_matching"]["f1_by_scale"].items()))
+        if "soft_codebook" in hp:
+            h = hp["soft_codebook"]
+            out.append(f"  soft_codebook: best size={h['best'].get('size')}, "
+                       f"tau={h['best'].get('tau')}; mean F1 by size: "
+                       + ", ".join(f"{k}: {v:.3f}" for k, v in h["mean_f1_by_size"].items())
+                       + "; by tau: " + ", ".join(f"{k}: {v:.3f}"
+                                                  for k, v in h["mean_f1_by_tau"].items()))
+        if not hp:
+            out.append("  (no swept hyperparameters in these results)")
+        out.append(_heading(f"KEY INSIGHTS{tag}"))
+        out += [f"  - {line}" for line in a["interpretation"]]
+        out.append(_heading(f"RECOMMENDATIONS{tag}"))
+        out += [f"  - {line}" for line in a["recommendations"]]
+    if insights["recovery"]:
+        out.append(_heading("RECOVERY: F1(source + transform) / F1(text baseline)"))
+        for r in insights["recovery"]:
+            ci = r["recovery_ci"]
+            out.append(f"  {r['source']:<14} {r['experiment']:<20} F1 {r['f1']:.3f}  recovery "
+                       f"{r['recovery']:.2f} "
+                       + (f"[{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]" if ci else ""))
+    if insights["failed"] or insights["not_run"]:
+        out.append(_heading("INCOMPLETE SWEEP"))
+        for f in insights["failed"]:
+            err = f.get("error") or {}
+            out.append(f"  failed:  {f['experiment']} ({f['source']}): {err.get('type', '')}: "
+                       f"{err.get('message', '')}")
+        for n in insights["not_run"]:
+            out.append(f"  not run: {n['experiment']} ({n['source']})")
+    return "\n".join(out)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+def analyze(summary: dict, output_dir, as_json: bool = False, plots: bool = True,
+            summary_path: str | None = None) -> dict:
+    """Print the analysis; write plots and a report beside the summary unless told not to."""
+    insights = build(summary)
+    if output_dir is None and summary_path is not None:
+        output_dir = Path(summary_path).parent
+    written = []
+    if plots and output_dir is not None and insights["sources"]:
+        from . import report
+        written = report.write(insights, summary, Path(output_dir))
+    if as_json:
+        print(json.dumps(_jsonable({k: v for k, v in insights.items()}), indent=2))
+    else:
+        print(render_text(insights))
+        if written:
+            print(f"\nplots and report: {', '.join(str(p) for p in written[-1:])} "
+                  f"(+{len(written) - 1} plots in {Path(written[0]).parent})")
+    return insights
+
+
+_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(text: str) -> str:
+    return _NAME.sub("_", text)

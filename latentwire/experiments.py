@@ -1,0 +1,134 @@
+"""Which experiments exist: the seed's grid of named transformations, as data.
+
+The names are the interface (result files, summaries, `--experiment`); keep them as they are.
+The seed README's header says 35 experiments but its own category lists add up to 28, which is
+the default grid; `--grid full` runs the Cartesian products (k x alpha, size x tau): 40 in all.
+"""
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from itertools import product
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    category: str
+    transform: str  # a key of embed_experiments.TRANSFORMS
+    config: dict = field(default_factory=dict, hash=False)
+    description: str = ""
+
+
+CATEGORIES = {
+    "baseline": "no transformation: the reference every other experiment is compared with",
+    "rms_matching": "rescale every position to a multiple of the vocabulary's mean RMS",
+    "batch_distribution": "per-feature mean/std of each example matched to the vocabulary's",
+    "nearest_k": "mix the input with a convex combination of its k nearest vocabulary rows",
+    "anchor_offset": "nearest vocabulary row plus a residual clipped to eps x its norm",
+    "soft_codebook": "soft mixture of k-means codes of the vocabulary (VQ-style bottleneck)",
+}
+
+
+def _baseline():
+    return [Experiment("baseline", "baseline", "identity", {}, CATEGORIES["baseline"])]
+
+
+def _rms(scales):
+    return [Experiment(f"rms_scale{s}", "rms_matching", "rms_matching", {"target_scale": s},
+                       f"RMS of every position set to {s} x the vocabulary's mean RMS")
+            for s in scales]
+
+
+def _batch():
+    return [Experiment("batch_dist", "batch_distribution", "batch_distribution", {},
+                       CATEGORIES["batch_distribution"])]
+
+
+def _nearest(pairs):
+    return [Experiment(f"nearest_k{k}_a{a}", "nearest_k", "nearest_k", {"k": k, "alpha": a},
+                       f"{a} x input + {round(1 - a, 2)} x softmax-weighted mix of the {k} "
+                       "nearest tokens")
+            for k, a in pairs]
+
+
+def _anchor(epsilons):
+    return [Experiment(f"anchor_eps{e}", "anchor_offset", "anchor_offset", {"eps": e},
+                       f"nearest token + residual clipped to {e} x the token's norm")
+            for e in epsilons]
+
+
+def _codebook(pairs):
+    return [Experiment(f"codebook_{n}_t{t}", "soft_codebook", "soft_codebook",
+                       {"size": n, "tau": t},
+                       f"soft assignment to {n} k-means codes of the vocabulary, temperature {t}")
+            for n, t in pairs]
+
+
+RMS_SCALES = (0.8, 1.0, 1.2)
+KS, ALPHAS = (3, 5, 7, 10), (0.2, 0.3, 0.5, 0.7, 0.9)
+EPSILONS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+SIZES, TAUS = (128, 256, 512, 1024), (0.7, 1.0)
+
+GRIDS = {
+    "default": (_baseline() + _rms(RMS_SCALES) + _batch()
+                + _nearest([(3, 0.2), (3, 0.5), (5, 0.3), (5, 0.5), (5, 0.7), (7, 0.5), (7, 0.7),
+                            (10, 0.5), (10, 0.7), (10, 0.9)])
+                + _anchor(EPSILONS)
+                + _codebook([(128, 1.0), (256, 0.7), (256, 1.0), (512, 0.7), (512, 1.0),
+                             (1024, 1.0)])),
+    "full": (_baseline() + _rms(RMS_SCALES) + _batch() + _nearest(product(KS, ALPHAS))
+             + _anchor(EPSILONS) + _codebook(product(SIZES, TAUS))),
+}
+
+
+def grid(name: str = "default") -> list[Experiment]:
+    if name not in GRIDS:
+        raise UsageError(f"unknown grid {name!r}; use one of: {', '.join(GRIDS)}")
+    return GRIDS[name]
+
+
+def select(pattern: str, grid_name: str = "default") -> list[Experiment]:
+    """One name, a comma-separated list, or shell globs (`nearest_k*`); grid order is kept.
+
+    Globs match within the chosen grid; an exact name from the full grid is accepted too, so any
+    single configuration of the full grid can be run on its own.
+    """
+    chosen = grid(grid_name)
+    if pattern in ("", "all"):
+        return list(chosen)
+    known = {e.name: e for e in chosen}
+    for e in GRIDS["full"]:
+        known.setdefault(e.name, e)
+    picked: list[str] = []
+    for part in (p.strip() for p in pattern.split(",")):
+        if not part:
+            continue
+        if any(ch in part for ch in "*?["):
+            matches = fnmatch.filter([e.name for e in chosen], part)
+            if not matches:
+                raise UsageError(f"no experiment matches {part!r}; "
+                                 "run `--experiment list` to see every name")
+        elif part in known:
+            matches = [part]
+        else:
+            close = difflib.get_close_matches(part, list(known), n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise UsageError(f"unknown experiment {part!r}; {hint}"
+                             f"valid names: {', '.join(e.name for e in chosen)}")
+        picked += [m for m in matches if m not in picked]
+    return [known[name] for name in picked]
+
+
+def listing(grid_name: str = "default") -> str:
+    rows = grid(grid_name)
+    width = max(len(e.name) for e in rows)
+    lines = [f"{len(rows)} experiments in the {grid_name} grid "
+             f"(the seed README's header says 35; its category lists add up to 28):"]
+    for category in CATEGORIES:
+        members = [e for e in rows if e.category == category]
+        lines.append(f"\n{category} ({len(members)}): {CATEGORIES[category]}")
+        lines += [f"  {e.name:<{width}}  {e.description}" for e in members]
+    return "\n".join(lines)

@@ -1,0 +1,329 @@
+"""How a sweep runs and resumes: sources x experiments over one model and one set of examples.
+
+Every experiment's result is its own JSON file, written atomically; `summary.json` is rebuilt
+from those files. A rerun into the same directory skips every result whose fingerprint (model,
+data, samples, seed, prompt, source, config and the transform's code) is unchanged, so a killed
+sweep loses at most the experiment in flight, and a changed transform is redone by itself.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import __version__, data, experiments, models, prompts, sources
+from .errors import UsageError
+
+DEFAULT_OUTPUT = "runs/embed_sweep_simple"
+
+
+@dataclass
+class SweepOptions:
+    experiment: str = "all"
+    grid: str = "default"
+    source: str = "text"
+    model_id: str = models.BUNDLED
+    dataset: str = "builtin"
+    samples: int = 100
+    seed: int = 42
+    output_dir: str = DEFAULT_OUTPUT
+    prompt: str = "auto"
+    max_new_tokens: int = 12
+    batch_tokens: int | None = None
+    force: bool = False
+    device: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class Plan:
+    experiments: list
+    sources: list
+    output_dir: Path
+
+
+def validate(opts: SweepOptions) -> Plan:
+    """Every check that needs no model, so a mistake costs seconds, not a model load."""
+    chosen = experiments.select(opts.experiment, opts.grid)
+    specs = sources.parse(opts.source)
+    if opts.samples < 1:
+        raise UsageError(f"--samples must be at least 1 (got {opts.samples})")
+    if opts.max_new_tokens < 1:
+        raise UsageError(f"--max_new_tokens must be at least 1 (got {opts.max_new_tokens})")
+    if opts.prompt not in prompts.FORMATS:
+        raise UsageError(f"unknown prompt format {opts.prompt!r}; use one of "
+                         f"{', '.join(prompts.FORMATS)}")
+    data.check_spec(opts.dataset)
+    out = Path(opts.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write to output dir {out} ({err.strerror or err}); "
+                         "pass a writable --output_dir / OUTPUT_DIR")
+    return Plan(chosen, specs, out)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write, flush to disk, then rename: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def result_path(plan: Plan, spec, name: str) -> Path:
+    """OUTPUT_DIR/<experiment>.json for the seed's text-only sweep; per-source folders otherwise."""
+    if [s.spec for s in plan.sources] == ["text"]:
+        return plan.output_dir / f"{name}.json"
+    return plan.output_dir / spec.dirname / f"{name}.json"
+
+
+def provenance(opts: SweepOptions, lm, fmt, examples, vocab) -> dict:
+    import numpy
+    import torch
+    import transformers
+
+    device = lm.device
+    if device == "cuda":
+        device = f"cuda ({torch.cuda.get_device_name()})"
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    return {
+        "model": {"id": opts.model_id, "class": type(lm.model).__name__, "parameters": n_params,
+                  "dtype": lm.dtype, "config_sha256": _sha(lm.model.config.to_dict())[:16]},
+        "dataset": {"spec": opts.dataset, "examples_sha256": _sha([asdict(e) for e in examples])[:16]},
+        "samples": len(examples), "requested_samples": opts.samples, "seed": opts.seed,
+        "prompt_format": fmt.describe(), "max_new_tokens": opts.max_new_tokens,
+        "vocabulary": vocab.stats(), "device": device, "torch_threads": torch.get_num_threads(),
+        "versions": {"latentwire": __version__, "python": platform.python_version(),
+                     "torch": torch.__version__, "transformers": transformers.__version__,
+                     "numpy": numpy.__version__},
+        "command": sys.argv,
+    }
+
+
+class Sweep:
+    """One run: the loaded model, the examples, and the state shared across experiments."""
+
+    def __init__(self, opts: SweepOptions, plan: Plan, log=print):
+        import torch
+
+        self.opts, self.plan, self.log = opts, plan, log
+        self.examples = data.sample(data.load_all(opts.dataset), opts.samples, opts.seed)
+        self.lm = models.load(opts.model_id, opts.device, opts.trust_remote_code)
+        model, tok = self.lm.model, self.lm.tokenizer
+        self.fmt = prompts.make_format(tok, opts.prompt)
+
+        from .generation import StopTokens, default_token_budget
+        from .vocab import VocabSpace
+
+        embed = model.get_input_embeddings()
+        self.vocab = VocabSpace.from_model(model, len(tok))
+        encoded = [prompts.encode(tok, self.fmt, e.context, e.question) for e in self.examples]
+        device = embed.weight.device
+        with torch.no_grad():
+            self.prefix = embed(torch.tensor(encoded[0][0], dtype=torch.long, device=device))
+            self.anchor = embed(torch.tensor(encoded[0][2], dtype=torch.long, device=device))
+            ids = torch.tensor([t for _, src, _ in encoded for t in src], device=device)
+            self.text = embed(ids).float()
+        lengths = torch.tensor([0] + [len(src) for _, src, _ in encoded])
+        self.token_ids, self.offsets = ids, lengths.cumsum(0)
+        self.stops = StopTokens(tok, model, embed.weight.shape[0])
+        self.budget = opts.batch_tokens or default_token_budget(model)
+        self.provenance = provenance(opts, self.lm, self.fmt, self.examples, self.vocab)
+        self.identity = {k: self.provenance[k] for k in
+                         ("model", "dataset", "samples", "seed", "prompt_format", "max_new_tokens")}
+        self.reuse: dict[tuple[str, str], dict] = {}
+
+    def source_inputs(self, spec):
+        from .embed_experiments import TransformInputs
+
+        inp = sources.SourceInputs(self.text, self.token_ids, self.offsets,
+                                   [e.id for e in self.examples],
+                                   float(self.vocab.norms.mean()), self.opts.seed)
+        x = spec.build(inp)
+        return TransformInputs(x, self.offsets, self.vocab), sources.effect(self.text, x)
+
+    def fingerprint(self, spec, exp) -> str:
+        from .embed_experiments import code_version
+
+        return _sha({"run": self.identity, "source": spec.config(),
+                     "source_code": sources.code_version(spec.source.name),
+                     "experiment": exp.name, "transform": exp.transform, "config": exp.config,
+                     "transform_code": code_version(exp.transform)})
+
+    def run_experiment(self, spec, exp, inputs, source_effect) -> dict:
+        import torch
+
+        from . import embed_experiments
+        from .generation import generate
+        from .scoring import score
+
+        start = time.time()
+        result = {"experiment": exp.name, "category": exp.category, "description": exp.description,
+                  "config": exp.config, "source": spec.spec, "source_config": spec.config(),
+                  "source_effect": source_effect}
+        y, diagnostics = embed_experiments.apply(exp.transform, inputs, exp.config)
+        dtype = self.lm.model.get_input_embeddings().weight.dtype
+        fed = y.to(dtype)
+        digest = hashlib.sha256(fed.contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+        earlier = self.reuse.get((spec.spec, digest))
+        n_prompt = [int(self.offsets[i + 1] - self.offsets[i]) + len(self.prefix) + len(self.anchor)
+                    for i in range(len(self.examples))]
+        if earlier is not None:
+            answers = [(p["prediction"], p["generated_tokens"]) for p in earlier["predictions"]]
+            reused_from = earlier["experiment"]
+        else:
+            prompts_ = [torch.cat([self.prefix, fed[self.offsets[i]:self.offsets[i + 1]], self.anchor])
+                        for i in range(len(self.examples))]
+            answers = generate(self.lm.model, self.lm.tokenizer, prompts_, self.stops,
+                               self.opts.max_new_tokens, self.budget, self.progress)
+            reused_from = None
+        predictions = []
+        for ex, (text, n_gen) in zip(self.examples, answers):
+            em, f1 = score(text, list(ex.answers))
+            predictions.append({"id": ex.id, "prediction": text, "answers": list(ex.answers),
+                                "f1": f1, "em": em, "generated_tokens": n_gen})
+        n = len(predictions)
+        result.update({
+            "status": "ok",
+            "f1": sum(p["f1"] for p in predictions) / n,
+            "em": sum(p["em"] for p in predictions) / n,
+            "empty_rate": sum(not p["prediction"] for p in predictions) / n,
+            "num_samples": n,
+            "time_sec": round(time.time() - start, 3),
+            "diagnostics": diagnostics,
+            "reused_generations_from": reused_from,
+            "inputs_sha256": digest,
+            "tokens": {"prompt": sum(n_prompt), "generated": sum(p["generated_tokens"]
+                                                                 for p in predictions)},
+            "predictions": predictions,
+        })
+        return result
+
+    def progress(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    bar = None
+
+
+def _failed(exp, spec, err: BaseException, fingerprint: str) -> dict:
+    return {"experiment": exp.name, "category": exp.category, "description": exp.description,
+            "config": exp.config, "source": spec.spec, "source_config": spec.config(),
+            "status": "failed", "error": {"type": type(err).__name__, "message": str(err)},
+            "fingerprint": fingerprint}
+
+
+def build_summary(results: list[dict], planned: list[tuple[str, str]], prov: dict,
+                  interrupted: bool = False) -> dict:
+    ok = [r for r in results if r.get("status") == "ok"]
+    done = {(r["source"], r["experiment"]) for r in results}
+    ranked = sorted(ok, key=lambda r: (-r["f1"], -r["em"], r["experiment"]))
+    return {
+        "total_experiments": len(planned),
+        "successful": len(ok),
+        "failed": len(results) - len(ok),
+        "not_run": [{"source": s, "experiment": e} for s, e in planned if (s, e) not in done],
+        "interrupted": interrupted,
+        "results": results,
+        "sorted_by_f1": [{"experiment": r["experiment"], "source": r["source"], "f1": r["f1"],
+                          "em": r["em"]} for r in ranked],
+        "provenance": prov,
+    }
+
+
+def run(opts: SweepOptions, log=print) -> tuple[dict, int]:
+    """Run (or resume) the sweep; return the summary and the exit code (0, 1 if any experiment
+    failed, 130 if interrupted). Bad input raises UsageError before any model is loaded."""
+    plan = validate(opts)
+    planned = [(s.spec, e.name) for s in plan.sources for e in plan.experiments]
+    results: list[dict] = []
+    sweep = None
+    summary_path = plan.output_dir / "summary.json"
+    try:
+        sweep = Sweep(opts, plan, log)
+        log(f"model {opts.model_id} on {sweep.lm.device} ({sweep.lm.dtype}); "
+            f"{len(sweep.examples)} examples from {opts.dataset}; prompt format "
+            f"{sweep.fmt.name}; {len(planned)} runs -> {plan.output_dir}")
+        step = 0
+        for spec in plan.sources:
+            inputs, effect = sweep.source_inputs(spec)
+            if spec.spec != "text":
+                log(f"source {spec.spec}: norm ratio {effect['norm_ratio']:.3g}, "
+                    f"cosine to text {effect['cosine_to_text']:.3f}")
+            for exp in plan.experiments:
+                step += 1
+                results.append(_run_one(sweep, plan, spec, exp, inputs, effect,
+                                        f"[{step}/{len(planned)}]"))
+    except KeyboardInterrupt:
+        prov = sweep.provenance if sweep else {}
+        write_json(summary_path, build_summary(results, planned, prov, interrupted=True))
+        log(f"interrupted: {len(results)} of {len(planned)} runs kept; partial summary in "
+            f"{summary_path}; rerun the same command to resume")
+        return read_json(summary_path), 130
+    summary = build_summary(results, planned, sweep.provenance)
+    write_json(summary_path, summary)
+    return summary, 1 if summary["failed"] else 0
+
+
+def _run_one(sweep: Sweep, plan: Plan, spec, exp, inputs, effect, tag: str) -> dict:
+    path = result_path(plan, spec, exp.name)
+    fingerprint = sweep.fingerprint(spec, exp)
+    existing = read_json(path) if path.exists() else None
+    if (existing and not sweep.opts.force and existing.get("status") == "ok"
+            and existing.get("fingerprint") == fingerprint):
+        sweep.reuse.setdefault((spec.spec, existing["inputs_sha256"]), existing)
+        sweep.log(f"{tag} {exp.name} ({spec.spec}): kept from an earlier run, F1 {existing['f1']:.3f}")
+        return existing
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=len(sweep.examples), desc=f"{tag} {exp.name}", leave=False, unit="ex")
+    sweep.bar = bar
+    try:
+        result = sweep.run_experiment(spec, exp, inputs, effect)
+        result["fingerprint"] = fingerprint
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # isolation: one broken experiment must not cost the sweep
+        result = _failed(exp, spec, err, fingerprint)
+    finally:
+        if bar is not None:
+            bar.close()
+        sweep.bar = None
+    write_json(path, result)
+    if result["status"] == "ok":
+        if result["reused_generations_from"] is None:
+            sweep.reuse.setdefault((spec.spec, result["inputs_sha256"]), result)
+        note = ""
+        if result["diagnostics"]["identical_to_input"] and exp.transform != "identity":
+            note = "  [transform changed nothing]"
+        if result["reused_generations_from"]:
+            note += f"  [inputs identical to {result['reused_generations_from']}: generations reused]"
+        sweep.log(f"{tag} {exp.name} ({spec.spec}): F1 {result['f1']:.3f}  EM {result['em']:.3f}  "
+                  f"empty {result['empty_rate']:.0%}  {result['time_sec']:.1f}s{note}")
+    else:
+        sweep.log(f"{tag} {exp.name} ({spec.spec}): FAILED {result['error']['type']}: "
+                  f"{result['error']['message']}")
+    return result
