@@ -1,0 +1,94 @@
+"""Every source's measured effect on a tiny model's real token embeddings."""
+
+import pytest
+import torch
+
+from latentwire import sources
+from latentwire.errors import UsageError
+from latentwire.vocab import VocabSpace
+
+from .conftest import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    model = tiny_llama(hidden=64)
+    space = VocabSpace.from_model(model)
+    ids = torch.randint(0, 512, (60,), generator=torch.Generator().manual_seed(0))
+    text = space.table[ids]
+    return sources.SourceInputs(text, ids, torch.tensor([0, 20, 45, 60]), ["a", "b", "c"],
+                                float(space.norms.mean()), seed=42)
+
+
+def build(spec, inp):
+    (s,) = sources.parse(spec)
+    out = s.build(inp)
+    return out, sources.effect(inp.text, out)
+
+
+def test_text_is_unchanged(inputs):
+    out, eff = build("text", inputs)
+    assert torch.equal(out, inputs.text)
+
+
+def test_scaled_defaults_to_the_logged_120x(inputs):
+    _, eff = build("scaled", inputs)
+    assert eff["norm_ratio"] == pytest.approx(120, rel=1e-5)
+    assert eff["cosine_to_text"] == pytest.approx(1.0, abs=1e-5)
+    assert build("scaled:3", inputs)[1]["norm_ratio"] == pytest.approx(3, rel=1e-5)
+
+
+def test_noisy_hits_the_requested_cosine(inputs):
+    _, eff = build("noisy", inputs)
+    assert eff["cosine_to_text"] == pytest.approx(0.89, abs=1e-4)
+    assert build("noisy:0.5", inputs)[1]["cosine_to_text"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_mismatch_is_both_symptoms(inputs):
+    _, eff = build("mismatch", inputs)
+    assert eff["cosine_to_text"] == pytest.approx(0.89, abs=1e-4)
+    assert eff["norm_ratio"] == pytest.approx(120 / 0.89, rel=1e-3)
+
+
+def test_shift_adds_one_constant_vector(inputs):
+    out, eff = build("shift:0.5", inputs)
+    delta = out - inputs.text
+    assert torch.allclose(delta, delta[0].expand_as(delta), atol=1e-5)
+    assert float(delta[0].norm()) == pytest.approx(0.5 * inputs.vocab_mean_norm, rel=1e-4)
+    assert eff["cosine_to_text"] < 0.99
+
+
+def test_rotated_keeps_norms_and_scrambles_directions(inputs):
+    _, eff = build("rotated", inputs)
+    assert eff["norm_ratio"] == pytest.approx(1.0, rel=1e-4)
+    assert abs(eff["cosine_to_text"]) < 0.3
+
+
+def test_noise_is_per_example_not_per_batch(inputs):
+    out, _ = build("noisy", inputs)
+    alone = sources.SourceInputs(inputs.text[20:45], inputs.token_ids[20:45],
+                                 torch.tensor([0, 25]), ["b"], inputs.vocab_mean_norm, 42)
+    assert torch.allclose(build("noisy", alone)[0], out[20:45])
+    assert torch.equal(out, build("noisy", inputs)[0])  # and deterministic
+
+
+def test_adapter_round_trips_a_checkpoint(inputs, tmp_path):
+    module = sources.LinearAdapter(64)
+    with torch.no_grad():
+        module.proj.weight.copy_(torch.eye(64) * 2)
+        module.proj.bias.fill_(0.5)
+    path = tmp_path / "adapter.pt"
+    sources.save_adapter(module, "linear", 64, path)
+    out, _ = build(f"adapter:{path}", inputs)
+    assert torch.allclose(out, inputs.text * 2 + 0.5, atol=1e-6)
+    with pytest.raises(UsageError, match="width 64 but the model reads width 32"):
+        sources.load_adapter(str(path), 32)
+
+
+@pytest.mark.parametrize("spec, match", [("txt", "unknown source"), ("scaled:x", "needs a number"),
+                                         ("adapter", "needs a checkpoint"),
+                                         ("adapter:/no/such.pt", "does not exist"),
+                                         ("rotated:3", "takes no parameter")])
+def test_bad_specs(spec, match):
+    with pytest.raises(UsageError, match=match):
+        sources.parse(spec)

@@ -1,0 +1,35 @@
+import pytest
+
+from latentwire import stats
+
+
+def test_bootstrap_ci_of_a_known_proportion():
+    # 50 ones and 50 zeros: mean 0.5, standard error 0.05, 95% CI about [0.40, 0.60].
+    lo, hi = stats.bootstrap_ci([1.0] * 50 + [0.0] * 50)
+    assert lo == pytest.approx(0.40, abs=0.015) and hi == pytest.approx(0.60, abs=0.015)
+
+
+def test_paired_comparison_labels():
+    base = [0.1 * (i % 10) for i in range(100)]
+    assert stats.paired_comparison(base, base)["label"] == "indistinguishable"
+    better = stats.paired_comparison([b + 0.2 for b in base], base)
+    assert better["label"] == "better" and better["diff"] == pytest.approx(0.2)
+    assert better["p_value"] < 0.01
+    assert stats.paired_comparison([b - 0.2 for b in base], base)["label"] == "worse"
+    # Gains on half, equal losses on the other half: no difference.
+    mixed = [b + (0.3 if i % 2 else -0.3) for i, b in enumerate(base)]
+    assert stats.paired_comparison(mixed, base)["label"] == "indistinguishable"
+
+
+def test_samples_needed_follows_the_power_formula():
+    # Differences of +1 on 60% and -1 on 40%: mean 0.2, sd ~0.98; n = (2.80 * 0.98 / 0.2)^2.
+    a = [1.0] * 60 + [0.0] * 40
+    b = [0.0] * 60 + [1.0] * 40
+    n = stats.samples_needed(a, b)
+    assert n == pytest.approx(190, abs=5)
+    assert stats.samples_needed(a, a) is None
+
+
+def test_ratio_ci():
+    ratio, (lo, hi) = stats.ratio_ci([0.5] * 40, [1.0] * 40)
+    assert ratio == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
