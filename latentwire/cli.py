@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # outside the sweep loop (loading): nothing computed yet
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""Bad input: one line on stderr, exit code 2, no traceback, and before any model is loaded."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+def cli(*args, cwd=ROOT, timeout=120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "latentwire.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_usage_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_unknown_experiment_lists_names_and_suggests(tmp_path):
+    r = cli("sweep", "--experiment", "rms_scale1", "--output_dir", str(tmp_path))
+    assert_usage_error(r, "unknown experiment 'rms_scale1'", "did you mean", "valid names:")
+
+
+def test_unknown_source(tmp_path):
+    assert_usage_error(cli("sweep", "--source", "txet", "--output_dir", str(tmp_path)),
+                       "unknown source 'txet'")
+
+
+def test_missing_dataset_file(tmp_path):
+    assert_usage_error(cli("sweep", "--dataset", "nope/missing.json", "--output_dir", str(tmp_path)),
+                       "nope/missing.json", "does not exist")
+
+
+def test_malformed_dataset_file_fails_before_the_model_loads(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    r = cli("sweep", "--dataset", str(bad), "--output_dir", str(tmp_path / "out"),
+            "--model_id", str(tmp_path / "no-model"))
+    assert_usage_error(r, str(bad), "not valid JSON")
+
+
+def test_empty_dataset(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert_usage_error(cli("sweep", "--dataset", str(empty), "--output_dir", str(tmp_path / "o")),
+                       "holds no answerable questions")
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_samples_must_be_positive(tmp_path, n):
+    assert_usage_error(cli("sweep", "--samples", n, "--output_dir", str(tmp_path)),
+                       "--samples must be at least 1")
+
+
+def test_model_that_cannot_be_loaded(tmp_path):
+    missing = tmp_path / "no-such-model"
+    r = cli("sweep", "--model_id", str(missing), "--experiment", "baseline", "--samples", "1",
+            "--output_dir", str(tmp_path / "out"))
+    assert_usage_error(r, "could not load model", str(missing), "offline")
+
+
+def test_output_dir_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_usage_error(cli("sweep", "--output_dir", str(blocker / "sub")),
+                       "cannot write to output dir")
+
+
+def test_analysis_of_missing_or_corrupt_summary(tmp_path):
+    assert_usage_error(cli("analyze", "--summary", str(tmp_path / "summary.json")),
+                       "does not exist")
+    corrupt = tmp_path / "summary.json"
+    corrupt.write_text('{"results": [')
+    assert_usage_error(cli("analyze", "--summary", str(corrupt)), "not valid JSON")
+
+
+def test_experiment_list_and_help():
+    r = cli("sweep", "--experiment", "list")
+    assert r.returncode == 0 and "28 experiments" in r.stdout and "codebook_1024_t1.0" in r.stdout
+    r = cli("--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and "analyze" in r.stdout
+
+
+def test_seed_scripts_are_thin_wrappers(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "scripts/run_embed_sweep_simple.py", "--experiment", "list"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "nearest_k10_a0.9" in r.stdout
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"results": [{"experiment": "baseline", "f1": 0.3, "em": 0.1}]}))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/analyze_sweep_results.py"), "--summary",
+                        str(summary), "--no-plots"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "TOP 5 PERFORMERS" in r.stdout
