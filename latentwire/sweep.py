@@ -125,12 +125,12 @@ def provenance(opts: SweepOptions, lm, fmt, examples, vocab) -> dict:
 class Sweep:
     """One run: the loaded model, the examples, and the state shared across experiments."""
 
-    def __init__(self, opts: SweepOptions, plan: Plan, log=print):
+    def __init__(self, opts: SweepOptions, plan: Plan, log=print, lm=None):
         import torch
 
         self.opts, self.plan, self.log = opts, plan, log
         self.examples = data.sample(data.load_all(opts.dataset), opts.samples, opts.seed)
-        self.lm = models.load(opts.model_id, opts.device, opts.trust_remote_code)
+        self.lm = lm or models.load(opts.model_id, opts.device, opts.trust_remote_code)
         model, tok = self.lm.model, self.lm.tokenizer
         self.fmt = prompts.make_format(tok, opts.prompt)
 
