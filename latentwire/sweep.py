@@ -108,8 +108,15 @@ def provenance(opts: SweepOptions, lm, fmt, examples, vocab) -> dict:
     if device == "cuda":
         device = f"cuda ({torch.cuda.get_device_name()})"
     n_params = sum(p.numel() for p in lm.model.parameters())
+    # Embedding tables do lookups, not matmuls: throughput counts 2 x the rest per token.
+    embeddings = {id(lm.model.get_input_embeddings().weight)}
+    output = lm.model.get_output_embeddings()
+    if output is not None:
+        embeddings.add(id(output.weight))
+    non_embedding = sum(p.numel() for p in lm.model.parameters() if id(p) not in embeddings)
     return {
         "model": {"id": opts.model_id, "class": type(lm.model).__name__, "parameters": n_params,
+                  "non_embedding_parameters": non_embedding,
                   "dtype": lm.dtype, "config_sha256": _sha(lm.model.config.to_dict())[:16]},
         "dataset": {"spec": opts.dataset, "examples_sha256": _sha([asdict(e) for e in examples])[:16]},
         "samples": len(examples), "requested_samples": opts.samples, "seed": opts.seed,
@@ -134,7 +141,7 @@ class Sweep:
         model, tok = self.lm.model, self.lm.tokenizer
         self.fmt = prompts.make_format(tok, opts.prompt)
 
-        from .generation import StopTokens, default_token_budget
+        from .generation import StopTokens
         from .vocab import VocabSpace
 
         embed = model.get_input_embeddings()
@@ -149,7 +156,7 @@ class Sweep:
         lengths = torch.tensor([0] + [len(src) for _, src, _ in encoded])
         self.token_ids, self.offsets = ids, lengths.cumsum(0)
         self.stops = StopTokens(tok, model, embed.weight.shape[0])
-        self.budget = opts.batch_tokens or default_token_budget(model)
+        self.budget = opts.batch_tokens  # None: chosen for the device by the engine
         self.provenance = provenance(opts, self.lm, self.fmt, self.examples, self.vocab)
         self.identity = {k: self.provenance[k] for k in
                          ("model", "dataset", "samples", "seed", "prompt_format", "max_new_tokens")}
@@ -194,10 +201,12 @@ class Sweep:
             answers = [(p["prediction"], p["generated_tokens"]) for p in earlier["predictions"]]
             reused_from = earlier["experiment"]
         else:
-            prompts_ = [torch.cat([self.prefix, fed[self.offsets[i]:self.offsets[i + 1]], self.anchor])
+            # The prefix is the same for every prompt: the engine computes it once.
+            prompts_ = [torch.cat([fed[self.offsets[i]:self.offsets[i + 1]], self.anchor])
                         for i in range(len(self.examples))]
             answers = generate(self.lm.model, self.lm.tokenizer, prompts_, self.stops,
-                               self.opts.max_new_tokens, self.budget, self.progress)
+                               self.opts.max_new_tokens, self.budget, self.progress,
+                               prefix=self.prefix)
             reused_from = None
         predictions = []
         for ex, (text, n_gen) in zip(self.examples, answers):

@@ -89,13 +89,15 @@ class VocabSpace:
         return torch.cat(dists), torch.cat(ids)
 
     @torch.no_grad()
-    def codebook(self, size: int, seed: int = 0, iterations: int = 20):
+    def codebook(self, size: int, seed: int = 0, iterations: int = 10):
         """`size` codes from seeded k-means over the vocabulary, and the temperature scale of soft
         assignment: the median gap between a row's squared distances to its nearest and its
         second-nearest code. Measured so, tau = 1 weighs the second code about 1/e of the first
         for a typical row: a handful of codes share the weight. (The mean quantisation error, a
         looser scale, gave near-uniform weights over hundreds of codes.) Cached per (size, seed).
         """
+        # Ten Lloyd iterations: on SmolLM2 the quantisation error is 4.822 after 10 and 4.810
+        # after 40, while each iteration costs a full pass over the vocabulary.
         key = (size, seed)
         if key not in self._codebooks:
             gen = torch.Generator().manual_seed(seed)
