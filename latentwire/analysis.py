@@ -99,13 +99,14 @@ def _fmt(x, digits=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def analyse_source(results: list[dict]) -> dict:
-    """Everything the report says about one source's experiments."""
+def analyse_source(results: list[dict], text_baseline_f1: float | None = None) -> dict:
+    """Everything the report says about one source's experiments; text_baseline_f1 is the
+    baseline on the model's own embeddings when this source is another one."""
+    scores = {r["experiment"]: _scores(r) for r in results}
+    base_scores = scores.get("baseline")
     rows = []
-    baseline = next((r for r in results if r["experiment"] == "baseline"), None)
-    base_scores = _scores(baseline) if baseline else None
     for r in results:
-        s = _scores(r)
+        s = scores[r["experiment"]]
         row = {"experiment": r["experiment"], "category": r["category"], "config": r["config"],
                "f1": r["f1"], "em": r.get("em"), "empty_rate": r.get("empty_rate"),
                "num_samples": r.get("num_samples"),
@@ -114,35 +115,32 @@ def analyse_source(results: list[dict]) -> dict:
                "reused_generations_from": r.get("reused_generations_from"),
                "diagnostics": r["diagnostics"], "vs_baseline": None}
         if s and base_scores and r["experiment"] != "baseline":
-            a, b = _paired(s, base_scores)
-            row["vs_baseline"] = stats.paired_comparison(a, b)
+            row["vs_baseline"] = stats.paired_comparison(*_paired(s, base_scores))
         if row["identical_to_input"] and r["experiment"] != "baseline":
             row["vs_baseline"] = {**(row["vs_baseline"] or {}), "label": "no-op"}
         rows.append(row)
     # Among equal F1s: the baseline first, experiments that changed nothing last.
     rows.sort(key=lambda x: (-x["f1"], x["experiment"] != "baseline",
                              x["identical_to_input"], x["experiment"]))
-    out = {"ranked": rows, "baseline_f1": baseline["f1"] if baseline else None}
+    out = {"ranked": rows, "baseline_f1": next((r["f1"] for r in results
+                                                if r["experiment"] == "baseline"), None),
+           "text_baseline_f1": text_baseline_f1}
 
-    # Statistical ties with the leader: paired comparison of each against the top experiment.
-    top = rows[0] if rows else None
-    top_scores = _scores(next(r for r in results if r["experiment"] == top["experiment"])) if top else None
+    # Statistical ties with the leader: a paired comparison of each with the top experiment.
     tied = []
+    top_scores = scores[rows[0]["experiment"]] if rows else None
     if top_scores:
         for row in rows[1:]:
-            s = _scores(next(r for r in results if r["experiment"] == row["experiment"]))
+            s = scores[row["experiment"]]
             if s is None:
                 continue
-            a, b = _paired(top_scores, s)
-            cmp = stats.paired_comparison(a, b)
-            row["tied_with_top"] = cmp["label"] == "indistinguishable"
+            row["tied_with_top"] = (stats.paired_comparison(*_paired(top_scores, s))["label"]
+                                    == "indistinguishable")
             if row["tied_with_top"] and not row["identical_to_input"]:
                 tied.append(row["experiment"])
-        if len(rows) > 1 and len(tied) > 0:
-            runner = next(r for r in rows[1:] if r["experiment"] == tied[0])
-            s = _scores(next(r for r in results if r["experiment"] == runner["experiment"]))
-            a, b = _paired(top_scores, s)
-            out["separation"] = {"top": top["experiment"], "runner_up": runner["experiment"],
+        if tied:
+            a, b = _paired(top_scores, scores[tied[0]])
+            out["separation"] = {"top": rows[0]["experiment"], "runner_up": tied[0],
                                  "samples_needed": stats.samples_needed(a, b),
                                  "samples_used": len(a)}
     out["tied_with_top"] = tied
@@ -209,7 +207,14 @@ def interpret(out: dict) -> tuple[list[str], list[str], str | None]:
         recs.append("Debug generation: check the baseline's predictions, the prompt format and "
                     "that inputs_embeds reach the model unchanged.")
         return insights, recs, None
-    if base is not None:
+    text_base = out.get("text_baseline_f1")
+    if base is not None and text_base is not None:
+        verdict = ("breaks the model by itself" if base < 0.5 * text_base
+                   else "leaves the model mostly able to answer")
+        insights.append(f"Untransformed, this source scores F1 {base:.3f} against {text_base:.3f} "
+                        f"on the model's own embeddings: it {verdict}; transforms are judged by "
+                        "how much of that they recover.")
+    elif base is not None:
         if base > 0.5:
             insights.append(f"Baseline F1 {base:.3f} > 0.5: the model can use embeddings; the "
                             "problem is the encoder's distribution.")
@@ -285,8 +290,11 @@ def build(summary: dict) -> dict:
     by_source = defaultdict(list)
     for r in ok:
         by_source[r["source"]].append(r)
+    text_base = next((r["f1"] for r in by_source.get("text", []) if r["experiment"] == "baseline"),
+                     None)
     return {
-        "sources": {src: analyse_source(rs) for src, rs in by_source.items()},
+        "sources": {src: analyse_source(rs, None if src == "text" else text_base)
+                    for src, rs in by_source.items()},
         "recovery": recovery(ok),
         "failed": [{"experiment": r.get("experiment"), "source": r.get("source"),
                     "error": r.get("error")} for r in failed],
@@ -422,7 +430,7 @@ def analyze(summary: dict, output_dir, as_json: bool = False, plots: bool = True
         from . import report
         written = report.write(insights, summary, Path(output_dir))
     if as_json:
-        print(json.dumps(_jsonable({k: v for k, v in insights.items()}), indent=2))
+        print(json.dumps(_jsonable(insights), indent=2))
     else:
         print(render_text(insights))
         if written:

@@ -136,6 +136,7 @@ class Sweep:
         import torch
 
         self.opts, self.plan, self.log = opts, plan, log
+        self.bar = None  # the progress bar of the experiment in flight, on a terminal
         self.examples = data.sample(data.load_all(opts.dataset), opts.samples, opts.seed)
         self.lm = lm or models.load(opts.model_id, opts.device, opts.trust_remote_code)
         model, tok = self.lm.model, self.lm.tokenizer
@@ -233,8 +234,6 @@ class Sweep:
     def progress(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
-
-    bar = None
 
 
 def _failed(exp, spec, err: BaseException, fingerprint: str) -> dict:

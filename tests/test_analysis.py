@@ -111,6 +111,7 @@ def test_sources_are_grouped_with_a_recovery_table(tmp_path, capsys):
     rec = {r["experiment"]: r for r in insights["recovery"]}
     assert rec["rms_scale1.0"]["recovery"] == pytest.approx(rows[2]["f1"] / rows[0]["f1"])
     assert "RECOVERY" in text and "(source: mismatch)" in text
+    assert "breaks the model by itself" in text
     assert (tmp_path / "plots" / "mismatch" / "ranked_f1.png").is_file()
 
 
