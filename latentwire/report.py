@@ -57,8 +57,9 @@ def plot_ranked(a: dict, src: str, path: Path) -> Path:
                         for r in rows], fontsize=8)
     if a["baseline_f1"] is not None:
         ax.axvline(a["baseline_f1"], color="black", linestyle="--", linewidth=1, label="baseline")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
-    ax.legend(handles, list(COLOURS), fontsize=7, loc="lower right")
+    present = [c for c in COLOURS if any(r["category"] == c for r in rows)]
+    ax.legend([plt.Rectangle((0, 0), 1, 1, color=COLOURS[c]) for c in present], present,
+              fontsize=7, loc="best")
     ax.set_xlabel("F1 (bars: 95% bootstrap CI)")
     ax.set_title(f"Ranked F1, source: {src}")
     return _save(fig, path)
