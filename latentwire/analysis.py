@@ -136,7 +136,9 @@ def analyse_source(results: list[dict], text_baseline_f1: float | None = None) -
                 continue
             row["tied_with_top"] = (stats.paired_comparison(*_paired(top_scores, s))["label"]
                                     == "indistinguishable")
-            if row["tied_with_top"] and not row["identical_to_input"]:
+            # A no-op only repeats the baseline, so it is not named; the baseline itself is.
+            noop = row["identical_to_input"] and row["experiment"] != "baseline"
+            if row["tied_with_top"] and not noop:
                 tied.append(row["experiment"])
         if tied:
             a, b = _paired(top_scores, scores[tied[0]])

@@ -76,6 +76,20 @@ def test_statistical_tie_at_the_top_is_reported_with_samples_needed(capsys):
     assert "statistically tied" in text and "samples" in text
 
 
+def test_a_leader_tied_with_the_baseline_names_the_baseline(capsys):
+    base = result("baseline", "baseline", {}, 0.25, identical=True)
+    rows = [base, {**result("batch_dist", "batch_distribution", {}, 0.25),
+                   "predictions": base["predictions"][:95] + [
+                       {**p, "f1": 1.0} for p in base["predictions"][95:]]},
+            {**base, "experiment": "anchor_eps0.1", "category": "anchor_offset",
+             "config": {"eps": 0.1}}]  # a no-op: the baseline's own predictions
+    rows[1]["f1"] = sum(p["f1"] for p in rows[1]["predictions"]) / N
+    src = analysis.analyze({"results": rows}, None, plots=False)["sources"]["text"]
+    assert src["ranked"][0]["experiment"] == "batch_dist"
+    assert src["tied_with_top"] == ["baseline"]
+    assert src["separation"]["runner_up"] == "baseline"
+
+
 def test_partial_and_failed_sweep(tmp_path, capsys):
     summary = ten_experiment_summary()
     summary["results"] = summary["results"][:3] + [{
