@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     _add_sweep_args(sub.add_parser("sweep", help="run (or resume) a sweep",
                                    epilog=EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter))
-    lister = sub.add_parser("list", help="print every experiment with its category")
+    lister = sub.add_parser("list", help="print every experiment, source and named dataset")
     lister.add_argument("--grid", default="default", choices=["default", "full"])
     _add_analyze_args(sub.add_parser("analyze", help="analyse a finished or partial sweep"))
     return top
@@ -103,9 +103,13 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from . import experiments
+    from . import data, experiments, sources
 
     print(experiments.listing(args.grid))
+    print("\nsources (--source, comma-separated; name or name:param):")
+    print("\n".join(f"  {name:<10} {s.description}" for name, s in sources.SOURCES.items()))
+    print("\ndatasets (--dataset; or a path to a SQuAD .json or a .jsonl file):")
+    print("\n".join(f"  {name:<10} {desc}" for name, (desc, _) in data.NAMED.items()))
     return 0
 
 

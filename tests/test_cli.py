@@ -86,6 +86,8 @@ def test_analysis_of_missing_or_corrupt_summary(tmp_path):
 def test_experiment_list_and_help():
     r = cli("sweep", "--experiment", "list")
     assert r.returncode == 0 and "28 experiments" in r.stdout and "codebook_1024_t1.0" in r.stdout
+    r = cli("list")
+    assert r.returncode == 0 and "mismatch" in r.stdout and "squad_v2" in r.stdout
     r = cli("--help")
     assert r.returncode == 0 and "examples:" in r.stdout and "analyze" in r.stdout
 
