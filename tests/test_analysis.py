@@ -76,15 +76,21 @@ def test_statistical_tie_at_the_top_is_reported_with_samples_needed(capsys):
     assert "statistically tied" in text and "samples" in text
 
 
-def test_a_leader_tied_with_the_baseline_names_the_baseline(capsys):
+def test_a_leader_tied_with_the_baseline_names_the_baseline():
     base = result("baseline", "baseline", {}, 0.25, identical=True)
-    rows = [base, {**result("batch_dist", "batch_distribution", {}, 0.25),
-                   "predictions": base["predictions"][:95] + [
-                       {**p, "f1": 1.0} for p in base["predictions"][95:]]},
-            {**base, "experiment": "anchor_eps0.1", "category": "anchor_offset",
-             "config": {"eps": 0.1}}]  # a no-op: the baseline's own predictions
-    rows[1]["f1"] = sum(p["f1"] for p in rows[1]["predictions"]) / N
-    src = analysis.analyze({"results": rows}, None, plots=False)["sources"]["text"]
+    # batch_dist wins three examples the baseline lost and loses two it won: a tie, not a win.
+    preds = [dict(p) for p in base["predictions"]]
+    wrong = [p for p in preds if p["f1"] == 0.0][:3]
+    right = [p for p in preds if p["f1"] == 1.0][:2]
+    for p in wrong:
+        p["f1"] = 1.0
+    for p in right:
+        p["f1"] = 0.0
+    leader = {**result("batch_dist", "batch_distribution", {}, 0.25), "predictions": preds,
+              "f1": sum(p["f1"] for p in preds) / N}
+    noop = {**base, "experiment": "anchor_eps0.1", "category": "anchor_offset",
+            "config": {"eps": 0.1}}  # the baseline's own predictions
+    src = analysis.analyze({"results": [base, leader, noop]}, None, plots=False)["sources"]["text"]
     assert src["ranked"][0]["experiment"] == "batch_dist"
     assert src["tied_with_top"] == ["baseline"]
     assert src["separation"]["runner_up"] == "baseline"
