@@ -52,8 +52,14 @@ def transform(name: str):
 
 
 def code_version(name: str) -> str:
-    """A hash of the transform's source: a changed transform invalidates results made with it."""
-    return hashlib.sha256(inspect.getsource(TRANSFORMS[name]).encode()).hexdigest()[:12]
+    """A hash of the transform's code and of what every transform stands on (the vocabulary
+    space: its statistics, search and codebooks; the packed inputs): a change to any of them
+    invalidates the results made with the old code."""
+    from . import vocab
+
+    parts = [inspect.getsource(TRANSFORMS[name]), inspect.getsource(TransformInputs),
+             inspect.getsource(vocab)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
 @transform("identity")

@@ -208,8 +208,18 @@ def parse(specs: str) -> list[SourceSpec]:
 
 
 def code_version(name: str) -> str:
-    """A hash of the source's code: results made before it changed are redone, not reused."""
-    return hashlib.sha256(inspect.getsource(SOURCES[name].build).encode()).hexdigest()[:12]
+    """A hash of the source's code and of the module's functions it calls (mismatch calls
+    noisy; adapter calls load_adapter): results made before any of them changed are redone."""
+    seen, todo, parts = set(), [SOURCES[name].build], []
+    while todo:
+        fn = todo.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        parts.append(inspect.getsource(fn))
+        todo += [globals()[n] for n in fn.__code__.co_names
+                 if inspect.isfunction(globals().get(n)) and globals()[n].__module__ == __name__]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
 def effect(text: torch.Tensor, out: torch.Tensor) -> dict:

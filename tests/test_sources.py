@@ -92,3 +92,10 @@ def test_adapter_round_trips_a_checkpoint(inputs, tmp_path):
 def test_bad_specs(spec, match):
     with pytest.raises(UsageError, match=match):
         sources.parse(spec)
+
+
+def test_code_version_covers_the_helpers_a_source_calls(monkeypatch):
+    before = sources.code_version("mismatch")
+    assert before != sources.code_version("scaled")
+    monkeypatch.setattr(sources, "_noisy", sources._scaled)  # different code behind the name
+    assert sources.code_version("mismatch") != before
