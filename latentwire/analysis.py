@@ -254,7 +254,11 @@ def interpret(out: dict) -> tuple[list[str], list[str], str | None]:
                             "an encoder's distribution is tested with off-distribution sources.")
         recs.append("Keep the plain embeddings for this source; rerun with --source mismatch "
                     "(or your adapter) to see which transform repairs a broken distribution.")
-        return insights, recs, None
+        command = train_command(best) if best is not None else None
+        if command:
+            recs.append(f"If one must be tried now, the leading candidate is {best['experiment']} "
+                        f"(not significantly better; confirm it first): {command}")
+        return insights, recs, command
     meaning, action = MEANING.get(winner["category"], ("", ""))
     insights.append(f"{winner['experiment']} wins ({winner['category']}, F1 {winner['f1']:.3f} vs "
                     f"baseline {_fmt(base)}). {meaning}")

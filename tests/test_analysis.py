@@ -76,7 +76,7 @@ def test_statistical_tie_at_the_top_is_reported_with_samples_needed(capsys):
     assert "statistically tied" in text and "samples" in text
 
 
-def test_a_leader_tied_with_the_baseline_names_the_baseline():
+def test_a_leader_tied_with_the_baseline_names_the_baseline(capsys):
     base = result("baseline", "baseline", {}, 0.25, identical=True)
     # batch_dist wins three examples the baseline lost and loses two it won: a tie, not a win.
     preds = [dict(p) for p in base["predictions"]]
@@ -91,6 +91,9 @@ def test_a_leader_tied_with_the_baseline_names_the_baseline():
     noop = {**base, "experiment": "anchor_eps0.1", "category": "anchor_offset",
             "config": {"eps": 0.1}}  # the baseline's own predictions
     src = analysis.analyze({"results": [base, leader, noop]}, None, plots=False)["sources"]["text"]
+    assert "not significantly better; confirm it first" in capsys.readouterr().out
+    assert src["next_command"].startswith("python latentwire/train.py --embed_transform "
+                                          "batch_distribution")
     assert src["ranked"][0]["experiment"] == "batch_dist"
     assert src["tied_with_top"] == ["baseline"]
     assert src["separation"]["runner_up"] == "baseline"
