@@ -1,9 +1,11 @@
 """How a batch is generated: greedy decoding from `inputs_embeds`, batched and length-sorted.
 
-`generate` is the engine: prompts are sorted by length so each batch pads little, left-padded
-with explicit position ids so padding changes nothing, and a batch stops as soon as every row has
-finished its answer (EOS or a newline: the answer is the first line). `generate_reference` is the
-plain loop the seed ran, one `model.generate` per example; tests and the benchmark compare them.
+`generate` is the engine: the prompt start every example shares is computed once and its KV
+cache reused; prompts are sorted by length so each batch pads little, left-padded with explicit
+position ids so padding changes nothing, prefilled in small micro-batches (fast on CPU) whose
+caches merge into one wide decode group (cheap per row), and a group stops as soon as every row
+has finished its answer (EOS or a newline: the answer is the first line). `generate_reference` is
+the plain loop the seed ran, one `model.generate` per example; tests and the benchmark compare them.
 """
 
 import inspect

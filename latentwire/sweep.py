@@ -188,16 +188,12 @@ class Sweep:
         from .scoring import score
 
         start = time.time()
-        result = {"experiment": exp.name, "category": exp.category, "description": exp.description,
-                  "config": exp.config, "source": spec.spec, "source_config": spec.config(),
-                  "source_effect": source_effect}
+        result = {**_head(exp, spec), "source_effect": source_effect}
         y, diagnostics = embed_experiments.apply(exp.transform, inputs, exp.config)
         dtype = self.lm.model.get_input_embeddings().weight.dtype
         fed = y.to(dtype)
         digest = hashlib.sha256(fed.contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
         earlier = self.reuse.get((spec.spec, digest))
-        n_prompt = [int(self.offsets[i + 1] - self.offsets[i]) + len(self.prefix) + len(self.anchor)
-                    for i in range(len(self.examples))]
         if earlier is not None:
             answers = [(p["prediction"], p["generated_tokens"]) for p in earlier["predictions"]]
             reused_from = earlier["experiment"]
@@ -225,8 +221,8 @@ class Sweep:
             "diagnostics": diagnostics,
             "reused_generations_from": reused_from,
             "inputs_sha256": digest,
-            "tokens": {"prompt": sum(n_prompt), "generated": sum(p["generated_tokens"]
-                                                                 for p in predictions)},
+            "tokens": {"prompt": int(self.offsets[-1]) + n * (len(self.prefix) + len(self.anchor)),
+                       "generated": sum(p["generated_tokens"] for p in predictions)},
             "predictions": predictions,
         })
         return result
@@ -236,11 +232,15 @@ class Sweep:
             self.bar.update(n)
 
 
-def _failed(exp, spec, err: BaseException, fingerprint: str) -> dict:
+def _head(exp, spec) -> dict:
+    """What every result says about itself, whether it succeeded or failed."""
     return {"experiment": exp.name, "category": exp.category, "description": exp.description,
-            "config": exp.config, "source": spec.spec, "source_config": spec.config(),
-            "status": "failed", "error": {"type": type(err).__name__, "message": str(err)},
-            "fingerprint": fingerprint}
+            "config": exp.config, "source": spec.spec, "source_config": spec.config()}
+
+
+def _failed(exp, spec, err: BaseException, fingerprint: str) -> dict:
+    return {**_head(exp, spec), "status": "failed",
+            "error": {"type": type(err).__name__, "message": str(err)}, "fingerprint": fingerprint}
 
 
 def build_summary(results: list[dict], planned: list[tuple[str, str]], prov: dict,
