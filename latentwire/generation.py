@@ -28,8 +28,9 @@ class StopTokens:
                 ids.add(int(e))
         pieces = tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))])
         ids.update(i for i, p in enumerate(pieces) if "\n" in p)
+        self.ids = frozenset(i for i in ids if i < vocab_size)
         self.table = torch.zeros(vocab_size, dtype=torch.bool)
-        self.table[[i for i in ids if i < vocab_size]] = True
+        self.table[list(self.ids)] = True
 
 
 def default_budgets(model) -> tuple[int, int]:
@@ -208,7 +209,7 @@ def _decode(model, state: _Prefilled, stops: StopTokens, max_new_tokens: int, pa
     result = []
     for row in torch.stack(steps, dim=1).tolist():
         # Everything up to and including the first stop token; the rest is padding.
-        end = next((i + 1 for i, t in enumerate(row) if t < n_stop and stops.table[t]), len(row))
+        end = next((i + 1 for i, t in enumerate(row) if t in stops.ids), len(row))
         result.append(row[:end])
     return result
 

@@ -284,14 +284,15 @@ def run(opts: SweepOptions, log=print) -> tuple[dict, int]:
                 step += 1
                 results.append(_run_one(sweep, plan, spec, exp, inputs, effect,
                                         f"[{step}/{len(planned)}]"))
+        interrupted = False
     except KeyboardInterrupt:
-        prov = sweep.provenance if sweep else {}
-        write_json(summary_path, build_summary(results, planned, prov, interrupted=True))
+        interrupted = True
+    summary = build_summary(results, planned, sweep.provenance if sweep else {}, interrupted)
+    write_json(summary_path, summary)
+    if interrupted:
         log(f"interrupted: {len(results)} of {len(planned)} runs kept; partial summary in "
             f"{summary_path}; rerun the same command to resume")
-        return read_json(summary_path), 130
-    summary = build_summary(results, planned, sweep.provenance)
-    write_json(summary_path, summary)
+        return summary, 130
     return summary, 1 if summary["failed"] else 0
 
 
