@@ -1,17 +1,22 @@
 """How a batch is generated: greedy decoding from `inputs_embeds`, batched and length-sorted.
 
-`generate` is the engine: the prompt start every example shares is computed once and its KV
-cache reused; prompts are sorted by length so each batch pads little, left-padded with explicit
-position ids so padding changes nothing, prefilled in small micro-batches (fast on CPU) whose
-caches merge into one wide decode group (cheap per row), and a group stops as soon as every row
-has finished its answer (EOS or a newline: the answer is the first line). `generate_reference` is
-the plain loop the seed ran, one `model.generate` per example; tests and the benchmark compare them.
+`generate` is the engine. The prompt start every example shares is computed once and its KV
+cache reused. Prompts are sorted by length into decode groups; a group's prompts are prefilled
+packed end to end with no padding, in passes of a few hundred tokens (fast on CPU), each layer
+writing its keys and values straight into the group's one cache, where every prompt ends at the
+same column; the group then decodes as one wide batch (cheap per row) and stops as soon as every
+row has finished its answer (EOS or a newline: the answer is the first line). Models whose
+attention a packed pass cannot reproduce (sliding windows, hybrid state) are left-padded with
+explicit position ids instead. `generate_reference` is the plain loop the seed ran, one
+`model.generate` per example; tests and the benchmark compare them.
 """
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import DynamicLayer
 
 from .scoring import cut_answer
@@ -34,11 +39,12 @@ class StopTokens:
 
 
 def default_budgets(model) -> tuple[int, int]:
-    """(decode-group tokens, prefill micro-batch tokens) for the model's device.
+    """(decode-group tokens, prefill pass tokens) for the model's device.
 
-    On CPU, measured with a 135M model on 2 cores: prefill runs at ~85% of the matmul peak in
-    micro-batches of ~1k tokens and loses a quarter of that at 4k, while decoding 32 rows at once
-    costs 4 ms a row-step against 37 ms for one row alone; so prefill small, decode wide.
+    On CPU, measured with a 135M model on 2 cores: padded prefill ran at ~85% of the matmul peak
+    in micro-batches of ~1k tokens and lost a quarter of that at 4k; packed passes of 1k to 6k
+    tokens measured within noise of each other, so 1k stays. Decoding 32 rows at once costs 4 ms
+    a row-step against 37 ms for one row alone; so prefill small, decode wide.
     On CUDA both are what half the free memory holds (bigger batches are simply faster there).
     """
     device = next(model.parameters()).device
@@ -60,9 +66,9 @@ def _takes_logits_to_keep(model) -> bool:
 
 
 class _InPlaceLayer(DynamicLayer):
-    """A cache layer with room reserved up front, written in place. The default layer
-    concatenates its whole history on every token: on CPU that copying was 55% of a decode step
-    (profiled: 32 rows x 230 cached tokens, SmolLM2-135M)."""
+    """A cache layer over a buffer with room reserved up front, written in place. The default
+    layer concatenates its whole history on every token: on CPU that copying was 55% of a decode
+    step (profiled: 32 rows x 230 cached tokens, SmolLM2-135M)."""
 
     def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int):
         super().__init__()
@@ -70,18 +76,8 @@ class _InPlaceLayer(DynamicLayer):
         self.dtype, self.device, self.is_initialized = key_buffer.dtype, key_buffer.device, True
         self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
 
-    @classmethod
-    def holding(cls, keys: torch.Tensor, values: torch.Tensor, room: int) -> "_InPlaceLayer":
-        b, n = keys.shape[0], keys.shape[2]
-        key_buffer = keys.new_empty(b, keys.shape[1], n + room, keys.shape[3])
-        value_buffer = values.new_empty(b, values.shape[1], n + room, values.shape[3])
-        key_buffer[:, :, :n], value_buffer[:, :, :n] = keys, values
-        return cls(key_buffer, value_buffer, n)
-
     def update(self, key_states, value_states, *args, **kwargs):
         end = self._length + key_states.shape[-2]
-        if end > self._keys.shape[2]:  # more than was reserved: grow the ordinary way
-            return super().update(key_states, value_states, *args, **kwargs)
         self._keys[:, :, self._length:end] = key_states
         self._values[:, :, self._length:end] = value_states
         self._length = end
@@ -91,7 +87,8 @@ class _InPlaceLayer(DynamicLayer):
 
 def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """The per-layer key/value tensors of a cache made only of plain growing layers, or None
-    (sliding windows, recurrent or hybrid state): such caches are neither shared nor merged."""
+    (sliding windows, recurrent or hybrid state): such caches are neither shared nor batched
+    into one buffer."""
     layers = getattr(cache, "layers", None)
     if not layers or not all(type(l) in (DynamicLayer, _InPlaceLayer) for l in layers):
         return None
@@ -106,15 +103,6 @@ def _cache(model, layers: list[_InPlaceLayer]):
     return cache
 
 
-def _in_place(cache, room: int):
-    """Give a cache's plain growing layers `room` free slots, written in place from now on."""
-    layers = getattr(cache, "layers", [])
-    for i, layer in enumerate(layers):
-        if type(layer) is DynamicLayer and layer.is_initialized:
-            layers[i] = _InPlaceLayer.holding(layer.keys, layer.values, room)
-    return cache
-
-
 @dataclass
 class _Prefilled:
     """A batch after its prompt pass: the first generated token and the state to continue."""
@@ -124,62 +112,171 @@ class _Prefilled:
     position: torch.Tensor  # [b, 1]: position of the last prompt token
 
 
-@torch.no_grad()
-def _prefill(model, prompts, prefix_kv, extra, room: int) -> _Prefilled:
-    """One forward pass over left-padded prompts, continuing from the shared prefix's cache;
-    the cache keeps `room` free slots for the answer.
-
-    Layout per row: [prefix][padding][prompt]. Position ids count real tokens only and the mask
-    hides the padding, so each row computes what it would alone.
-    """
-    device = next(model.parameters()).device
+def _padded(prompts, device):
+    """Left-padded embeddings [b, w, d] and their mask [b, w]."""
     lengths = [p.shape[0] for p in prompts]
-    batch, width = len(prompts), max(lengths)
-    embeds = torch.zeros(batch, width, prompts[0].shape[1], dtype=prompts[0].dtype, device=device)
-    mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+    width = max(lengths)
+    embeds = torch.zeros(len(prompts), width, prompts[0].shape[1], dtype=prompts[0].dtype,
+                         device=device)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
     for row, (p, n) in enumerate(zip(prompts, lengths)):
         embeds[row, width - n:] = p
         mask[row, width - n:] = 1
-    offset = prefix_kv[0][0].shape[2] if prefix_kv else 0
-    positions = offset + (mask.cumsum(dim=1) - 1).clamp_min(0)
-    cache = None
-    if prefix_kv:
-        cache = _cache(model, [_InPlaceLayer.holding(k.expand(batch, -1, -1, -1),
-                                                     v.expand(batch, -1, -1, -1), width + room)
-                               for k, v in prefix_kv])
-        mask = torch.cat([torch.ones(batch, offset, dtype=mask.dtype, device=device), mask], dim=1)
+    return embeds, mask
+
+
+def _last_position(extra, width: int, device):
+    """`logits_to_keep` for the last position as an index tensor: the model then gathers it into
+    a contiguous block and its LM head is one matrix multiply; as the int 1 it is a strided view
+    that the head multiplies row by row (measured: 24 ms against 4 ms for 7 rows, 49k vocab)."""
+    return {**extra, "logits_to_keep": torch.tensor([width - 1], device=device)} if extra else {}
+
+
+@torch.no_grad()
+def _prefill(model, prompts, extra) -> _Prefilled:
+    """One forward pass over left-padded prompts, in the model's own cache: the path for models
+    whose attention or cache a packed pass cannot reproduce (sliding windows, hybrid state).
+
+    Position ids count real tokens only and the mask hides the padding, so each row computes
+    what it would alone.
+    """
+    device = next(model.parameters()).device
+    embeds, mask = _padded(prompts, device)
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
     out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, **extra)
-    return _Prefilled(out.logits[:, -1].argmax(dim=-1), _in_place(out.past_key_values, room),
-                      mask, positions[:, -1:])
+                use_cache=True, **_last_position(extra, embeds.shape[1], device))
+    return _Prefilled(out.logits[:, -1].argmax(dim=-1), out.past_key_values, mask,
+                      positions[:, -1:])
 
 
-def _merge(model, parts: list[_Prefilled], room: int) -> _Prefilled:
-    """Several prefilled micro-batches as one wide batch for decoding, copied once into buffers
-    with `room` free slots: each part right-aligned, the padding zeros that the mask hides."""
-    if len(parts) == 1:
-        return parts[0]
-    width = max(p.mask.shape[1] for p in parts)
-    kvs = [_kv(p.cache) for p in parts]
-    rows = sum(p.mask.shape[0] for p in parts)
-    layers = []
-    for i, (k0, v0) in enumerate(kvs[0]):
-        keys = k0.new_zeros(rows, k0.shape[1], width + room, k0.shape[3])
-        values = v0.new_zeros(rows, v0.shape[1], width + room, v0.shape[3])
-        r = 0
-        for kv in kvs:
-            k, v = kv[i]
-            keys[r:r + k.shape[0], :, width - k.shape[2]:width] = k
-            values[r:r + v.shape[0], :, width - v.shape[2]:width] = v
-            r += k.shape[0]
-        layers.append(_InPlaceLayer(keys, values, width))
-    mask = parts[0].mask.new_zeros(rows, width)
-    r = 0
-    for p in parts:
-        mask[r:r + p.mask.shape[0], width - p.mask.shape[1]:] = p.mask
-        r += p.mask.shape[0]
-    return _Prefilled(torch.cat([p.token for p in parts]), _cache(model, layers), mask,
-                      torch.cat([p.position for p in parts]))
+PACKED_ATTENTION = "latentwire_packed"
+
+
+class _CannotPack(Exception):
+    """The model's attention does more than a packed pass reproduces."""
+
+
+class _PackedPass:
+    """One prefill pass over several prompts' tokens laid end to end, with no padding.
+
+    In every layer the new keys and values go straight into the decode group's buffers, at each
+    token's (row, column); each span's queries then attend within their row: the prefix, the
+    prompt's tokens from earlier passes, and its own tokens up to themselves.
+    """
+
+    def __init__(self, buffers, spans, starts: list[int], offset: int, device):
+        self.buffers, self.layers_seen = buffers, 0
+        self.rows = torch.cat([torch.full((b - a,), r, dtype=torch.long) for r, a, b in spans])
+        self.columns = torch.cat([torch.arange(starts[r] + offset + a, starts[r] + offset + b)
+                                  for r, a, b in spans])
+        self.rows, self.columns = self.rows.to(device), self.columns.to(device)
+        self.segments, t = [], 0
+        for r, a, b in spans:
+            # Key j (from the row's first column) is visible to the span's query i iff
+            # j <= offset + a + i: the prefix, earlier tokens, and itself.
+            visible = torch.ones(b - a, offset + b, dtype=torch.bool, device=device).tril(offset + a)
+            self.segments.append((t, t + b - a, r, starts[r], starts[r] + offset + b, visible))
+            t += b - a
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      latentwire_pass: _PackedPass | None = None, **kwargs):
+    """Attention for a packed pass ([1, heads, tokens, dim] in, [1, tokens, heads, dim] out)."""
+    if latentwire_pass is None or dropout or getattr(module, "layer_idx", None) is None or any(
+            kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias")):
+        raise _CannotPack
+    p = latentwire_pass
+    keys, values = p.buffers[module.layer_idx]
+    keys[p.rows, :, p.columns] = key[0].transpose(0, 1)
+    values[p.rows, :, p.columns] = value[0].transpose(0, 1)
+    out = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, t0:t1], keys[r:r + 1, :, lo:hi], values[r:r + 1, :, lo:hi], attn_mask=visible,
+        scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        for t0, t1, r, lo, hi, visible in p.segments]
+    p.layers_seen += 1
+    return torch.cat(out, dim=2).transpose(1, 2), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+# Each span's mask is built by the pass itself; the model need not build one.
+AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None)
+
+
+@contextmanager
+def _packed_attention_on(model):
+    """The model runs the packed attention inside the block and its own again after it."""
+    original = model.config._attn_implementation
+    try:
+        model.set_attn_implementation(PACKED_ATTENTION)
+    except Exception as err:  # a model that cannot switch: pad instead
+        raise _CannotPack from err
+    try:
+        if model.config._attn_implementation != PACKED_ATTENTION:
+            raise _CannotPack
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
+@torch.no_grad()
+def _packed_prefill(model, prompts, prefix_kv, layout, budget: int, room: int,
+                    extra) -> _Prefilled:
+    """A decode group's prompts, prefilled in passes of `budget` tokens with no padding at all
+    (a long prompt may continue in the next pass), straight into the group's cache buffers.
+
+    Row layout: [gap][prefix][prompt][room]; every prompt ends at the same column, so decoding
+    appends to all rows at once, and the mask hides the gap. Raises _CannotPack if the model's
+    layers did not all run the packed attention.
+    """
+    device = layout[0][0].device
+    offset = prefix_kv[0][0].shape[2] if prefix_kv else 0
+    lengths = [p.shape[0] for p in prompts]
+    rows, width = len(prompts), max(lengths)
+    starts = [width - n for n in lengths]
+    # Zeros, not garbage, in the gaps: the mask hides them, but attention multiplies them by 0.
+    buffers = [(k.new_zeros(rows, k.shape[1], offset + width + room, k.shape[3]),
+                v.new_zeros(rows, v.shape[1], offset + width + room, v.shape[3]))
+               for k, v in layout]
+    if offset:
+        at_rows = torch.arange(rows, device=device).repeat_interleave(offset)
+        at_cols = torch.cat([torch.arange(s, s + offset) for s in starts]).to(device)
+        for (k, v), (pk, pv) in zip(buffers, prefix_kv):
+            k[at_rows, :, at_cols] = pk[0].transpose(0, 1).repeat(rows, 1, 1)
+            v[at_rows, :, at_cols] = pv[0].transpose(0, 1).repeat(rows, 1, 1)
+    passes, spans, filled = [], [], 0
+    for r, n in enumerate(lengths):
+        a = 0
+        while a < n:
+            b = min(n, a + budget - filled)
+            spans.append((r, a, b))
+            filled, a = filled + b - a, b
+            if filled == budget:
+                passes.append(spans)
+                spans, filled = [], 0
+    if spans:
+        passes.append(spans)
+    first = torch.empty(rows, dtype=torch.long, device=device)
+    for spans in passes:
+        packed = _PackedPass(buffers, spans, starts, offset, device)
+        embeds = torch.cat([prompts[r][a:b] for r, a, b in spans])[None].to(device)
+        ends = [(r, t1 - 1) for (r, a, b), (t0, t1, *_) in zip(spans, packed.segments)
+                if b == lengths[r]]
+        keep = torch.tensor([t for _, t in ends], dtype=torch.long, device=device)
+        out = model(inputs_embeds=embeds,
+                    position_ids=torch.cat([torch.arange(offset + a, offset + b)
+                                            for r, a, b in spans])[None].to(device),
+                    use_cache=False, latentwire_pass=packed,
+                    **({"logits_to_keep": keep} if extra else {}))
+        if packed.layers_seen != len(buffers):
+            raise _CannotPack
+        if ends:
+            first[[r for r, _ in ends]] = (out.logits[0] if extra else out.logits[0, keep]).argmax(-1)
+    mask = torch.zeros(rows, offset + width, dtype=torch.long, device=device)
+    for r, s in enumerate(starts):
+        mask[r, s:] = 1
+    positions = torch.tensor(lengths, device=device)[:, None] + offset - 1
+    cache = _cache(model, [_InPlaceLayer(k, v, offset + width) for k, v in buffers])
+    return _Prefilled(first, cache, mask, positions)
 
 
 @torch.no_grad()
@@ -242,7 +339,7 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], stops: StopTokens,
 
     `prefix` is a prompt start shared by every prompt (the chat header and instruction): it is
     computed once and its cache reused. Prompts are sorted by length; each decode group (at most
-    `token_budget` tokens) is prefilled in micro-batches of `prefill_tokens` and decoded as one.
+    `token_budget` tokens) is prefilled in passes of `prefill_tokens` and decoded as one.
     On a CUDA out-of-memory error both budgets are halved and the group retried, so a batch
     size that was too hopeful costs a retry, not the run.
     """
@@ -251,31 +348,41 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], stops: StopTokens,
     micro_budget = min(prefill_tokens or micro_budget, group_budget)
     extra = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prefix_kv = None
-    if prefix is not None and prefix.shape[0]:
-        with torch.no_grad():
-            out = model(inputs_embeds=prefix[None].to(next(model.parameters()).device),
-                        use_cache=True, **extra)
-        prefix_kv = _kv(out.past_key_values)
-        if prefix_kv is None:  # a cache we cannot share: put the prefix back into every prompt
-            prompts = [torch.cat([prefix, p]) for p in prompts]
+    device = next(model.parameters()).device
+    # The cache's shape per layer: the prefix's own, or a one-token pass's when there is none.
+    start = prefix if prefix is not None and prefix.shape[0] else prompts[0][:1]
+    with torch.no_grad():
+        out = model(inputs_embeds=start[None].to(device), use_cache=True, **extra)
+    layout = _kv(out.past_key_values)
+    prefix_kv = layout if start is prefix else None
+    if layout is None and start is prefix:  # a cache we cannot share: the prefix goes back in
+        prompts = [torch.cat([prefix, p]) for p in prompts]
     answers: list[tuple[str, int] | None] = [None] * len(prompts)
     lengths = [p.shape[0] for p in prompts]
     pending = plan_batches(lengths, group_budget, MAX_DECODE_ROWS)
     while pending:
         group = pending.pop(0)
         try:
-            micro = [[group[j] for j in mb] for mb in
-                     plan_batches([lengths[i] for i in group], micro_budget)]
-            parts = [_prefill(model, [prompts[i] for i in mb], prefix_kv, extra, max_new_tokens)
-                     for mb in micro]
-            order = [i for mb in micro for i in mb]
-            if all(_kv(p.cache) is not None for p in parts):
-                generated = _decode(model, _merge(model, parts, max_new_tokens), stops,
-                                    max_new_tokens, pad_id, extra)
+            if layout is not None:
+                with _packed_attention_on(model):
+                    state = _packed_prefill(model, [prompts[i] for i in group], prefix_kv,
+                                            layout, micro_budget, max_new_tokens, extra)
+                order, generated = group, _decode(model, state, stops, max_new_tokens, pad_id,
+                                                  extra)
             else:
-                generated = [g for p in parts
-                             for g in _decode(model, p, stops, max_new_tokens, pad_id, extra)]
+                micro = [[group[j] for j in mb] for mb in
+                         plan_batches([lengths[i] for i in group], micro_budget)]
+                order = [i for mb in micro for i in mb]
+                generated = [g for mb in micro for g in _decode(
+                    model, _prefill(model, [prompts[i] for i in mb], extra), stops,
+                    max_new_tokens, pad_id, extra)]
+        except _CannotPack:  # attention that a packed pass cannot reproduce: pad, from now on
+            if prefix_kv is not None:
+                prompts = [torch.cat([prefix, p]) for p in prompts]
+                lengths = [p.shape[0] for p in prompts]
+            layout = prefix_kv = None
+            pending.insert(0, group)
+            continue
         except torch.OutOfMemoryError:
             if len(group) == 1:
                 raise

@@ -54,9 +54,9 @@ def test_anchor_on_text_is_a_reported_no_op_that_reuses_generations(tmp_path, bu
 
 
 def test_engine_matches_the_per_example_loop(tmp_path, bundled):
-    """Batched, length-sorted, left-padded, early-stopping generation with a shared prefix cache
-    and merged micro-batches, against one model.generate per example on the full prompt: at
-    least 98% identical predictions and F1 within 0.01, for every experiment."""
+    """Batched, length-sorted, packed, early-stopping generation with a shared prefix cache and
+    prefill passes that split prompts across them, against one model.generate per example on the
+    full prompt: at least 98% identical predictions and F1 within 0.01, for every experiment."""
     from latentwire.scoring import score
 
     opts = sweep.SweepOptions(samples=16, output_dir=str(tmp_path))
