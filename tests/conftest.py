@@ -35,6 +35,17 @@ def tiny_llama(vocab_size=512, hidden=32, embed_scale=None, seed=0):
     return model
 
 
+def tiny_tokenizer(vocab_size=512):
+    """A word-level tokenizer over the tiny models' vocabulary: id 0 is EOS, id 1 a newline."""
+    from tokenizers import Tokenizer, models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"</s>": 0, "\n": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="</s>")),
+        eos_token="</s>", pad_token="</s>")
+
+
 @pytest.fixture(scope="session")
 def bundled():
     """The bundled SmolLM2-135M-Instruct, loaded once for the session."""
