@@ -233,10 +233,17 @@ def _packed_prefill(model, prompts, prefix_kv, layout, budget: int, room: int,
     lengths = [p.shape[0] for p in prompts]
     rows, width = len(prompts), max(lengths)
     starts = [width - n for n in lengths]
-    # Zeros, not garbage, in the gaps: the mask hides them, but attention multiplies them by 0.
-    buffers = [(k.new_zeros(rows, k.shape[1], offset + width + room, k.shape[3]),
-                v.new_zeros(rows, v.shape[1], offset + width + room, v.shape[3]))
+    buffers = [(k.new_empty(rows, k.shape[1], offset + width + room, k.shape[3]),
+                v.new_empty(rows, v.shape[1], offset + width + room, v.shape[3]))
                for k, v in layout]
+    # Zeros, not garbage, in the gaps: the mask hides them, but attention still multiplies them
+    # by 0, and 0 x NaN is NaN. The room is written before it is read. (Zeroing whole buffers
+    # cost 0.1 s per 32 prompts.)
+    gap_rows = torch.arange(rows).repeat_interleave(torch.tensor(starts)).to(device)
+    gap_cols = torch.cat([torch.arange(s) for s in starts]).to(device)
+    for k, v in buffers:
+        k[gap_rows, :, gap_cols] = 0
+        v[gap_rows, :, gap_cols] = 0
     if offset:
         at_rows = torch.arange(rows, device=device).repeat_interleave(offset)
         at_cols = torch.cat([torch.arange(s, s + offset) for s in starts]).to(device)
