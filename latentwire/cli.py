@@ -6,6 +6,7 @@ same whichever way it is called. Bad input prints one line and exits 2, with no 
 
 import argparse
 import ctypes
+import gc
 import sys
 
 from .errors import UsageError
@@ -158,5 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console() -> None:
+    """The `latentwire` command: main(), then a quick exit."""
+    code = main()
+    # Only the process's end is left: frozen objects are skipped by the interpreter's final
+    # garbage collections, which otherwise walk every object torch and transformers made
+    # (measured: exit 0.70 s -> 0.14 s). Not in main(), which tests call in-process.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
