@@ -350,9 +350,9 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], stops: StopTokens,
     On a CUDA out-of-memory error both budgets are halved and the group retried, so a batch
     size that was too hopeful costs a retry, not the run.
     """
-    group_budget, micro_budget = default_budgets(model)
+    group_budget, pass_budget = default_budgets(model)
     group_budget = token_budget or group_budget
-    micro_budget = min(prefill_tokens or micro_budget, group_budget)
+    pass_budget = min(prefill_tokens or pass_budget, group_budget)
     extra = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
@@ -373,12 +373,12 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], stops: StopTokens,
             if layout is not None:
                 with _packed_attention_on(model):
                     state = _packed_prefill(model, [prompts[i] for i in group], prefix_kv,
-                                            layout, micro_budget, max_new_tokens, extra)
+                                            layout, pass_budget, max_new_tokens, extra)
                 order, generated = group, _decode(model, state, stops, max_new_tokens, pad_id,
                                                   extra)
             else:
                 micro = [[group[j] for j in mb] for mb in
-                         plan_batches([lengths[i] for i in group], micro_budget)]
+                         plan_batches([lengths[i] for i in group], pass_budget)]
                 order = [i for mb in micro for i in mb]
                 generated = [g for mb in micro for g in _decode(
                     model, _prefill(model, [prompts[i] for i in mb], extra), stops,
@@ -394,7 +394,7 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], stops: StopTokens,
             if len(group) == 1:
                 raise
             torch.cuda.empty_cache()
-            group_budget, micro_budget = max(1, group_budget // 2), max(1, micro_budget // 2)
+            group_budget, pass_budget = max(1, group_budget // 2), max(1, pass_budget // 2)
             pending[:0] = [group[:len(group) // 2], group[len(group) // 2:]]
             continue
         for i, ids in zip(order, generated):

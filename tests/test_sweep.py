@@ -72,7 +72,7 @@ def test_engine_matches_the_per_example_loop(tmp_path, bundled):
         y, _ = embed_experiments.apply(transform, inputs, config)
         prompts = [torch.cat([y[s.offsets[i]:s.offsets[i + 1]], s.anchor])
                    for i in range(len(s.examples))]
-        # Small budgets force several decode groups, each prefilled in several micro-batches.
+        # Small budgets force several decode groups, each prefilled in several packed passes.
         batched = [a for a, _ in generate(model, tok, prompts, s.stops, 12, token_budget=600,
                                           prefix=s.prefix, prefill_tokens=200)]
         single = [generate_reference(model, tok, torch.cat([s.prefix, p]), 12) for p in prompts]
