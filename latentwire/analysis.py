@@ -12,21 +12,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import stats
+from .experiments import TRAIN_FLAGS
 from .errors import UsageError
 
 CATEGORY_PREFIXES = [("baseline", "baseline"), ("rms_scale", "rms_matching"),
                      ("batch_dist", "batch_distribution"), ("nearest_k", "nearest_k"),
                      ("anchor_eps", "anchor_offset"), ("codebook_", "soft_codebook")]
-
-# How a winning transform's hyperparameters become flags of the training script.
-TRAIN_FLAGS = {
-    "baseline": (None, {}),
-    "rms_matching": ("rms_matching", {"target_scale": "--target_rms_scale"}),
-    "batch_distribution": ("batch_distribution", {}),
-    "nearest_k": ("nearest_k", {"k": "--nearest_k", "alpha": "--nearest_alpha"}),
-    "anchor_offset": ("anchor_offset", {"eps": "--anchor_eps"}),
-    "soft_codebook": ("soft_codebook", {"size": "--codebook_size", "tau": "--codebook_tau"}),
-}
 
 # The seed's interpretation table: what a winning category means and what to do about it.
 MEANING = {

@@ -1,4 +1,4 @@
-"""The `latentwire` command: `sweep`, `list` and `analyze`.
+"""The `latentwire` command: `sweep`, `list`, `analyze` and `train`.
 
 The seed's scripts in scripts/ are thin wrappers over these subcommands, so every flag works the
 same whichever way it is called. Bad input prints one line and exits 2, with no traceback.
@@ -18,6 +18,18 @@ EXAMPLES = """examples:
   latentwire sweep --source text,mismatch --experiment baseline,rms_scale1.0
   latentwire list
   latentwire analyze --summary runs/embed_sweep_simple/summary.json
+  latentwire train --encoder pool --compression 4 --samples 2000 --epochs 1
+"""
+
+TRAIN_EXAMPLES = """examples:
+  latentwire train                                   # pool encoder, 4x, no transform, bundled model
+  latentwire train --embed_transform rms_matching --target_rms_scale 1.0 --samples 10000 --epochs 10
+  latentwire train --encoder attn --compression 4 --output_dir runs/train/attn4
+  latentwire train --encoder constant --compression 4 --output_dir runs/train/constant4  # control
+  latentwire train --encoder pool --compression 1 --output_dir runs/train/text1  # no compression
+  latentwire train --output_dir runs/train/attn4 --encoder attn --resume   # after a kill
+  torchrun --nproc_per_node 2 latentwire/train.py --batch_size 16   # data parallel
+  latentwire sweep --source text,adapter:runs/train/attn4/checkpoints/best
 """
 
 
@@ -68,6 +80,84 @@ def _add_analyze_args(p: argparse.ArgumentParser) -> None:
                    help="skip the plots and the report")
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .encoders import ENCODERS
+    from .models import BUNDLED
+    from .training import TRANSFORMS, TrainOptions
+
+    d = TrainOptions()
+    g = p.add_argument_group("transform inside the training graph (the sweep's, by name)")
+    g.add_argument("--embed_transform", default=d.embed_transform, choices=list(TRANSFORMS),
+                   help="applied to the latents before the model reads them (default: none)")
+    g.add_argument("--target_rms_scale", type=float, default=d.target_rms_scale, metavar="S",
+                   help="rms_matching: RMS as a multiple of the vocabulary's (default: 1.0)")
+    g.add_argument("--nearest_k", type=int, default=d.nearest_k, metavar="K",
+                   help=f"nearest_k: vocabulary neighbours mixed in (default: {d.nearest_k})")
+    g.add_argument("--nearest_alpha", type=float, default=d.nearest_alpha, metavar="A",
+                   help=f"nearest_k: weight kept on the latent itself (default: {d.nearest_alpha})")
+    g.add_argument("--anchor_eps", type=float, default=d.anchor_eps, metavar="E",
+                   help=f"anchor_offset: residual bound, x the anchor's norm (default: {d.anchor_eps})")
+    g.add_argument("--codebook_size", type=int, default=d.codebook_size, metavar="N",
+                   help=f"soft_codebook: k-means codes (default: {d.codebook_size})")
+    g.add_argument("--codebook_tau", type=float, default=d.codebook_tau, metavar="T",
+                   help=f"soft_codebook: temperature (default: {d.codebook_tau})")
+    g.add_argument("--no-codebook_trainable", dest="codebook_trainable", action="store_false",
+                   help="soft_codebook: keep the k-means codes fixed (default: learn them)")
+    g = p.add_argument_group("encoder")
+    g.add_argument("--encoder", default=d.encoder, choices=list(ENCODERS),
+                   help="; ".join(f"{k}: {v.description}" for k, v in ENCODERS.items()))
+    size = g.add_mutually_exclusive_group()
+    size.add_argument("--compression", type=float, default=d.compression, metavar="R",
+                      help="text positions per latent: M = ceil(N / R) per example (default: 4)")
+    size.add_argument("--latent_len", type=int, default=None, metavar="M",
+                      help="a fixed number of latents per example instead of --compression")
+    g.add_argument("--keep_question", action="store_true",
+                   help="compress only the context; the question follows the latents as text")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--model_id", default=BUNDLED, metavar="ID",
+                   help="the frozen model, loaded as the sweep loads it (default: bundled)")
+    g.add_argument("--dataset", default=d.dataset, metavar="SPEC",
+                   help="as the sweep's --dataset; split by entity or article (default: builtin)")
+    g.add_argument("--samples", type=int, default=d.samples, metavar="N",
+                   help=f"training examples (default: {d.samples})")
+    g.add_argument("--eval_samples", type=int, default=d.eval_samples, metavar="N",
+                   help=f"evaluation examples, whole entities (default: {d.eval_samples})")
+    g.add_argument("--prompt", default=d.prompt, choices=["auto", "chat", "plain"],
+                   help="prompt format, as the sweep's (default: auto)")
+    g.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, metavar="N",
+                   help="greedy tokens per evaluated answer (default: 12)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs, metavar="N")
+    g.add_argument("--batch_size", type=int, default=d.batch_size, metavar="N",
+                   help=f"global batch, over all processes (default: {d.batch_size})")
+    g.add_argument("--grad_accum_steps", type=int, default=d.grad_accum_steps, metavar="N",
+                   help="micro-batches per step on each process (default: 1)")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
+    g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, metavar="X",
+                   help="gradient clipping, 0 for none (default: 1.0)")
+    g.add_argument("--first_token_ce_weight", type=float, default=d.first_token_ce_weight,
+                   metavar="W", help="extra weight on the first answer token's loss (default: 1.0)")
+    g.add_argument("--kd_weight", type=float, default=d.kd_weight, metavar="W",
+                   help="distillation from the model reading the text (default: 0, off)")
+    g.add_argument("--kd_tau", type=float, default=d.kd_tau, metavar="T",
+                   help="distillation temperature (default: 1.0)")
+    g.add_argument("--seed", type=int, default=d.seed, help="data order, split and init (default: 42)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default=None, metavar="DIR",
+                   help="default: runs/train/<embed_transform>")
+    g.add_argument("--save_every", type=int, default=d.save_every, metavar="STEPS",
+                   help="write checkpoints/last every N steps, 0 for epoch ends only (default: 50)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --output_dir from checkpoints/last (same flags)")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: CUDA when available (bf16 autocast), else CPU")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute the frozen model's activations in backward (on by default "
+                        "on CUDA)")
+    g.add_argument("--trust_remote_code", action="store_true",
+                   help="allow a hub model's own code to run")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="latentwire",
@@ -82,6 +172,12 @@ def parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", help="print every experiment, source and named dataset")
     lister.add_argument("--grid", default="default", choices=["default", "full"])
     _add_analyze_args(sub.add_parser("analyze", help="analyse a finished or partial sweep"))
+    _add_train_args(sub.add_parser(
+        "train", help="train an encoder whose latents the frozen model reads",
+        description="Train an encoder that turns text into a few latent vectors read by the "
+                    "frozen model, with a sweep transform inside the graph; every epoch is "
+                    "evaluated beside the text itself and the question alone.",
+        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter))
     return top
 
 
@@ -123,7 +219,14 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-COMMANDS = {"sweep": cmd_sweep, "list": cmd_list, "analyze": cmd_analyze}
+def cmd_train(args) -> int:
+    from .training import TrainOptions, run
+
+    return run(TrainOptions(**{k: v for k, v in vars(args).items()
+                               if k in TrainOptions.__dataclass_fields__}))
+
+
+COMMANDS = {"sweep": cmd_sweep, "list": cmd_list, "analyze": cmd_analyze, "train": cmd_train}
 
 
 def keep_freed_memory() -> None:

@@ -19,6 +19,9 @@ class Example:
     context: str
     question: str
     answers: tuple[str, ...]
+    # What the example is about (an entity, an article): training splits by it, so no context
+    # and no name is in both the training and the evaluation split.
+    group: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,17 +42,27 @@ _FESTIVALS = ["Lantern Fair", "Harvest Parade", "Salt Festival", "River Race", "
               "Apple Week", "Kite Day", "Fire Dance"]
 
 
-def _name(rng: random.Random, parts: int) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(parts)).capitalize()
+def _name(rng: random.Random, parts: int, used: set[str] | None = None) -> str:
+    """A name from syllables; with `used`, never one drawn before. People, towns and places are
+    unique: an entity in both splits would let a memorised fact cross from training to
+    evaluation. (The default 270 examples had no such repeat, so the sweep's set is unchanged.)"""
+    while True:
+        name = "".join(rng.choice(_SYLLABLES) for _ in range(parts)).capitalize()
+        if used is None or name not in used:
+            if used is not None:
+                used.add(name)
+            return name
 
 
 def builtin_examples(n_people: int = 50, n_towns: int = 40) -> list[Example]:
-    """At least 200 extractive QA examples, generated deterministically from templates."""
+    """Three extractive QA examples per invented person or town, generated deterministically from
+    templates: 270 with the defaults (the sweep's set), as many as training asks for otherwise."""
     rng = random.Random(20251124)
+    names: set[str] = set()  # every three-syllable name: surnames, birthplaces, towns, provinces
     examples: list[Example] = []
     for i in range(n_people):
-        person = f"{_name(rng, 2)} {_name(rng, 3)}"
-        city, city2, company = _name(rng, 3), _name(rng, 2), _name(rng, 2) + " Works"
+        person = f"{_name(rng, 2)} {_name(rng, 3, names)}"
+        city, city2, company = _name(rng, 3, names), _name(rng, 2), _name(rng, 2) + " Works"
         year = str(rng.randint(1850, 1990))
         profession, subject, product = (rng.choice(_PROFESSIONS), rng.choice(_SUBJECTS),
                                         rng.choice(_PRODUCTS))
@@ -64,9 +77,10 @@ def builtin_examples(n_people: int = 50, n_towns: int = 40) -> list[Example]:
                (f"What is {company} best known for making?", (product,)),
                (f"What is the profession of {person}?", (profession, f"a {profession}"))]
         for j, (question, answers) in enumerate(rng.sample(qas, 3)):
-            examples.append(Example(f"builtin-person{i}-q{j}", context, question, answers))
+            examples.append(Example(f"builtin-person{i}-q{j}", context, question, answers,
+                                    f"person{i}"))
     for i in range(n_towns):
-        town, river, province = _name(rng, 3), _name(rng, 2), _name(rng, 3)
+        town, river, province = _name(rng, 3, names), _name(rng, 2), _name(rng, 3, names)
         population = f"{rng.randint(2, 95)},{rng.randint(100, 999)}"
         festival, month = rng.choice(_FESTIVALS), rng.choice(_MONTHS)
         context = (f"{town} is a small town on the {river} River in the province of {province}. "
@@ -78,7 +92,8 @@ def builtin_examples(n_people: int = 50, n_towns: int = 40) -> list[Example]:
                (f"When is the {festival} of {town} held?", (month, f"every {month}")),
                (f"What is the main festival of {town}?", (festival, f"the {festival}"))]
         for j, (question, answers) in enumerate(rng.sample(qas, 3)):
-            examples.append(Example(f"builtin-town{i}-q{j}", context, question, answers))
+            examples.append(Example(f"builtin-town{i}-q{j}", context, question, answers,
+                                    f"town{i}"))
     return examples
 
 
@@ -110,7 +125,7 @@ def squad_json_examples(path: Path) -> list[Example]:
                         continue
                     answers = tuple(a["text"] for a in qa["answers"])
                     examples.append(Example(str(qa["id"]), para["context"], qa["question"],
-                                            answers))
+                                            answers, str(article.get("title", para["context"]))))
     except (KeyError, TypeError) as err:
         raise UsageError(f"dataset file {path} breaks the SQuAD format (missing or wrong field "
                          f"{err}); each paragraph needs 'context' and 'qas' with 'id', "
@@ -137,7 +152,8 @@ def jsonl_examples(path: Path) -> list[Example]:
         try:
             row = json.loads(line)
             ex = Example(str(row.get("id", f"{path.stem}-{lineno}")), row["context"],
-                         row["question"], _answers(row["answers"]))
+                         row["question"], _answers(row["answers"]),
+                         str(row.get("title", row["context"])))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise UsageError(f"dataset file {path}, line {lineno}: {type(err).__name__}: {err}; "
                              "each line must be an object with context, question and answers")
@@ -165,7 +181,7 @@ def _hub(path: str, name: str | None, split: str):
 
 def hub_squad(version: str) -> list[Example]:
     rows = _hub("rajpurkar/squad_v2" if version == "v2" else "rajpurkar/squad", None, "validation")
-    return [Example(r["id"], r["context"], r["question"], tuple(r["answers"]["text"]))
+    return [Example(r["id"], r["context"], r["question"], tuple(r["answers"]["text"]), r["title"])
             for r in rows if r["answers"]["text"]]
 
 
@@ -175,7 +191,7 @@ def hub_hotpot() -> list[Example]:
     for r in rows:
         paragraphs = [f"{title}: {' '.join(sents)}"
                       for title, sents in zip(r["context"]["title"], r["context"]["sentences"])]
-        out.append(Example(r["id"], "\n".join(paragraphs), r["question"], (r["answer"],)))
+        out.append(Example(r["id"], "\n".join(paragraphs), r["question"], (r["answer"],), r["id"]))
     return out
 
 
@@ -202,9 +218,13 @@ def check_spec(spec: str) -> None:
                      "or a path to a SQuAD .json or a .jsonl file")
 
 
-def load_all(spec: str) -> list[Example]:
+def load_all(spec: str, at_least: int = 0) -> list[Example]:
+    """Every example of the dataset; the built-in set is generated with at least `at_least`."""
     check_spec(spec)
-    if spec in NAMED:
+    if spec == "builtin" and at_least > 270:
+        entities = -(-at_least // 3)
+        examples = builtin_examples(n_people=-(-entities // 2), n_towns=entities // 2 + 1)
+    elif spec in NAMED:
         examples = NAMED[spec][1]()
     else:
         path = Path(spec)
@@ -224,3 +244,37 @@ def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
     order = list(examples)
     random.Random(seed).shuffle(order)
     return order[:n]
+
+
+@dataclass
+class Split:
+    train: list[Example]
+    eval: list[Example]
+
+    def describe(self) -> dict:
+        train_groups = {e.group for e in self.train}
+        eval_groups = {e.group for e in self.eval}
+        return {"by": "entity or article (Example.group): no context or name is in both splits",
+                "train_examples": len(self.train), "eval_examples": len(self.eval),
+                "train_groups": len(train_groups), "eval_groups": len(eval_groups),
+                "shared_groups": len(train_groups & eval_groups)}
+
+
+def split(examples: list[Example], n_train: int, n_eval: int, seed: int) -> Split:
+    """Whole groups go to evaluation (seeded order) until it holds n_eval examples; the training
+    split is a seeded sample of n_train from the other groups. Examples without a group form a
+    group of their own context, so a context is never on both sides."""
+    groups: dict[str, list[Example]] = {}
+    for e in examples:
+        groups.setdefault(e.group or e.context, []).append(e)
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    held, rest = [], []
+    for key in order:
+        (held if len(held) < n_eval else rest).extend(groups[key])
+    if not held:
+        raise UsageError("the evaluation split is empty: ask for --eval_samples of at least 1")
+    if not rest:
+        raise UsageError(f"no example is left for training after {len(held)} evaluation "
+                         "examples; lower --eval_samples or use a larger --dataset")
+    return Split(sample(rest, n_train, seed), held)

@@ -24,7 +24,17 @@ class TransformInputs:
     offsets: torch.Tensor  # [E + 1]: example i owns rows offsets[i]:offsets[i + 1]
     vocab: VocabSpace
     search_k: int = 10  # one search at this depth serves every nearest_k / anchor experiment
+    # Training's own codes for soft_codebook, by (size, seed): learned parameters that replace
+    # the vocabulary's k-means codes they were initialised from.
+    codebooks: dict | None = None
     _neighbours: tuple | None = field(default=None, repr=False)
+
+    def codebook(self, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, temperature scale): the trained codes where training supplies them."""
+        _, scale = self.vocab.codebook(size, seed)
+        if self.codebooks and (size, seed) in self.codebooks:
+            return self.codebooks[(size, seed)], scale
+        return self.vocab.codebook(size, seed)
 
     def neighbours(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cosine similarities, ids) of the k nearest vocabulary rows of each position."""
@@ -41,6 +51,19 @@ class TransformInputs:
 
 
 TRANSFORMS: dict = {}
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The value of y with the gradient of x: how training passes a gradient through a step that
+    has none (the snap to a vocabulary row)."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def transform(name: str):
@@ -93,10 +116,14 @@ def batch_distribution(inp: TransformInputs):
 def nearest_k(inp: TransformInputs, k: int, alpha: float, temperature: float = 0.1):
     """alpha x input + (1 - alpha) x a convex combination of its k nearest vocabulary rows
     (exact cosine top-k, weights softmax(cosine / temperature))."""
-    sims, ids = inp.neighbours(k)
+    found, ids = inp.neighbours(k)
+    rows = inp.vocab.table[ids]
+    # The search picks the neighbours; their cosines are computed again here, from x, so that
+    # training gets a gradient through the soft weights (the search itself has none).
+    sims = torch.einsum("nd,nkd->nk", F.normalize(inp.x, dim=1), rows) / inp.vocab.norms[ids]
     weights = torch.softmax(sims / temperature, dim=1)
-    projection = torch.einsum("nk,nkd->nd", weights, inp.vocab.table[ids])
-    return alpha * inp.x + (1 - alpha) * projection, {"mean_top1_cosine": float(sims[:, 0].mean())}
+    projection = torch.einsum("nk,nkd->nd", weights, rows)
+    return alpha * inp.x + (1 - alpha) * projection, {"mean_top1_cosine": float(found[:, 0].mean())}
 
 
 @transform("anchor_offset")
@@ -105,15 +132,19 @@ def anchor_offset(inp: TransformInputs, eps: float):
 
     A position within the bound is returned as it is, bit for bit: on real token embeddings the
     residual is zero and the transform is an exact no-op, which the diagnostics then report.
+    In training the snap passes the gradient straight through, as if it were the identity.
     """
     _, ids = inp.neighbours(1)
     anchor = inp.vocab.table[ids[:, 0]]
-    delta = inp.x - anchor
+    x = inp.x.detach()
+    delta = x - anchor
     limit = eps * anchor.norm(dim=1, keepdim=True)
     size = delta.norm(dim=1, keepdim=True)
     clipped = anchor + delta * (limit / size.clamp_min(EPS))
-    return torch.where(size <= limit, inp.x, clipped), {
-        "fraction_clipped": float((size > limit).float().mean())}
+    out = torch.where(size <= limit, x, clipped)
+    if inp.x.requires_grad:
+        out = _StraightThrough.apply(inp.x, out)
+    return out, {"fraction_clipped": float((size > limit).float().mean())}
 
 
 @transform("soft_codebook")
@@ -125,7 +156,7 @@ def soft_codebook(inp: TransformInputs, size: int, tau: float, seed: int = 0, ch
     embedding scale, so tau near 1 keeps a handful of codes in play, not one (tau -> 0) or all of
     them (tau -> inf). On SmolLM2-135M, tau in {0.7, 1.0} gives perplexities of 4 to 32.
     """
-    codes, scale = inp.vocab.codebook(size, seed)
+    codes, scale = inp.codebook(size, seed)
     c_sq = codes.pow(2).sum(dim=1)
     out, entropy, usage = [], [], torch.zeros(size, device=inp.x.device)
     for s in range(0, inp.x.shape[0], chunk):
@@ -133,6 +164,7 @@ def soft_codebook(inp: TransformInputs, size: int, tau: float, seed: int = 0, ch
         d2 = (x.pow(2).sum(dim=1, keepdim=True) - 2 * x @ codes.T + c_sq).clamp_min(0)
         w = torch.softmax(-d2 / (tau * scale), dim=1)
         out.append(w @ codes)
+        w = w.detach()
         entropy.append(-(w * torch.log(w.clamp_min(1e-30))).sum(dim=1))
         usage += w.sum(dim=0)
     usage = usage / usage.sum()
@@ -153,7 +185,7 @@ def apply(name: str, inp: TransformInputs, config: dict) -> tuple[torch.Tensor, 
     if bad:
         raise NonFiniteError(f"transform {name} produced {bad} non-finite values (NaN/inf) in "
                              f"{out.numel()}; nothing was generated from them")
-    return out, {**diagnostics(inp.x, out), **extra}
+    return out, {**diagnostics(inp.x.detach(), out.detach()), **extra}
 
 
 def diagnostics(x: torch.Tensor, y: torch.Tensor) -> dict:

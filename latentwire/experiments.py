@@ -67,6 +67,17 @@ def _codebook(pairs):
             for n, t in pairs]
 
 
+# How a category's hyperparameters become flags of the training command: the analysis prints
+# them for a winner, and training reads them back into the same transform's config.
+TRAIN_FLAGS = {
+    "baseline": (None, {}),
+    "rms_matching": ("rms_matching", {"target_scale": "--target_rms_scale"}),
+    "batch_distribution": ("batch_distribution", {}),
+    "nearest_k": ("nearest_k", {"k": "--nearest_k", "alpha": "--nearest_alpha"}),
+    "anchor_offset": ("anchor_offset", {"eps": "--anchor_eps"}),
+    "soft_codebook": ("soft_codebook", {"size": "--codebook_size", "tau": "--codebook_tau"}),
+}
+
 RMS_SCALES = (0.8, 1.0, 1.2)
 KS, ALPHAS = (3, 5, 7, 10), (0.2, 0.3, 0.5, 0.7, 0.9)
 EPSILONS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)

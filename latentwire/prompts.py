@@ -17,10 +17,14 @@ class PromptFormat:
     anchor_text: str
     add_bos: bool
 
+    def context_text(self, context: str) -> str:
+        return f"Context: {context}\n"
+
+    def question_text(self, question: str) -> str:
+        return f"Question: {question}\n" if self.name == "plain" else f"Question: {question}"
+
     def source_text(self, context: str, question: str) -> str:
-        if self.name == "plain":
-            return f"Context: {context}\nQuestion: {question}\n"
-        return f"Context: {context}\nQuestion: {question}"
+        return self.context_text(context) + self.question_text(question)
 
     def describe(self) -> dict:
         """What the outputs record: enough to rebuild the exact prompt."""
@@ -56,3 +60,17 @@ def encode(tokenizer, fmt: PromptFormat, context: str, question: str):
 
     prefix = ([tokenizer.bos_token_id] if fmt.add_bos else []) + ids(fmt.prefix_text)
     return prefix, ids(fmt.source_text(context, question)), ids(fmt.anchor_text)
+
+
+def encode_span(tokenizer, fmt: PromptFormat, context: str, question: str,
+                keep_question: bool = False) -> tuple[list[int], list[int]]:
+    """(what an encoder reads, what follows it as text). By default the whole source span, as
+    the sweep tokenises it, and nothing after; with keep_question the context alone, then the
+    question as text (an encoder that never sees the question: query-agnostic compression)."""
+    if not keep_question:
+        return encode(tokenizer, fmt, context, question)[1], []
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    return ids(fmt.context_text(context)), ids(fmt.question_text(question))

@@ -234,3 +234,34 @@ def write(insights: dict, summary: dict, output_dir: Path) -> list[Path]:
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         plots = []
     return plots + [write_html(insights, summary, plots, output_dir / "report.html")]
+
+
+def plot_training(run_dir: Path) -> list[Path]:
+    """A training run's loss per step and F1 per epoch against its references."""
+    import json
+
+    run_dir = Path(run_dir)
+    rows = [json.loads(line) for line in
+            (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    steps = [r for r in rows if r["type"] == "step"]
+    evals = [r for r in rows if r["type"] == "eval"]
+    refs = json.loads((run_dir / "references.json").read_text(encoding="utf-8"))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, color="#1f77b4")
+    ax.set(xlabel="optimizer step", ylabel="training loss", title="Loss per step")
+    paths = [_save(fig, run_dir / "plots" / "loss.png")]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    if evals:
+        e = [r["epoch"] for r in evals]
+        ax.errorbar(e, [r["f1"] for r in evals],
+                    yerr=[[r["f1"] - r["ci"][0] for r in evals], [r["ci"][1] - r["f1"] for r in evals]],
+                    marker="o", capsize=3, color="#d62728", label="latents")
+    for key, label, colour in (("text", "text itself", "#444444"),
+                               ("question_only", "question only", "#8c564b")):
+        ax.axhline(refs[key]["f1"], ls="--", color=colour, label=f"{label} ({refs[key]['f1']:.3f})")
+    ax.set(xlabel="epoch", ylabel="evaluation F1", title="F1 per epoch against the references",
+           ylim=(0, 1))
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, run_dir / "plots" / "f1.png"))
+    return paths

@@ -5,7 +5,8 @@ them, or a trained encoder/adapter checkpoint.
 "can a transform fix an encoder's off-distribution embeddings?". Every source is seeded and
 deterministic per example (noise depends on the run seed and the example id, never on batching).
 
-A spec is `name` or `name:param`, e.g. `scaled:120`, `noisy:0.89`, `adapter:ckpt.pt`.
+A spec is `name` or `name:param`, e.g. `scaled:120`, `noisy:0.89`,
+`adapter:runs/train/pool/checkpoints/best`.
 """
 
 import hashlib
@@ -13,7 +14,7 @@ import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,23 @@ class SourceInputs:
     example_ids: list[str]
     vocab_mean_norm: float
     seed: int
+    # What a trained encoder needs besides the text: the examples themselves, to tokenise them
+    # as its training did, and the model it must have been trained for.
+    examples: list | None = None
+    tokenizer: object = None
+    fmt: object = None
+    embed: object = None
+    vocab: object = None
+    model_sha: str | None = None
+
+
+@dataclass
+class Latents:
+    """What a source gives the transforms: rows, which rows are whose, and what follows each
+    example's rows as text (a question kept out of the encoder), if anything."""
+    x: torch.Tensor  # [M, d]
+    offsets: torch.Tensor  # [E + 1]
+    suffixes: list | None = None  # E tensors [Q_i, d], untransformed
 
 
 @dataclass(frozen=True)
@@ -90,62 +108,43 @@ def _rotated(inp: SourceInputs, _):
 
 
 # ---------------------------------------------------------------------------------------------
-# Adapters: the interface for a researcher's own encoder. A checkpoint is a torch file holding
-# {"format": "latentwire-adapter", "version": 1, "kind": <ADAPTERS key>, "d_model": int,
-#  "state_dict": ...}. Training writes one with `save_adapter`; `adapter:PATH` reads it.
+# Trained encoders: `adapter:PATH` replays a checkpoint folder written by `latentwire train`
+# (PATH is e.g. runs/train/<run>/checkpoints/best). Its latents are what the frozen model read in
+# training: the encoder's output after the run's own transform, M rows per example, fewer than
+# the text's; the sweep's experiments then transform those rows again.
 
-class Encoder(Protocol):
-    def __call__(self, token_ids: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """Given the source span's token ids [N] and their text embeddings [N, d], return the
-        embeddings [N, d] (the model's width) that the frozen model should read."""
+def _adapter(inp: SourceInputs, path: str) -> "Latents":
+    from . import checkpoint, prompts
+    from .encoders import Compressor
 
-
-class LinearAdapter(torch.nn.Module):
-    """An affine map of the text embeddings: the smallest encoder worth training."""
-
-    def __init__(self, d_model: int):
-        super().__init__()
-        self.proj = torch.nn.Linear(d_model, d_model)
-
-    def forward(self, token_ids, text_embeds):
-        return self.proj(text_embeds)
-
-
-ADAPTERS = {"linear": LinearAdapter}
-
-
-def save_adapter(module: torch.nn.Module, kind: str, d_model: int, path) -> None:
-    torch.save({"format": "latentwire-adapter", "version": 1, "kind": kind, "d_model": d_model,
-                "state_dict": module.state_dict()}, path)
-
-
-def load_adapter(path: str, d_model: int) -> Encoder:
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"adapter checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UsageError(f"adapter checkpoint {path} cannot be read ({type(err).__name__}); "
-                         "write it with latentwire.sources.save_adapter")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "latentwire-adapter":
-        raise UsageError(f"adapter checkpoint {path} is not a latentwire adapter; "
-                         "write it with latentwire.sources.save_adapter")
-    if ckpt["kind"] not in ADAPTERS:
-        raise UsageError(f"adapter checkpoint {path} has unknown kind {ckpt['kind']!r}; "
-                         f"known: {', '.join(ADAPTERS)}")
-    if ckpt["d_model"] != d_model:
-        raise UsageError(f"adapter checkpoint {path} outputs width {ckpt['d_model']} but the "
-                         f"model reads width {d_model}")
-    module = ADAPTERS[ckpt["kind"]](d_model)
-    module.load_state_dict(ckpt["state_dict"])
-    return module.eval()
-
-
-def _adapter(inp: SourceInputs, path: str):
-    encoder = load_adapter(path, inp.text.shape[1])
+    weights, config = checkpoint.load(path)
+    width = config["compressor"]["d_model"]
+    if width != inp.text.shape[1]:
+        raise UsageError(f"checkpoint {path} writes latents of width {width} but the model reads "
+                         f"width {inp.text.shape[1]}: it was trained for another model "
+                         f"({config['model']['id']}); pass that --model_id")
+    if inp.model_sha and config["model"]["config_sha256"] != inp.model_sha:
+        raise UsageError(f"checkpoint {path} was trained for model {config['model']['id']} "
+                         "(another configuration than the model loaded); pass that --model_id")
+    if inp.fmt is not None and config["prompt_format"] != inp.fmt.describe():
+        raise UsageError(f"checkpoint {path} was trained with the {config['prompt_format']['name']}"
+                         f" prompt format; pass --prompt {config['prompt_format']['name']}")
+    compressor = Compressor(config["compressor"], inp.vocab)
+    compressor.load_state_dict(weights)
+    compressor.to(inp.text.device).eval()
+    keep_question = config["compressor"]["keep_question"]
+    x, lengths, suffixes = inp.text, (inp.offsets[1:] - inp.offsets[:-1]).tolist(), None
+    if keep_question:
+        parts = [prompts.encode_span(inp.tokenizer, inp.fmt, e.context, e.question, True)
+                 for e in inp.examples]
+        with torch.no_grad():
+            embed = lambda ids: inp.embed(torch.tensor(ids, device=inp.text.device)).float()
+            x = embed([t for span, _ in parts for t in span])
+            suffixes = [embed(question) for _, question in parts]
+        lengths = [len(span) for span, _ in parts]
     with torch.no_grad():
-        return encoder(inp.token_ids.cpu(), inp.text.cpu()).float().to(inp.text.device)
+        z, offsets, _ = compressor(x, lengths)
+    return Latents(z, offsets, suffixes)
 
 
 SOURCES = {s.name: s for s in [
@@ -156,7 +155,8 @@ SOURCES = {s.name: s for s in [
     Source("mismatch", _mismatch, None, str, "noisy:0.89 then scaled:120: both logged symptoms"),
     Source("shift", _shift, 1.0, float, "text + one constant offset of S x the mean token norm"),
     Source("rotated", _rotated, None, str, "a seeded random rotation of embedding space"),
-    Source("adapter", _adapter, None, str, "embeddings from a trained adapter checkpoint (PATH)"),
+    Source("adapter", _adapter, None, str,
+           "latents from a `latentwire train` checkpoint folder (PATH), fewer rows than the text"),
 ]}
 
 
@@ -169,14 +169,26 @@ class SourceSpec:
     @property
     def dirname(self) -> str:
         if self.source.name == "adapter":
-            return f"adapter_{Path(str(self.param)).stem}"
+            # runs/train/attn4/checkpoints/best -> adapter_attn4_best
+            parts = [p for p in Path(str(self.param)).resolve().parts[-3:] if p != "checkpoints"]
+            return "adapter_" + "_".join(parts)
         return self.spec.replace(":", "_")
 
     def config(self) -> dict:
+        """What results made from this source depend on; for a checkpoint, its content, so a
+        new checkpoint written to the same path is swept again."""
+        if self.source.name == "adapter":
+            from . import checkpoint
+
+            return {"name": "adapter", "param": self.param,
+                    "checkpoint_sha256": checkpoint.digest(self.param)}
         return {"name": self.source.name, "param": self.param}
 
-    def build(self, inp: SourceInputs) -> torch.Tensor:
-        return self.source.build(inp, self.param).float()
+    def build(self, inp: SourceInputs) -> Latents:
+        out = self.source.build(inp, self.param)
+        if isinstance(out, Latents):
+            return Latents(out.x.float(), out.offsets, out.suffixes)
+        return Latents(out.float(), inp.offsets)
 
 
 def parse(specs: str) -> list[SourceSpec]:
@@ -197,8 +209,13 @@ def parse(specs: str) -> list[SourceSpec]:
             param = source.parse(arg) if arg else source.default
         except ValueError:
             raise UsageError(f"source {name} needs a number after ':' (got {raw!r})")
-        if name == "adapter" and not Path(arg).is_file():
-            raise UsageError(f"adapter checkpoint {arg} does not exist")
+        if name == "adapter":
+            from . import checkpoint
+
+            if not Path(arg).exists():
+                raise UsageError(f"adapter checkpoint {arg} does not exist; pass a folder "
+                                 "such as runs/train/<run>/checkpoints/best")
+            checkpoint.read_config(arg)
         spec = name if param is None else f"{name}:{param}"
         if spec not in [o.spec for o in out]:
             out.append(SourceSpec(source, param, spec))
@@ -223,6 +240,11 @@ def code_version(name: str) -> str:
 
 
 def effect(text: torch.Tensor, out: torch.Tensor) -> dict:
-    """What a source did to the text embeddings: the figures the logged symptoms are stated in."""
+    """What a source did to the text embeddings: the figures the logged symptoms are stated in.
+    Latents with fewer rows than the text have no row to compare with: their mean norm is set
+    against the text's, and the compression is stated instead of a cosine."""
+    if out.shape != text.shape:
+        return {"norm_ratio": float(out.norm(dim=1).mean() / text.norm(dim=1).mean()),
+                "cosine_to_text": None, "compression_ratio": text.shape[0] / max(1, out.shape[0])}
     return {"norm_ratio": float((out.norm(dim=1) / text.norm(dim=1).clamp_min(1e-8)).mean()),
             "cosine_to_text": float(F.cosine_similarity(out, text, dim=1).mean())}

@@ -99,6 +99,12 @@ def result_path(plan: Plan, spec, name: str) -> Path:
     return plan.output_dir / spec.dirname / f"{name}.json"
 
 
+def examples_sha(examples) -> str:
+    """What the examples say, not how they are grouped: the group was added later, and results
+    made on the same examples before then stay valid."""
+    return _sha([{k: v for k, v in asdict(e).items() if k != "group"} for e in examples])[:16]
+
+
 def provenance(opts: SweepOptions, lm, fmt, examples, vocab) -> dict:
     import numpy
     import torch
@@ -118,7 +124,7 @@ def provenance(opts: SweepOptions, lm, fmt, examples, vocab) -> dict:
         "model": {"id": opts.model_id, "class": type(lm.model).__name__, "parameters": n_params,
                   "non_embedding_parameters": non_embedding,
                   "dtype": lm.dtype, "config_sha256": _sha(lm.model.config.to_dict())[:16]},
-        "dataset": {"spec": opts.dataset, "examples_sha256": _sha([asdict(e) for e in examples])[:16]},
+        "dataset": {"spec": opts.dataset, "examples_sha256": examples_sha(examples)},
         "samples": len(examples), "requested_samples": opts.samples, "seed": opts.seed,
         "prompt_format": fmt.describe(), "max_new_tokens": opts.max_new_tokens,
         "vocabulary": vocab.stats(), "device": device, "torch_threads": torch.get_num_threads(),
@@ -162,15 +168,19 @@ class Sweep:
         self.identity = {k: self.provenance[k] for k in
                          ("model", "dataset", "samples", "seed", "prompt_format", "max_new_tokens")}
         self.reuse: dict[tuple[str, str], dict] = {}
+        self.suffixes: dict[str, list | None] = {}  # per source: text after each example's rows
 
     def source_inputs(self, spec):
         from .embed_experiments import TransformInputs
 
-        inp = sources.SourceInputs(self.text, self.token_ids, self.offsets,
-                                   [e.id for e in self.examples],
-                                   float(self.vocab.norms.mean()), self.opts.seed)
-        x = spec.build(inp)
-        return TransformInputs(x, self.offsets, self.vocab), sources.effect(self.text, x)
+        inp = sources.SourceInputs(
+            self.text, self.token_ids, self.offsets, [e.id for e in self.examples],
+            float(self.vocab.norms.mean()), self.opts.seed, self.examples, self.lm.tokenizer,
+            self.fmt, self.lm.model.get_input_embeddings(), self.vocab,
+            self.provenance["model"]["config_sha256"])
+        built = spec.build(inp)
+        self.suffixes[spec.spec] = built.suffixes
+        return TransformInputs(built.x, built.offsets, self.vocab), sources.effect(self.text, built.x)
 
     def fingerprint(self, spec, exp) -> str:
         from .embed_experiments import code_version
@@ -199,7 +209,9 @@ class Sweep:
             reused_from = earlier["experiment"]
         else:
             # The prefix is the same for every prompt: the engine computes it once.
-            prompts_ = [torch.cat([fed[self.offsets[i]:self.offsets[i + 1]], self.anchor])
+            rows, suffixes = inputs.offsets, self.suffixes.get(spec.spec)
+            prompts_ = [torch.cat([fed[rows[i]:rows[i + 1]]]
+                                  + ([suffixes[i].to(dtype)] if suffixes else []) + [self.anchor])
                         for i in range(len(self.examples))]
             answers = generate(self.lm.model, self.lm.tokenizer, prompts_, self.stops,
                                self.opts.max_new_tokens, self.budget, self.progress,
@@ -221,7 +233,8 @@ class Sweep:
             "diagnostics": diagnostics,
             "reused_generations_from": reused_from,
             "inputs_sha256": digest,
-            "tokens": {"prompt": int(self.offsets[-1]) + n * (len(self.prefix) + len(self.anchor)),
+            "tokens": {"prompt": int(inputs.offsets[-1]) + n * (len(self.prefix) + len(self.anchor))
+                       + sum(len(q) for q in self.suffixes.get(spec.spec) or []),
                        "generated": sum(p["generated_tokens"] for p in predictions)},
             "predictions": predictions,
         })
@@ -278,8 +291,10 @@ def run(opts: SweepOptions, log=print) -> tuple[dict, int]:
         for spec in plan.sources:
             inputs, effect = sweep.source_inputs(spec)
             if spec.spec != "text":
-                log(f"source {spec.spec}: norm ratio {effect['norm_ratio']:.3g}, "
-                    f"cosine to text {effect['cosine_to_text']:.3f}")
+                shape = (f"cosine to text {effect['cosine_to_text']:.3f}"
+                         if effect["cosine_to_text"] is not None else
+                         f"{effect['compression_ratio']:.2f}x fewer positions than the text")
+                log(f"source {spec.spec}: norm ratio {effect['norm_ratio']:.3g}, {shape}")
             for exp in plan.experiments:
                 step += 1
                 results.append(_run_one(sweep, plan, spec, exp, inputs, effect,

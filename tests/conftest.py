@@ -63,3 +63,41 @@ def squad_file():
     if not SHARED_SQUAD.is_file():
         pytest.skip("shared SQuAD sample not present")
     return SHARED_SQUAD
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges: real text of any kind becomes real tokens (one a
+    byte), so training runs on the built-in data with a tiny model. Id 0 is EOS."""
+    from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"</s>": 0, **{ch: i + 1 for i, ch in enumerate(alphabet)}}
+    tok = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>")
+    # A chat template, so prompts have a shared prefix as the bundled model's do.
+    fast.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    return fast
+
+
+def tiny_lm(hidden=32, seed=0):
+    """A tiny random Llama over the byte tokenizer, as the loader returns a model."""
+    from latentwire.models import LoadedModel
+
+    tok = byte_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), hidden=hidden, seed=seed)
+    model.requires_grad_(False)
+    return LoadedModel(model, tok, "tiny-byte-llama", "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny byte-level Llama saved as a model directory, for commands run as processes."""
+    lm = tiny_lm()
+    path = tmp_path_factory.mktemp("tiny-byte-llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path

@@ -77,3 +77,37 @@ def test_missing_file_and_unknown_name():
         data.check_spec("no/such/file.json")
     with pytest.raises(UsageError, match="unknown dataset"):
         data.check_spec("sqaud")
+
+
+def test_builtin_set_scales_to_ten_thousand_distinct_examples():
+    examples = data.load_all("builtin", at_least=10_100)
+    assert len({(e.context, e.question) for e in examples}) >= 10_100
+    assert data.builtin_examples()[:270] == data.builtin_examples(50, 40)  # the sweep's set
+
+
+def test_split_shares_no_entity_or_context_between_training_and_evaluation():
+    examples = data.load_all("builtin", at_least=2_100)
+    s = data.split(examples, 2000, 100, seed=42)
+    assert len(s.train) == 2000 and 100 <= len(s.eval) < 103  # whole entities, 3 questions each
+    assert not {e.group for e in s.train} & {e.group for e in s.eval}
+    assert not {e.context for e in s.train} & {e.context for e in s.eval}
+    # Names too: no person or town of the evaluation split appears in a training context.
+    names = {e.context.split(" is a")[0] for e in s.eval}
+    assert not [n for n in names if any(n in t.context for t in s.train)]
+    assert s.describe()["shared_groups"] == 0
+    assert data.split(examples, 2000, 100, seed=42).eval == s.eval  # seeded
+
+
+def test_squad_is_split_by_article(squad_file):
+    s = data.split(data.load_all(str(squad_file)), 300, 100, seed=0)
+    assert not {e.group for e in s.train} & {e.group for e in s.eval}
+    assert {e.group for e in s.eval} <= {"Normans", "Computational_complexity_theory",
+                                         "Southern_California", "Sky_(United_Kingdom)",
+                                         "Victoria_(Australia)"}
+
+
+def test_an_empty_evaluation_split_is_refused():
+    with pytest.raises(UsageError, match="evaluation split is empty"):
+        data.split(data.builtin_examples(), 10, 0, seed=0)
+    with pytest.raises(UsageError, match="no example is left for training"):
+        data.split(data.builtin_examples(), 10, 10_000, seed=0)

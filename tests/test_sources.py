@@ -22,7 +22,7 @@ def inputs():
 
 def build(spec, inp):
     (s,) = sources.parse(spec)
-    out = s.build(inp)
+    out = s.build(inp).x
     return out, sources.effect(inp.text, out)
 
 
@@ -72,22 +72,46 @@ def test_noise_is_per_example_not_per_batch(inputs):
     assert torch.equal(out, build("noisy", inputs)[0])  # and deterministic
 
 
-def test_adapter_round_trips_a_checkpoint(inputs, tmp_path):
-    module = sources.LinearAdapter(64)
-    with torch.no_grad():
-        module.proj.weight.copy_(torch.eye(64) * 2)
-        module.proj.bias.fill_(0.5)
-    path = tmp_path / "adapter.pt"
-    sources.save_adapter(module, "linear", 64, path)
-    out, _ = build(f"adapter:{path}", inputs)
-    assert torch.allclose(out, inputs.text * 2 + 0.5, atol=1e-6)
+def test_a_trained_checkpoint_is_a_sweep_source(tmp_path, tiny_model_dir):
+    """Train briefly, sweep the checkpoint beside the text: fewer rows than the text, a question
+    kept as text after them, a new checkpoint at the same path swept again, the text kept, and a
+    checkpoint for another width refused."""
+    from latentwire import checkpoint, models, sweep, training
+
+    lm = models.load(str(tiny_model_dir), "cpu")
+    opts = training.TrainOptions(model_id=str(tiny_model_dir), samples=8, eval_samples=3,
+                                 batch_size=4, max_new_tokens=3, keep_question=True,
+                                 output_dir=str(tmp_path / "run"))
+    assert training.run(opts, lambda *a, **k: None, lm) == 0
+    best = tmp_path / "run" / "checkpoints" / "best"
+    sweep_opts = sweep.SweepOptions(model_id=str(tiny_model_dir), source=f"text,adapter:{best}",
+                                    experiment="baseline,rms_scale1.0", samples=4,
+                                    max_new_tokens=3, output_dir=str(tmp_path / "sweep"))
+    summary, code = sweep.run(sweep_opts, log=lambda *a: None)
+    assert code == 0 and summary["successful"] == 4
+    adapter = [r for r in summary["results"] if r["source"].startswith("adapter")]
+    assert adapter[0]["source_effect"]["compression_ratio"] > 3
+    assert adapter[0]["source_config"]["checkpoint_sha256"] == checkpoint.digest(best)
+
+    weights, config = checkpoint.load(best)
+    checkpoint.save(best, {k: v + 0.01 for k, v in weights.items()}, config)
+    lines = []
+    sweep.run(sweep_opts, log=lines.append)
+    kept = [l for l in lines if "kept from an earlier run" in l]
+    assert len(kept) == 2 and all("(text)" in l for l in kept)
+
+    config["compressor"]["d_model"] = 64
+    checkpoint.save(tmp_path / "wide", weights, config)
     with pytest.raises(UsageError, match="width 64 but the model reads width 32"):
-        sources.load_adapter(str(path), 32)
+        sweep.run(sweep.SweepOptions(model_id=str(tiny_model_dir), source=f"adapter:{tmp_path / 'wide'}",
+                                     experiment="baseline", samples=2,
+                                     output_dir=str(tmp_path / "sweep2")), log=lambda *a: None)
 
 
 @pytest.mark.parametrize("spec, match", [("txt", "unknown source"), ("scaled:x", "needs a number"),
                                          ("adapter", "needs a checkpoint"),
-                                         ("adapter:/no/such.pt", "does not exist"),
+                                         ("adapter:/no/such/run", "does not exist"),
+                                         ("adapter:/tmp", "not a checkpoint folder"),
                                          ("rotated:3", "takes no parameter")])
 def test_bad_specs(spec, match):
     with pytest.raises(UsageError, match=match):

@@ -1,0 +1,193 @@
+"""What turns text into latents: the encoder registry, and the compressor that training optimises
+and the sweep's `adapter:` source replays.
+
+An encoder reads the frozen model's own token embeddings of a span and returns fewer vectors in
+the model's width: M per example, from `--compression R` (M = ceil(N / R)) or `--latent_len M`.
+The compressor then applies the chosen transform: the same registry entry the sweep runs, so
+what training optimises is what the sweep measures. Everything is packed ([rows, d] plus offsets,
+no padding), like the sweep's transform inputs.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import embed_experiments
+from .embed_experiments import TransformInputs
+
+ENCODERS: dict = {}
+
+
+def encoder(name: str, description: str):
+    def register(cls):
+        cls.description = description
+        ENCODERS[name] = cls
+        return cls
+    return register
+
+
+@dataclass
+class Layout:
+    """Which latent each token feeds: example i's N tokens are cut into M near-equal consecutive
+    chunks, token p going to chunk floor(p * M / N)."""
+    lengths: torch.Tensor  # [E] tokens per example
+    counts: torch.Tensor  # [E] latents per example
+    chunk: torch.Tensor  # [N] the global latent row each token feeds
+    position: torch.Tensor  # [N] each token's index within its example
+    slot: torch.Tensor  # [M] each latent's index within its example
+    example: torch.Tensor  # [N] each token's example
+
+    @classmethod
+    def of(cls, lengths: list[int], counts: list[int], device=None) -> "Layout":
+        lengths_t = torch.tensor(lengths, device=device)
+        counts_t = torch.tensor(counts, device=device)
+        example = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
+        starts = torch.cumsum(lengths_t, 0) - lengths_t
+        position = torch.arange(int(lengths_t.sum()), device=device) - starts[example]
+        latent_starts = torch.cumsum(counts_t, 0) - counts_t
+        chunk = latent_starts[example] + position * counts_t[example] // lengths_t[example]
+        latent_example = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_t)
+        slot = torch.arange(int(counts_t.sum()), device=device) - latent_starts[latent_example]
+        return cls(lengths_t, counts_t, chunk, position, slot, example)
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return torch.cat([self.counts.new_zeros(1), self.counts.cumsum(0)])
+
+    def chunk_mean(self, x: torch.Tensor) -> torch.Tensor:
+        rows = int(self.counts.sum())
+        sums = x.new_zeros(rows, x.shape[1]).index_add(0, self.chunk, x)
+        sizes = torch.bincount(self.chunk, minlength=rows).clamp_min(1)
+        return sums / sizes.unsqueeze(1).to(x)
+
+
+def _sinusoid(position: torch.Tensor, width: int) -> torch.Tensor:
+    """Fixed sine/cosine features of a position: lets attention tell near from far."""
+    half = width // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=position.device) / half)
+    angle = position.float().unsqueeze(1) * freq
+    return torch.cat([angle.sin(), angle.cos(), angle.new_zeros(len(position), width - 2 * half)], 1)
+
+
+def _residual_mlp(d_model: int) -> nn.Sequential:
+    mlp = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, 2 * d_model), nn.GELU(),
+                        nn.Linear(2 * d_model, d_model))
+    # A zero last layer: the encoder starts as its residual path (the chunk mean), so at
+    # --compression 1 training starts from the text itself.
+    nn.init.zeros_(mlp[-1].weight)
+    nn.init.zeros_(mlp[-1].bias)
+    return mlp
+
+
+@encoder("pool", "mean of each chunk of token embeddings + a residual MLP (identity at start)")
+class Pool(nn.Module):
+    def __init__(self, d_model: int, max_latents: int, scale: float):
+        super().__init__()
+        self.scale = scale  # the vocabulary's RMS: the MLP's output is learned in that unit
+        self.mlp = _residual_mlp(d_model)
+
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        mean = layout.chunk_mean(x)
+        return mean + self.scale * self.mlp(mean)
+
+
+@encoder("attn", "learned slot queries cross-attend over the token embeddings (starts as pool)")
+class Attention(nn.Module):
+    def __init__(self, d_model: int, max_latents: int, scale: float, heads: int = 4):
+        super().__init__()
+        self.scale, self.heads = scale, heads
+        self.slots = nn.Parameter(torch.zeros(max_latents, d_model))
+        self.norm_q, self.norm_kv = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.q, self.k, self.v = (nn.Linear(d_model, d_model) for _ in range(3))
+        self.out = nn.Linear(d_model, d_model)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        d, n_ex = x.shape[1], len(layout.lengths)
+        mean = layout.chunk_mean(x)
+        # A query knows its slot and where its chunk lies; a key knows its token's position.
+        centre = layout.chunk_mean(layout.position.unsqueeze(1).float()).squeeze(1)
+        slots = self.slots[layout.slot.clamp_max(len(self.slots) - 1)]
+        q = self.q(self.norm_q(mean) + slots + _sinusoid(centre, d))
+        kv_in = self.norm_kv(x) + _sinusoid(layout.position, d)
+        k, v = self.k(kv_in), self.v(kv_in)
+        width, rows = int(layout.lengths.max()), int(layout.counts.max())
+        latent_example = torch.repeat_interleave(torch.arange(n_ex, device=x.device), layout.counts)
+
+        def padded(t, example, index, length):
+            out = t.new_zeros(n_ex, length, d)
+            out[example, index] = t
+            return out.view(n_ex, length, self.heads, d // self.heads).transpose(1, 2)
+
+        visible = (torch.arange(width, device=x.device) < layout.lengths.unsqueeze(1))
+        attended = F.scaled_dot_product_attention(
+            padded(q, latent_example, layout.slot, rows),
+            padded(k, layout.example, layout.position, width),
+            padded(v, layout.example, layout.position, width), attn_mask=visible[:, None, None])
+        attended = attended.transpose(1, 2).reshape(n_ex, rows, d)[latent_example, layout.slot]
+        return mean + self.scale * self.out(attended)
+
+
+@encoder("constant", "M learned vectors that ignore the input: the learned-prefix control")
+class Constant(nn.Module):
+    def __init__(self, d_model: int, max_latents: int, scale: float):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(max_latents, d_model) * scale)
+
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        return self.latents[layout.slot.clamp_max(len(self.latents) - 1)]
+
+
+def latent_counts(lengths: list[int], compression: float | None, latent_len: int | None,
+                  max_latents: int | None = None) -> list[int]:
+    """Latents per example: ceil(N / R), or M; never more than the span's own tokens (a latent
+    with no token behind it carries nothing), nor than the encoder has slots for."""
+    counts = [min(n, latent_len) if latent_len else math.ceil(n / compression) for n in lengths]
+    return [max(1, min(c, max_latents or c)) for c in counts]
+
+
+def transform_config(name: str, flags: dict) -> dict:
+    """The sweep registry's config for a transform, from training's flag values."""
+    from .experiments import TRAIN_FLAGS
+
+    keys = next((f for t, f in TRAIN_FLAGS.values() if t == name), {})
+    return {key: flags[flag.lstrip("-")] for key, flag in keys.items()}
+
+
+class Compressor(nn.Module):
+    """Token embeddings of a span -> latents in the model's width -> the chosen transform.
+
+    `spec` is plain JSON (it is a checkpoint's config): encoder, d_model, max_latents, scale,
+    compression or latent_len, keep_question, transform {name, config}, codebook_trainable.
+    """
+
+    def __init__(self, spec: dict, vocab):
+        super().__init__()
+        self.spec, self.vocab = spec, vocab
+        self.encoder = ENCODERS[spec["encoder"]](spec["d_model"], spec["max_latents"],
+                                                 spec["scale"])
+        t = spec["transform"]
+        self.codebook_key = None
+        if t["name"] == "soft_codebook" and spec.get("codebook_trainable"):
+            self.codebook_key = (t["config"]["size"], t["config"].get("seed", 0))
+            codes, _ = vocab.codebook(*self.codebook_key)
+            # Starts at the sweep's k-means codes, then learns with the encoder.
+            self.codes = nn.Parameter(codes.clone())
+
+    def counts(self, lengths: list[int]) -> list[int]:
+        s = self.spec
+        return latent_counts(lengths, s.get("compression"), s.get("latent_len"), s["max_latents"])
+
+    def forward(self, x: torch.Tensor, lengths: list[int]):
+        """(latents [M, d], offsets [E + 1], the transform's diagnostics) for packed spans."""
+        layout = Layout.of(lengths, self.counts(lengths), x.device)
+        z = self.encoder(x.float(), layout)
+        t = self.spec["transform"]
+        codebooks = {self.codebook_key: self.codes} if self.codebook_key else None
+        inputs = TransformInputs(z, layout.offsets, self.vocab, codebooks=codebooks)
+        y, diagnostics = embed_experiments.apply(t["name"], inputs, t["config"])
+        return y, layout.offsets, diagnostics

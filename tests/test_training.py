@@ -1,0 +1,253 @@
+"""The trainer on tiny random models built in-process: gradients reach the compressor and nothing
+else, the transform is the sweep's, the loss is what a direct computation gives, the outputs,
+resume after SIGKILL, and torchrun with two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from latentwire import analysis, checkpoint, embed_experiments, experiments, training
+from latentwire.cli import main, parser
+from latentwire.embed_experiments import TransformInputs
+from latentwire.encoders import Layout
+from latentwire.training import TRANSFORMS, TrainOptions, Trainer, run, validate
+from latentwire.vocab import VocabSpace
+
+from .conftest import ROOT, tiny_lm
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def options(tmp_path, **kw):
+    base = dict(samples=12, eval_samples=4, batch_size=4, epochs=1, save_every=1, lr=1e-2,
+                max_new_tokens=4, codebook_size=16, nearest_k=3, output_dir=str(tmp_path / "run"))
+    return TrainOptions(**{**base, **kw})
+
+
+def trainer(tmp_path, lm=None, **kw):
+    opts = options(tmp_path, **kw)
+    return Trainer(opts, validate(opts), quiet, lm or tiny_lm())
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_every_transform_passes_a_finite_nonzero_gradient_to_the_encoder_only(tmp_path, transform):
+    lm = tiny_lm()
+    t = trainer(tmp_path, lm, embed_transform=transform)
+    loss, _ = t.loss(t.train_items[:4])
+    loss.backward()
+    grads = [p.grad for p in t.compressor.encoder.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    if transform == "soft_codebook":
+        assert float(t.compressor.codes.grad.abs().sum()) > 0  # the codes learn too
+    assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
+
+
+@pytest.mark.parametrize("keep_question", [False, True])
+def test_loss_equals_the_answer_cross_entropy_computed_row_by_row(tmp_path, keep_question):
+    """Batched, right-padded rows over a shared prefix cache, against each example alone with
+    its whole prompt: answer CE + first-token weight + distillation from the model reading text."""
+    lm = tiny_lm()
+    t = trainer(tmp_path, lm, keep_question=keep_question, first_token_ce_weight=0.5,
+                kd_weight=0.3, kd_tau=2.0, embed_transform="rms_matching")
+    items = t.train_items[:3]
+    teacher = t.teacher_targets()[:3]
+    loss, _ = t.loss(items, teacher)
+    assert t.prefix_cache(1) is not None and len(t.prefix) > 0  # the cached path is the one tested
+    z, offsets, _ = t.latents(items)
+    expected = 0.0
+    for n, item in enumerate(items):
+        question = t.embed_ids(item.question) if item.question else t.anchor[:0]
+        row = torch.cat([t.prefix, z[offsets[n]:offsets[n + 1]], question, t.anchor,
+                         t.embed_ids(item.answer[:-1])])
+        logits = lm.model(inputs_embeds=row[None]).logits[0]
+        first = row.shape[0] - len(item.answer)
+        answer_logits = logits[first:first + len(item.answer)]
+        ce = F.cross_entropy(answer_logits, torch.tensor(item.answer), reduction="none")
+        ids, values = teacher[n]
+        p = torch.softmax(values / 2.0, -1)
+        kd = -(p * torch.log_softmax(answer_logits / 2.0, -1).gather(1, ids)).sum(-1) * 4.0
+        expected = expected + ce.mean() + 0.5 * ce[0] + 0.3 * kd.mean()
+        # The teacher is the model reading the text itself, at the same answer positions.
+        text = torch.cat([t.prefix, t.embed_ids(training.prompts.encode_span(
+            lm.tokenizer, t.fmt, item.example.context, item.example.question)[0]), t.anchor,
+            t.embed_ids(item.answer[:-1])])
+        top = lm.model(inputs_embeds=text[None]).logits[0, -len(item.answer):].topk(ids.shape[1])
+        assert torch.allclose(top.values, values, atol=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_the_training_transform_is_the_sweep_experiment_the_analysis_names(tmp_path):
+    """For every experiment of the default grid: the analysis's train command, parsed by the CLI,
+    builds the same registry entry with the same config, and gives the sweep's output."""
+    lm = tiny_lm()
+    for exp in experiments.grid("default"):
+        command = analysis.train_command({"category": exp.category, "config": exp.config})
+        if command is None or exp.config.get("size", 0) > len(lm.tokenizer):
+            continue  # (the tiny vocabulary has 257 rows: no 512 codes to learn from it)
+        args = parser().parse_args(["train", *command.split()[2:]])
+        opts = options(tmp_path, **{k: v for k, v in vars(args).items()
+                                    if k in TrainOptions.__dataclass_fields__ and
+                                    k in ("embed_transform", "target_rms_scale", "nearest_k",
+                                          "nearest_alpha", "anchor_eps", "codebook_size",
+                                          "codebook_tau")})
+        t = Trainer(opts, validate(opts), quiet, lm)
+        assert t.spec["transform"] == {"name": exp.transform, "config": exp.config}, exp.name
+        items = t.eval_items
+        spans = t.embed_ids([x for i in items for x in i.span]).float()
+        lengths = [len(i.span) for i in items]
+        z = t.compressor.encoder(spans, Layout.of(lengths, t.compressor.counts(lengths)))
+        ours, offsets, _ = t.compressor(spans, lengths)
+        theirs, _ = embed_experiments.apply(exp.transform, TransformInputs(z, offsets, t.vocab),
+                                            exp.config)
+        assert torch.equal(ours, theirs), exp.name
+        (Path(opts.output_dir) / "config.json").unlink(missing_ok=True)
+
+
+def test_a_run_trains_only_the_compressor_and_writes_every_output(tmp_path):
+    lm = tiny_lm()
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    opts = options(tmp_path, embed_transform="soft_codebook", epochs=2)
+    assert run(opts, quiet, lm) == 0
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert not lm.model.training
+    out = Path(opts.output_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["compression_ratio"] > 3
+    assert set(summary["final"]) >= {"f1", "em", "empty_rate", "ci"}
+    assert set(summary["references"]) == {"text", "question_only"}
+    assert all(set(r) >= {"f1", "em"} for r in summary["references"].values())
+    assert [e["epoch"] for e in summary["epochs"]] == [1, 2]
+    assert all(set(e) >= {"train_loss", "eval_f1", "seconds"} for e in summary["epochs"])
+    assert summary["split"]["shared_groups"] == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["options"]["embed_transform"] == "soft_codebook"
+    assert config["provenance"]["model"]["class"] == "LlamaForCausalLM"
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "step"] == list(range(1, 7))
+    assert [r["epoch"] for r in rows if r["type"] == "eval"] == [1, 2]
+    assert (out / "plots" / "loss.png").stat().st_size > 0
+    assert (out / "plots" / "f1.png").stat().st_size > 0
+    for which in ("last", "best"):
+        weights, cfg = checkpoint.load(out / "checkpoints" / which)
+        assert "codes" in weights and cfg["compressor"]["transform"]["name"] == "soft_codebook"
+    assert (out / "checkpoints" / "last" / checkpoint.OPTIMIZER).is_file()
+    files = [p.name for p in out.rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith((".pt", ".pkl", ".bin"))]
+    # The codes learned, from the sweep's k-means codes.
+    weights, _ = checkpoint.load(out / "checkpoints" / "last")
+    start, _ = VocabSpace.from_model(lm.model, len(lm.tokenizer)).codebook(16, 0)
+    assert not torch.equal(weights["codes"], start)
+
+
+def test_bad_input_is_one_line_and_exit_2_before_the_model_loads(tmp_path, capsys):
+    base = ["train", "--model_id", str(tmp_path / "no-such-model"), "--output_dir",
+            str(tmp_path / "out")]
+    for extra, needle in [(["--latent_len", "0"], "--latent_len must be at least 1"),
+                          (["--compression", "0.5"], "--compression must be at least 1"),
+                          (["--samples", "4", "--batch_size", "8"], "smaller than --batch_size"),
+                          (["--eval_samples", "0"], "--eval_samples must be at least 1"),
+                          (["--nearest_alpha", "2"], "--nearest_alpha must be in [0, 1]"),
+                          (["--lr", "-1"], "--lr must be a positive number"),
+                          (["--resume"], "holds no checkpoint to resume"),
+                          (["--dataset", "nope"], "unknown dataset")]:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, (extra, err)
+    assert main(["train", "--output_dir", "/proc/latentwire-cannot-write"]) == 2
+    assert "cannot write to output dir" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_flags_and_a_run_is_not_overwritten(tmp_path, capsys):
+    lm = tiny_lm()
+    assert run(options(tmp_path), quiet, lm) == 0
+    with pytest.raises(training.UsageError, match="--lr 0.01 there, 0.5 now"):
+        validate(options(tmp_path, lr=0.5, resume=True))
+    with pytest.raises(training.UsageError, match="holds a run already; add --resume"):
+        validate(options(tmp_path))
+    validate(options(tmp_path, resume=True))
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    lm = tiny_lm()
+    opts = options(tmp_path, lr=1e30, max_grad_norm=0, embed_transform="none", epochs=3)
+    assert run(opts, quiet, lm) == 1
+    err = capsys.readouterr().err
+    assert "non-finite at step" in err
+    step = int(err.split("non-finite at step ")[1].split()[0])
+    state = json.loads((Path(opts.output_dir) / "checkpoints/last/trainer_state.json").read_text())
+    assert state["step"] == step - 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    grads = []
+    for on in (False, True):
+        t = trainer(tmp_path / str(on), tiny_lm(), gradient_checkpointing=on)
+        loss, _ = t.loss(t.train_items[:4])
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in t.params]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def _command(model_dir, out, *extra):
+    return [sys.executable, str(ROOT / "latentwire" / "train.py"), "--model_id", str(model_dir),
+            "--samples", "24", "--eval_samples", "3", "--batch_size", "4", "--epochs", "2",
+            "--save_every", "1", "--max_new_tokens", "3", "--output_dir", str(out), *extra]
+
+
+def _weights(out):
+    return load_file(Path(out) / "checkpoints" / "last" / checkpoint.WEIGHTS)
+
+
+def test_resume_after_sigkill_ends_bitwise_identical(tmp_path, tiny_model_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_command(tiny_model_dir, tmp_path / "full"), check=True, env=env,
+                   capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_command(tiny_model_dir, killed), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    # Killed in the second epoch, between checkpoints written every step.
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"type": "step"') >= 8:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists() or json.loads(
+        (killed / "summary.json").read_text())["status"] == "running"
+    done = subprocess.run(_command(tiny_model_dir, killed, "--resume"), env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    full, resumed = _weights(tmp_path / "full"), _weights(killed)
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()
+             if '"type": "step"' in l]
+    assert steps == list(range(1, 13))  # no step logged twice, none missing
+
+
+def test_two_processes_under_torchrun_reach_the_weights_of_one(tmp_path, tiny_model_dir):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    one = subprocess.run(_command(tiny_model_dir, tmp_path / "one", "--epochs", "1"),
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    cmd = _command(tiny_model_dir, tmp_path / "two", "--epochs", "1")
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", *cmd[1:]],
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
