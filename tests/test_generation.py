@@ -57,3 +57,29 @@ def test_engine_matches_generate_on_tiny_models(kind, with_prefix):
                  for p in prompts]
     assert [a for a, _ in answers] == reference
     assert any(len(a.split()) > 3 for a in reference)  # long answers, not only early stops
+
+
+class _PreRenameModel(torch.nn.Module):
+    """A model whose forward knows its cache only as `past_key_values`, as remote code written
+    before transformers renamed it to `cache` does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.generation_config = model.generation_config
+        self.set_attn_implementation = model.set_attn_implementation
+
+    def forward(self, input_ids=None, inputs_embeds=None, past_key_values=None, **kwargs):
+        return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=past_key_values,
+                          **kwargs)
+
+
+def test_engine_passes_the_cache_under_the_name_the_model_takes():
+    model, tok = _model("llama"), tiny_tokenizer(VOCAB)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        prompts = [model.get_input_embeddings()(torch.randint(2, VOCAB, (n,), generator=g))
+                   for n in (5, 17, 30)]
+    stops = StopTokens(tok, model, VOCAB)
+    assert generate(_PreRenameModel(model), tok, prompts, stops, 12) == generate(
+        model, tok, prompts, stops, 12)
