@@ -65,7 +65,7 @@ def _takes_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """The keyword the model's forward takes its cache under. transformers renamed
     `past_key_values` to `cache` (the old name warns, and goes in 5.40); older versions, and remote
     code written for them, know only the old name and would take `cache` as an unknown keyword:
@@ -73,7 +73,7 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _returned_cache(out):
+def returned_cache(out):
     """The cache a forward pass returned: `cache` since the rename (reading `past_key_values`
     warns), `past_key_values` before it."""
     cache = getattr(out, "cache", None)
@@ -100,7 +100,7 @@ class _InPlaceLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+def plain_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """The per-layer key/value tensors of a cache made only of plain growing layers, or None
     (sliding windows, recurrent or hybrid state): such caches are neither shared nor batched
     into one buffer."""
@@ -155,7 +155,7 @@ def _prefill(model, prompts, extra) -> _Prefilled:
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
     out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
                 **_keep_only(extra, torch.tensor([width - 1], device=device)))
-    return _Prefilled(out.logits[:, -1].argmax(dim=-1), _returned_cache(out), mask,
+    return _Prefilled(out.logits[:, -1].argmax(dim=-1), returned_cache(out), mask,
                       positions[:, -1:])
 
 
@@ -307,7 +307,7 @@ def _decode(model, state: _Prefilled, stops: StopTokens, max_new_tokens: int, pa
         return stop_table[t.clamp_max(n_stop - 1)] & (t < n_stop)
 
     token, mask, position, cache = state.token, state.mask, state.position, state.cache
-    cache_argument = _cache_argument(model)
+    keyword = cache_argument(model)
     finished = is_stop(token)
     steps = [token]
     for _ in range(max_new_tokens - 1):
@@ -316,8 +316,8 @@ def _decode(model, state: _Prefilled, stops: StopTokens, max_new_tokens: int, pa
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                    use_cache=True, **{cache_argument: cache}, **extra)
-        cache = _returned_cache(out)
+                    use_cache=True, **{keyword: cache}, **extra)
+        cache = returned_cache(out)
         token = torch.where(finished, torch.full_like(token, pad_id), out.logits[:, -1].argmax(-1))
         steps.append(token)
         finished |= is_stop(token)
@@ -371,7 +371,7 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], stops: StopTokens,
     start = prefix if prefix is not None and prefix.shape[0] else prompts[0][:1]
     with torch.no_grad():
         out = model(inputs_embeds=start[None].to(device), use_cache=True, **extra)
-    layout = _kv(_returned_cache(out))
+    layout = plain_kv(returned_cache(out))
     prefix_kv = layout if start is prefix else None
     if layout is None and start is prefix:  # a cache we cannot share: the prefix goes back in
         prompts = [torch.cat([prefix, p]) for p in prompts]

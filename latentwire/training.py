@@ -282,6 +282,8 @@ class Trainer:
         import torch
         import torch.nn.functional as F
 
+        from .generation import cache_argument
+
         o, dtype = self.opts, self.embed.weight.dtype
         z, offsets, _ = self.latents(items)
         cache = self.prefix_cache(len(items))
@@ -302,8 +304,9 @@ class Trainer:
         at_row = torch.cat([torch.full((len(i.answer),), n) for n, i in enumerate(items)])
         at_col = torch.cat([torch.arange(s, s + len(i.answer)) for s, i in zip(starts, items)])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            hidden = self.lm.model.base_model(inputs_embeds=batch, cache=cache,
-                                              use_cache=cache is not None).last_hidden_state
+            base = self.lm.model.base_model
+            hidden = base(inputs_embeds=batch, use_cache=cache is not None,
+                          **{cache_argument(base): cache}).last_hidden_state
             logits = self.lm.model.get_output_embeddings()(hidden[at_row, at_col]).float()
         target = torch.tensor(targets, device=logits.device)
         ce = F.cross_entropy(logits, target, reduction="none")
@@ -334,14 +337,14 @@ class Trainer:
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
-        from .generation import _kv
+        from .generation import plain_kv, returned_cache
 
         if not len(self.prefix) or self.checkpointing:
             return None
         if self._prefix_kv is None:
             with torch.no_grad():
                 out = self.lm.model.base_model(inputs_embeds=self.prefix[None], use_cache=True)
-            self._prefix_kv = _kv(out.past_key_values) or []
+            self._prefix_kv = plain_kv(returned_cache(out)) or []
         if not self._prefix_kv:
             return None
         cache = DynamicCache(config=self.lm.model.config)
