@@ -80,7 +80,8 @@ def _add_analyze_args(p: argparse.ArgumentParser) -> None:
                    help="skip the plots and the report")
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, study: bool = False) -> None:
+    """The trainer's flags; a study takes the same, with its grid in place of one encoder."""
     from .encoders import ENCODERS
     from .models import BUNDLED
     from .training import TRANSFORMS, TrainOptions
@@ -103,16 +104,29 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"soft_codebook: temperature (default: {d.codebook_tau})")
     g.add_argument("--no-codebook_trainable", dest="codebook_trainable", action="store_false",
                    help="soft_codebook: keep the k-means codes fixed (default: learn them)")
-    g = p.add_argument_group("encoder")
-    g.add_argument("--encoder", default=d.encoder, choices=list(ENCODERS),
-                   help="; ".join(f"{k}: {v.description}" for k, v in ENCODERS.items()))
-    size = g.add_mutually_exclusive_group()
-    size.add_argument("--compression", type=float, default=d.compression, metavar="R",
-                      help="text positions per latent: M = ceil(N / R) per example (default: 4)")
-    size.add_argument("--latent_len", type=int, default=None, metavar="M",
-                      help="a fixed number of latents per example instead of --compression")
-    g.add_argument("--keep_question", action="store_true",
-                   help="compress only the context; the question follows the latents as text")
+    if study:
+        from .study import SETTINGS, StudyOptions
+
+        s = StudyOptions()
+        g = p.add_argument_group("the grid: every encoder x compression x setting")
+        g.add_argument("--encoders", default=s.encoders, metavar="NAMES",
+                       help=f"comma-separated, of: {', '.join(ENCODERS)} (default: {s.encoders}); "
+                            "constant at every compression and pool at 1x always run as controls")
+        g.add_argument("--compressions", default=s.compressions, metavar="RATIOS",
+                       help=f"comma-separated text positions per latent (default: {s.compressions})")
+        g.add_argument("--settings", default=s.settings, metavar="NAMES",
+                       help=f"comma-separated, of: {', '.join(SETTINGS)} (default: {s.settings})")
+    else:
+        g = p.add_argument_group("encoder")
+        g.add_argument("--encoder", default=d.encoder, choices=list(ENCODERS),
+                       help="; ".join(f"{k}: {v.description}" for k, v in ENCODERS.items()))
+        size = g.add_mutually_exclusive_group()
+        size.add_argument("--compression", type=float, default=d.compression, metavar="R",
+                          help="text positions per latent: M = ceil(N / R) per example (default: 4)")
+        size.add_argument("--latent_len", type=int, default=None, metavar="M",
+                          help="a fixed number of latents per example instead of --compression")
+        g.add_argument("--keep_question", action="store_true",
+                       help="compress only the context; the question follows the latents as text")
     g = p.add_argument_group("data and model")
     g.add_argument("--model_id", default=BUNDLED, metavar="ID",
                    help="the frozen model, loaded as the sweep loads it (default: bundled)")
@@ -133,6 +147,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad_accum_steps", type=int, default=d.grad_accum_steps, metavar="N",
                    help="micro-batches per step on each process (default: 1)")
     g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
+    g.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"],
+                   help="learning rate after warm-up: constant, or cosine to 0 (default: constant)")
+    g.add_argument("--warmup_steps", type=int, default=d.warmup_steps, metavar="N",
+                   help="linear warm-up from 0 to --lr over N steps (default: 0)")
     g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, metavar="X",
                    help="gradient clipping, 0 for none (default: 1.0)")
     g.add_argument("--first_token_ce_weight", type=float, default=d.first_token_ce_weight,
@@ -143,12 +161,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="distillation temperature (default: 1.0)")
     g.add_argument("--seed", type=int, default=d.seed, help="data order, split and init (default: 42)")
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default=None, metavar="DIR",
-                   help="default: runs/train/<embed_transform>")
+    g.add_argument("--output_dir", default="runs/study" if study else None, metavar="DIR",
+                   help="default: " + ("runs/study (a rerun continues it)" if study
+                                       else "runs/train/<embed_transform>"))
     g.add_argument("--save_every", type=int, default=d.save_every, metavar="STEPS",
                    help="write checkpoints/last every N steps, 0 for epoch ends only (default: 50)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --output_dir from checkpoints/last (same flags)")
+    if not study:
+        g.add_argument("--resume", action="store_true",
+                       help="continue the run in --output_dir from checkpoints/last (same flags)")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: CUDA when available (bf16 autocast), else CPU")
     g.add_argument("--gradient_checkpointing", action="store_true",
@@ -178,6 +198,13 @@ def parser() -> argparse.ArgumentParser:
                     "frozen model, with a sweep transform inside the graph; every epoch is "
                     "evaluated beside the text itself and the question alone.",
         epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter))
+    _add_train_args(sub.add_parser(
+        "study", help="encoder x compression x setting, with the controls: one table, one plot",
+        description="Train every encoder at every compression, query-aware and query-agnostic, "
+                    "beside the controls, at one budget; a rerun continues where it stopped.",
+        epilog="examples:\n  latentwire study --encoders pool,lm --compressions 1,4,8,16\n"
+               "  latentwire study --encoders lm --compressions 4 --settings aware --samples 500",
+        formatter_class=argparse.RawDescriptionHelpFormatter), study=True)
     return top
 
 
@@ -226,7 +253,18 @@ def cmd_train(args) -> int:
                                if k in TrainOptions.__dataclass_fields__}))
 
 
-COMMANDS = {"sweep": cmd_sweep, "list": cmd_list, "analyze": cmd_analyze, "train": cmd_train}
+def cmd_study(args) -> int:
+    from .study import StudyOptions, run
+    from .training import TrainOptions
+
+    fields = vars(args)
+    base = TrainOptions(**{k: v for k, v in fields.items() if k in TrainOptions.__dataclass_fields__})
+    return run(StudyOptions(**{k: v for k, v in fields.items()
+                               if k in StudyOptions.__dataclass_fields__}, base=base))
+
+
+COMMANDS = {"sweep": cmd_sweep, "list": cmd_list, "analyze": cmd_analyze, "train": cmd_train,
+            "study": cmd_study}
 
 
 def keep_freed_memory() -> None:

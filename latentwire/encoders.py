@@ -142,6 +142,50 @@ class Constant(nn.Module):
         return self.latents[layout.slot.clamp_max(len(self.latents) - 1)]
 
 
+@encoder("lm", "the frozen model reads the span, then M learned memory slots; its states at the "
+               "slots, projected, are the latents")
+class ModelReader(nn.Module):
+    """A language model hands over what it read at a few memory slots (gist tokens, ICAE).
+
+    The reader is the frozen model itself: it reads each span followed by M learned slot
+    embeddings, and its final hidden states at the slots pass through a trainable projection into
+    the model's input width. Final states lack the vocabulary's mean direction (about 46% of a
+    token embedding's energy in SmolLM2) and sit at another scale, so the projection starts at
+    the vocabulary's mean plus the normalised state at the vocabulary's RMS: in inputs_embeds
+    space from the first step. Gradients reach the slots through the frozen reader.
+    """
+    needs_model = True
+
+    def __init__(self, d_model: int, max_latents: int, scale: float, model=None,
+                 vocab_mean: torch.Tensor | None = None):
+        super().__init__()
+        # A plain attribute, not a submodule: the reader's weights are the frozen model's and
+        # belong to no checkpoint.
+        self.reader = (model,)
+        self.scale = scale
+        self.slots = nn.Parameter(torch.randn(max_latents, d_model) * scale)
+        self.norm = nn.LayerNorm(d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        nn.init.eye_(self.proj.weight)
+        if vocab_mean is not None:
+            with torch.no_grad():
+                self.proj.bias.copy_(vocab_mean / scale)
+
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        (model,) = self.reader
+        lengths, counts = layout.lengths.tolist(), layout.counts.tolist()
+        width = max(n + m for n, m in zip(lengths, counts))
+        dtype = model.get_input_embeddings().weight.dtype
+        spans = x.split(lengths)
+        rows = [F.pad(torch.cat([span, self.slots[:m]]).to(dtype), (0, 0, 0, width - n - m))
+                for span, n, m in zip(spans, lengths, counts)]
+        # Right padding needs no mask: under causal attention no real position sees a pad.
+        hidden = model.base_model(inputs_embeds=torch.stack(rows), use_cache=False).last_hidden_state
+        example = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), layout.counts)
+        states = hidden[example, layout.lengths[example] + layout.slot].float()
+        return self.scale * self.proj(self.norm(states))
+
+
 def latent_counts(lengths: list[int], compression: float | None, latent_len: int | None,
                   max_latents: int | None = None) -> list[int]:
     """Latents per example: ceil(N / R), or M; never more than the span's own tokens (a latent
@@ -165,11 +209,12 @@ class Compressor(nn.Module):
     compression or latent_len, keep_question, transform {name, config}, codebook_trainable.
     """
 
-    def __init__(self, spec: dict, vocab):
+    def __init__(self, spec: dict, vocab, model=None):
         super().__init__()
         self.spec, self.vocab = spec, vocab
-        self.encoder = ENCODERS[spec["encoder"]](spec["d_model"], spec["max_latents"],
-                                                 spec["scale"])
+        cls = ENCODERS[spec["encoder"]]
+        extra = {"model": model, "vocab_mean": vocab.mean} if getattr(cls, "needs_model", False) else {}
+        self.encoder = cls(spec["d_model"], spec["max_latents"], spec["scale"], **extra)
         t = spec["transform"]
         self.codebook_key = None
         if t["name"] == "soft_codebook" and spec.get("codebook_trainable"):

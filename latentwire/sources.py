@@ -36,6 +36,7 @@ class SourceInputs:
     tokenizer: object = None
     fmt: object = None
     embed: object = None
+    model: object = None  # the frozen model: an `lm` encoder reads with it
     vocab: object = None
     model_sha: str | None = None
 
@@ -129,7 +130,7 @@ def _adapter(inp: SourceInputs, path: str) -> "Latents":
     if inp.fmt is not None and config["prompt_format"] != inp.fmt.describe():
         raise UsageError(f"checkpoint {path} was trained with the {config['prompt_format']['name']}"
                          f" prompt format; pass --prompt {config['prompt_format']['name']}")
-    compressor = Compressor(config["compressor"], inp.vocab)
+    compressor = Compressor(config["compressor"], inp.vocab, inp.model)
     compressor.load_state_dict(weights)
     compressor.to(inp.text.device).eval()
     keep_question = config["compressor"]["keep_question"]

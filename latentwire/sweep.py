@@ -176,7 +176,7 @@ class Sweep:
         inp = sources.SourceInputs(
             self.text, self.token_ids, self.offsets, [e.id for e in self.examples],
             float(self.vocab.norms.mean()), self.opts.seed, self.examples, self.lm.tokenizer,
-            self.fmt, self.lm.model.get_input_embeddings(), self.vocab,
+            self.fmt, self.lm.model.get_input_embeddings(), self.lm.model, self.vocab,
             self.provenance["model"]["config_sha256"])
         built = spec.build(inp)
         self.suffixes[spec.spec] = built.suffixes

@@ -23,6 +23,7 @@ from .errors import UsageError
 TRANSFORMS = {"none": "identity", "rms_matching": "rms_matching",
               "batch_distribution": "batch_distribution", "nearest_k": "nearest_k",
               "anchor_offset": "anchor_offset", "soft_codebook": "soft_codebook"}
+SCHEDULES = ("constant", "cosine")
 KD_TOP = 32  # teacher logits kept per answer position: the distribution's head, a few MB in all
 
 
@@ -48,6 +49,8 @@ class TrainOptions:
     batch_size: int = 16
     grad_accum_steps: int = 1
     lr: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
     max_grad_norm: float = 1.0
     first_token_ce_weight: float = 1.0
     kd_weight: float = 0.0
@@ -107,6 +110,9 @@ def validate(opts: TrainOptions) -> Path:
     need(1 <= opts.grad_accum_steps <= opts.batch_size, "--grad_accum_steps must be between 1 "
          f"and --batch_size (got {opts.grad_accum_steps})")
     need(opts.lr > 0 and math.isfinite(opts.lr), f"--lr must be a positive number (got {opts.lr})")
+    need(opts.schedule in SCHEDULES, f"unknown --schedule {opts.schedule!r}; use one of: "
+         f"{', '.join(SCHEDULES)}")
+    need(opts.warmup_steps >= 0, f"--warmup_steps must be >= 0 (got {opts.warmup_steps})")
     need(opts.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, 0 for no clipping "
          f"(got {opts.max_grad_norm})")
     for name in ("first_token_ce_weight", "kd_weight"):
@@ -253,7 +259,7 @@ class Trainer:
             "transform": {"name": transform, "config": transform_config(transform, flags)},
             "codebook_trainable": opts.codebook_trainable}
         torch.manual_seed(opts.seed)
-        self.compressor = Compressor(self.spec, self.vocab).to(self.device)
+        self.compressor = Compressor(self.spec, self.vocab, model).to(self.device)
         self.params = [p for p in self.compressor.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr)
         self.provenance = provenance(opts, self.lm, self.fmt, self.split.eval, self.vocab)
@@ -459,9 +465,21 @@ class Trainer:
         b = self.opts.batch_size
         return [order[s:s + b] for s in range(0, len(order), b)]
 
-    def step(self, batch: list[int]) -> dict:
-        """One optimizer step on a global batch: this rank's share, in grad_accum_steps
-        micro-batches, gradients summed over ranks; the loss is the batch mean."""
+    def learning_rate(self, step: int) -> float:
+        """--lr after a linear warm-up of --warmup_steps, then constant or cosine to zero over
+        the whole run; a function of the step alone, so a resumed run follows the same curve."""
+        o = self.opts
+        if step < o.warmup_steps:
+            return o.lr * (step + 1) / o.warmup_steps
+        if o.schedule == "cosine":
+            total = len(self.batches(0)) * o.epochs
+            progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+            return o.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return o.lr
+
+    def step(self, batch: list[int], step: int = 0) -> dict:
+        """Optimizer step number `step` (from 0) on a global batch: this rank's share, in
+        grad_accum_steps micro-batches, gradients summed over ranks; the loss is the batch mean."""
         import torch
         import torch.distributed as dist
 
@@ -496,11 +514,14 @@ class Trainer:
             raise NonFiniteLoss
         norm = torch.nn.utils.clip_grad_norm_(
             self.params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
+        lr = self.learning_rate(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         # Weights that overflowed would be saved as the next checkpoint: stop before that.
         if not all(bool(torch.isfinite(p).all()) for p in self.params):
             raise NonFiniteLoss
-        return {**metrics, "grad_norm": float(norm), "lr": o.lr}
+        return {**metrics, "grad_norm": float(norm), "lr": lr}
 
     def save(self, which: str, state: State) -> None:
         weights = self.compressor.state_dict()
@@ -614,7 +635,7 @@ def run(opts: TrainOptions, log=print, lm=None) -> int:
             while state.batch < len(batches):
                 t0 = time.time()
                 try:
-                    m = trainer.step(batches[state.batch])
+                    m = trainer.step(batches[state.batch], state.step)
                 except NonFiniteLoss:
                     print(f"error: the loss became non-finite at step {state.step + 1} (epoch "
                           f"{state.epoch + 1}); stopped. checkpoints/last (step {state.step} or "

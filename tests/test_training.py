@@ -3,6 +3,7 @@ else, the transform is the sweep's, the loss is what a direct computation gives,
 resume after SIGKILL, and torchrun with two processes."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -52,6 +53,24 @@ def test_every_transform_passes_a_finite_nonzero_gradient_to_the_encoder_only(tm
     if transform == "soft_codebook":
         assert float(t.compressor.codes.grad.abs().sum()) > 0  # the codes learn too
     assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
+
+
+@pytest.mark.parametrize("encoder", ["pool", "attn", "constant", "lm"])
+def test_every_encoder_learns_and_the_answering_model_does_not(tmp_path, encoder):
+    lm = tiny_lm()
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    t = trainer(tmp_path, lm, encoder=encoder)
+    for _ in range(2):
+        t.step(list(range(4)))
+    grads = [p.grad for p in t.compressor.encoder.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    # A checkpoint holds the encoder alone: the frozen model's weights are never in it.
+    assert all(not k.startswith("reader") for k in t.compressor.state_dict())
+    assert sum(v.numel() for v in t.compressor.state_dict().values()) < 0.5 * sum(
+        v.numel() for v in before.values())
 
 
 @pytest.mark.parametrize("keep_question", [False, True])
@@ -251,3 +270,15 @@ def test_two_processes_under_torchrun_reach_the_weights_of_one(tmp_path, tiny_mo
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_learning_rate_warms_up_then_follows_its_schedule(tmp_path):
+    t = trainer(tmp_path, tiny_lm(), lr=0.1, warmup_steps=2, schedule="cosine", epochs=2)
+    total = len(t.batches(0)) * 2  # 3 steps an epoch
+    rates = [t.learning_rate(s) for s in range(total)]
+    assert rates[:2] == pytest.approx([0.05, 0.1])
+    assert rates[2] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(rates[2:], rates[3:]))  # cosine: falling to zero
+    assert rates[-1] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    flat = trainer(tmp_path / "flat", tiny_lm(), lr=0.1)
+    assert {flat.learning_rate(s) for s in range(total)} == {0.1}

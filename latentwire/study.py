@@ -1,0 +1,176 @@
+"""The compression study: encoder x compression x setting at one training budget, beside the
+controls, in one table and one plot.
+
+Every cell is one training run in OUTPUT_DIR/<setting>/<encoder>_x<R>/. Finished runs are read,
+interrupted ones resumed, so the same command continues a killed study. The controls are always
+in the grid: the `constant` encoder at every compression (a learned prefix that never sees the
+context) and `pool` at 1x (the text itself, trained the same way: the uncompressed reference);
+the zero-shot text and the question alone are every run's references.
+"""
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import checkpoint, stats, training
+from .errors import UsageError
+
+SETTINGS = {"aware": False, "agnostic": True}  # setting -> keep_question
+
+
+@dataclass
+class StudyOptions:
+    encoders: str = "pool,attn,lm"
+    compressions: str = "1,4,8,16"
+    settings: str = "aware,agnostic"
+    output_dir: str = "runs/study"
+    base: training.TrainOptions = field(default_factory=training.TrainOptions)
+
+
+@dataclass(frozen=True)
+class Cell:
+    setting: str
+    encoder: str
+    compression: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}/{self.encoder}_x{self.compression:g}"
+
+
+def cells(opts: StudyOptions) -> list[Cell]:
+    from .encoders import ENCODERS
+
+    encoders = [e.strip() for e in opts.encoders.split(",") if e.strip()]
+    settings = [s.strip() for s in opts.settings.split(",") if s.strip()]
+    try:
+        ratios = [float(r) for r in opts.compressions.split(",") if r.strip()]
+    except ValueError:
+        raise UsageError(f"--compressions takes numbers, e.g. 1,4,8,16 (got {opts.compressions!r})")
+    for e in encoders:
+        if e not in ENCODERS:
+            raise UsageError(f"unknown encoder {e!r} in --encoders; use: {', '.join(ENCODERS)}")
+    for s in settings:
+        if s not in SETTINGS:
+            raise UsageError(f"unknown setting {s!r} in --settings; use: {', '.join(SETTINGS)}")
+    if not encoders or not settings or not ratios or min(ratios) < 1:
+        raise UsageError("a study needs at least one encoder, setting and compression >= 1")
+    out = []
+    for s in settings:
+        grid = [(e, r) for e in encoders for r in ratios]
+        grid += [("constant", r) for r in ratios] + [("pool", 1.0)]
+        for e, r in grid:
+            if Cell(s, e, r) not in out:
+                out.append(Cell(s, e, r))
+    return out
+
+
+def _options(opts: StudyOptions, cell: Cell, resume: bool) -> training.TrainOptions:
+    return replace(opts.base, encoder=cell.encoder, compression=cell.compression, latent_len=None,
+                   keep_question=SETTINGS[cell.setting], resume=resume,
+                   output_dir=str(Path(opts.output_dir) / cell.name))
+
+
+def _status(path: Path) -> str:
+    summary = path / "summary.json"
+    if summary.exists() and json.loads(summary.read_text())["status"] == "finished":
+        return "finished"
+    return "resume" if checkpoint.existing(path / "checkpoints" / "last") else "new"
+
+
+def run(opts: StudyOptions, log=print) -> int:
+    from . import models
+
+    todo = cells(opts)
+    plans = [(c, _options(opts, c, _status(Path(opts.output_dir) / c.name) == "resume"))
+             for c in todo]
+    for cell, o in plans:  # every cell's flags checked before the model loads
+        if _status(Path(o.output_dir)) != "finished":
+            training.validate(o)
+    lm = None
+    for n, (cell, o) in enumerate(plans, 1):
+        if _status(Path(o.output_dir)) == "finished":
+            log(f"[{n}/{len(plans)}] {cell.name}: kept from an earlier run")
+            continue
+        log(f"[{n}/{len(plans)}] {cell.name}{' (resumed)' if o.resume else ''}")
+        lm = lm or models.load(o.model_id, o.device, o.trust_remote_code)
+        code = training.run(o, log, lm)
+        if code:
+            return code
+    rows = table(opts, todo)
+    _write(opts, rows)
+    log("\n" + render(rows))
+    return 0
+
+
+def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
+    """One row per cell: F1/EM with CIs, the paired difference to the constant control at the
+    same compression and setting, and the share of the uncompressed trained reference."""
+    def load(cell):
+        path = Path(opts.output_dir) / cell.name
+        summary = json.loads((path / "summary.json").read_text())
+        epoch = summary["epochs"][-1]["epoch"]
+        preds = json.loads((path / "eval" / f"epoch{epoch}.json").read_text())["predictions"]
+        return summary, [p["f1"] for p in preds]
+
+    loaded = {c: load(c) for c in todo}
+    rows = []
+    for c in todo:
+        summary, f1s = loaded[c]
+        control = loaded.get(Cell(c.setting, "constant", c.compression))
+        reference = loaded.get(Cell(c.setting, "pool", 1.0))
+        vs = stats.paired_comparison(f1s, control[1]) if control and c.encoder != "constant" else None
+        share = None
+        if reference and reference[0]["final"]["f1"] > 0:
+            share = summary["final"]["f1"] / reference[0]["final"]["f1"]
+        rows.append({"setting": c.setting, "encoder": c.encoder, "compression": c.compression,
+                     "measured_compression": summary["compression_ratio"],
+                     "f1": summary["final"]["f1"], "em": summary["final"]["em"],
+                     "ci": summary["final"]["ci"], "vs_constant": vs,
+                     "share_of_uncompressed": share, "references": summary["references"],
+                     "train_seconds": summary["train_seconds"]})
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| setting | encoder | positions vs text | F1 [95% CI] | EM | vs constant (paired) "
+             "| of uncompressed trained |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = r["vs_constant"]
+        vs_text = (f"{vs['diff']:+.3f} [{vs['diff_ci'][0]:+.3f}, {vs['diff_ci'][1]:+.3f}] "
+                   f"{vs['label']}") if vs else "-"
+        share = f"{r['share_of_uncompressed']:.0%}" if r["share_of_uncompressed"] is not None else "-"
+        lines.append(f"| {r['setting']} | {r['encoder']} | {r['measured_compression']:.2f}x fewer "
+                     f"| {r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['em']:.3f} "
+                     f"| {vs_text} | {share} |")
+    refs = rows[0]["references"]
+    lines.append(f"\nReferences (untrained, same evaluation examples): text itself F1 "
+                 f"{refs['text']['f1']:.3f}, question only F1 {refs['question_only']['f1']:.3f}.")
+    return "\n".join(lines)
+
+
+def _write(opts: StudyOptions, rows: list[dict]) -> None:
+    from .report import _plt, _save
+    from .sweep import write_json
+
+    out = Path(opts.output_dir)
+    write_json(out / "study.json", {"rows": rows})
+    (out / "study.md").write_text(render(rows) + "\n", encoding="utf-8")
+    plt = _plt()
+    settings = sorted({r["setting"] for r in rows}, key=list(SETTINGS).index)
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.4 * len(settings), 4), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        mine = [r for r in rows if r["setting"] == setting]
+        for encoder in dict.fromkeys(r["encoder"] for r in mine):
+            pts = sorted((r for r in mine if r["encoder"] == encoder),
+                         key=lambda r: r["measured_compression"])
+            ax.errorbar([r["measured_compression"] for r in pts], [r["f1"] for r in pts],
+                        yerr=[[r["f1"] - r["ci"][0] for r in pts], [r["ci"][1] - r["f1"] for r in pts]],
+                        marker="o", capsize=3, label=encoder)
+        refs = mine[0]["references"]
+        ax.axhline(refs["text"]["f1"], ls="--", color="#444444", label="text, zero-shot")
+        ax.axhline(refs["question_only"]["f1"], ls=":", color="#8c564b", label="question only")
+        ax.set(xscale="log", xlabel="text positions per latent (measured)", ylabel="evaluation F1",
+               title=f"query-{setting}", ylim=(0, 1))
+        ax.legend(fontsize=8)
+    _save(fig, out / "plots" / "study.png")
