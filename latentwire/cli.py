@@ -102,8 +102,9 @@ def _add_train_args(p: argparse.ArgumentParser, study: bool = False) -> None:
                    help=f"soft_codebook: k-means codes (default: {d.codebook_size})")
     g.add_argument("--codebook_tau", type=float, default=d.codebook_tau, metavar="T",
                    help=f"soft_codebook: temperature (default: {d.codebook_tau})")
-    g.add_argument("--no-codebook_trainable", dest="codebook_trainable", action="store_false",
-                   help="soft_codebook: keep the k-means codes fixed (default: learn them)")
+    g.add_argument("--codebook_trainable", action=argparse.BooleanOptionalAction, default=True,
+                   help="soft_codebook: learn the codes, from the sweep's k-means codes "
+                        "(default); --no-codebook_trainable keeps them fixed")
     if study:
         from .study import SETTINGS, StudyOptions
 
@@ -127,6 +128,9 @@ def _add_train_args(p: argparse.ArgumentParser, study: bool = False) -> None:
                           help="a fixed number of latents per example instead of --compression")
         g.add_argument("--keep_question", action="store_true",
                        help="compress only the context; the question follows the latents as text")
+    g.add_argument("--encoder_layer", type=int, default=None, metavar="L",
+                   help="lm: the layer (1 to the model's count) whose states the slots hand over "
+                        "(default: the last)")
     g = p.add_argument_group("data and model")
     g.add_argument("--model_id", default=BUNDLED, metavar="ID",
                    help="the frozen model, loaded as the sweep loads it (default: bundled)")

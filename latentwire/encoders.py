@@ -157,11 +157,18 @@ class ModelReader(nn.Module):
     needs_model = True
 
     def __init__(self, d_model: int, max_latents: int, scale: float, model=None,
-                 vocab_mean: torch.Tensor | None = None):
+                 vocab_mean: torch.Tensor | None = None, layer: int | None = None):
         super().__init__()
         # A plain attribute, not a submodule: the reader's weights are the frozen model's and
         # belong to no checkpoint.
         self.reader = (model,)
+        layers = model.config.num_hidden_layers
+        if layer is not None and not 1 <= layer <= layers:
+            from .errors import UsageError
+
+            raise UsageError(f"--encoder_layer must be between 1 and {layers}, the model's "
+                             f"layers (got {layer})")
+        self.layer = None if layer in (None, layers) else layer
         self.scale = scale
         self.slots = nn.Parameter(torch.randn(max_latents, d_model) * scale)
         self.norm = nn.LayerNorm(d_model)
@@ -180,7 +187,9 @@ class ModelReader(nn.Module):
         rows = [F.pad(torch.cat([span, self.slots[:m]]).to(dtype), (0, 0, 0, width - n - m))
                 for span, n, m in zip(spans, lengths, counts)]
         # Right padding needs no mask: under causal attention no real position sees a pad.
-        hidden = model.base_model(inputs_embeds=torch.stack(rows), use_cache=False).last_hidden_state
+        out = model.base_model(inputs_embeds=torch.stack(rows), use_cache=False,
+                               output_hidden_states=self.layer is not None)
+        hidden = out.last_hidden_state if self.layer is None else out.hidden_states[self.layer]
         example = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), layout.counts)
         states = hidden[example, layout.lengths[example] + layout.slot].float()
         return self.scale * self.proj(self.norm(states))
@@ -213,7 +222,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.spec, self.vocab = spec, vocab
         cls = ENCODERS[spec["encoder"]]
-        extra = {"model": model, "vocab_mean": vocab.mean} if getattr(cls, "needs_model", False) else {}
+        extra = ({"model": model, "vocab_mean": vocab.mean, "layer": spec.get("encoder_layer")}
+                 if getattr(cls, "needs_model", False) else {})
         self.encoder = cls(spec["d_model"], spec["max_latents"], spec["scale"], **extra)
         t = spec["transform"]
         self.codebook_key = None

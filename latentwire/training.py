@@ -41,6 +41,7 @@ class TrainOptions:
     compression: float | None = 4.0
     latent_len: int | None = None
     keep_question: bool = False
+    encoder_layer: int | None = None
     model_id: str = models.BUNDLED
     dataset: str = "builtin"
     samples: int = 2000
@@ -256,6 +257,7 @@ class Trainer:
             "max_latents": max(len(i.span) for i in self.train_items + self.eval_items),
             "scale": float(self.vocab.mean_rms), "compression": opts.compression,
             "latent_len": opts.latent_len, "keep_question": opts.keep_question,
+            "encoder_layer": opts.encoder_layer,
             "transform": {"name": transform, "config": transform_config(transform, flags)},
             "codebook_trainable": opts.codebook_trainable}
         torch.manual_seed(opts.seed)
@@ -600,6 +602,7 @@ def run(opts: TrainOptions, log=print, lm=None) -> int:
     started = time.time()
     out = validate(opts)
     trainer = Trainer(opts, out, log, lm)
+    log = trainer.log  # silent on every rank but 0
     main = trainer.rank == 0
     state = trainer.restore() if opts.resume else State()
     if main and not opts.resume:

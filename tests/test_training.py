@@ -282,3 +282,18 @@ def test_learning_rate_warms_up_then_follows_its_schedule(tmp_path):
     assert rates[-1] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
     flat = trainer(tmp_path / "flat", tiny_lm(), lr=0.1)
     assert {flat.learning_rate(s) for s in range(total)} == {0.1}
+
+
+def test_the_lm_encoder_can_read_out_a_middle_layer(tmp_path):
+    lm = tiny_lm()
+    last = trainer(tmp_path / "last", lm, encoder="lm")
+    middle = trainer(tmp_path / "middle", lm, encoder="lm", encoder_layer=1)
+    items = last.eval_items[:2]
+    z_last, _, _ = last.latents(items)
+    z_middle, _, _ = middle.latents(items)
+    assert z_last.shape == z_middle.shape and not torch.allclose(z_last, z_middle)
+    loss, _ = middle.loss(items)
+    loss.backward()
+    assert float(middle.compressor.encoder.slots.grad.abs().sum()) > 0
+    with pytest.raises(training.UsageError, match="--encoder_layer must be between 1 and 2"):
+        trainer(tmp_path / "bad", lm, encoder="lm", encoder_layer=3)
