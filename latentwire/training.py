@@ -542,6 +542,16 @@ class Trainer:
         return State(**saved)
 
 
+def write_split(examples, path: Path) -> None:
+    """The evaluation split as a dataset file: sweeping a checkpoint on it (`--dataset`) measures
+    the latents on entities the encoder never trained on, as the run's own evaluation does."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps({"id": e.id, "title": e.group, "context": e.context,
+                                       "question": e.question, "answers": list(e.answers)}) + "\n"
+                           for e in examples), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _metrics_log(path: Path, keep_until_step: int):
     """metrics.jsonl, opened for appending, without any line written after the checkpoint being
     resumed (those steps are about to run again) or cut off by a kill."""
@@ -609,6 +619,7 @@ def run(opts: TrainOptions, log=print, lm=None) -> int:
         write_json(out / "config.json", {"options": opts.identity(), "provenance": trainer.provenance,
                                          "split": trainer.split.describe(),
                                          "compressor": trainer.spec})
+        write_split(trainer.split.eval, out / "eval_split.jsonl")
     metrics = _metrics_log(out / "metrics.jsonl", state.step) if main else None
     if opts.kd_weight > 0:
         log("distillation: the frozen model reads the text of every training example once")

@@ -151,6 +151,9 @@ def test_a_run_trains_only_the_compressor_and_writes_every_output(tmp_path):
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2]
     assert all(set(e) >= {"train_loss", "eval_f1", "seconds"} for e in summary["epochs"])
     assert summary["split"]["shared_groups"] == 0
+    held_out = training.data.load_all(str(out / "eval_split.jsonl"))
+    assert [e.id for e in held_out] == [i.example.id for i in Trainer(
+        options(tmp_path / "again"), validate(options(tmp_path / "again")), quiet, lm).eval_items]
     config = json.loads((out / "config.json").read_text())
     assert config["options"]["embed_transform"] == "soft_codebook"
     assert config["provenance"]["model"]["class"] == "LlamaForCausalLM"
