@@ -3,14 +3,15 @@
 
     .venv/bin/python benchmarks/train_controls.py                     # 2000 examples, 1 epoch
     .venv/bin/python benchmarks/train_controls.py --samples 500 --runs pool4,constant4
-    .venv/bin/python benchmarks/train_controls.py --runs pool1,lm4,constant4 -- --kd_weight 0.5
+    .venv/bin/python benchmarks/train_controls.py --output_dir runs/train/kd -- --kd_weight 0.5
 
 Each run is a whole `latentwire train` process on the same entity-disjoint evaluation split:
 `--compression 1` (the text itself through the trained pool encoder: the uncompressed trained
 reference), `--compression 4` with pool, attn and lm, and the `constant` encoder at 4x, which
 never sees the context (what training alone buys). The table gives F1 / EM with 95% bootstrap CIs,
 each run's paired difference to the constant control, the references, and wall time.
-A finished run in the output folder is read, not trained again (delete it to rerun).
+A finished run in the output folder is read, not trained again, whatever its flags: give other
+flags their own --output_dir.
 """
 
 import argparse
