@@ -49,3 +49,17 @@ def cut_answer(generated: str) -> str:
     engine stops at that newline, so both paths must read it as empty.
     """
     return generated.split("\n", 1)[0].strip()
+
+
+def score_answers(examples, answers) -> tuple[list[dict], dict]:
+    """Every example's prediction scored, and the means: (predictions, {f1, em, empty_rate}).
+    `answers` holds (text, generated token count) per example, as the engine returns them."""
+    predictions = []
+    for ex, (text, n_gen) in zip(examples, answers):
+        em, f1 = score(text, list(ex.answers))
+        predictions.append({"id": ex.id, "prediction": text, "answers": list(ex.answers),
+                            "f1": f1, "em": em, "generated_tokens": n_gen})
+    n = len(predictions)
+    return predictions, {"f1": sum(p["f1"] for p in predictions) / n,
+                         "em": sum(p["em"] for p in predictions) / n,
+                         "empty_rate": sum(not p["prediction"] for p in predictions) / n}

@@ -58,7 +58,12 @@ def validate(opts: SweepOptions) -> Plan:
         raise UsageError(f"unknown prompt format {opts.prompt!r}; use one of "
                          f"{', '.join(prompts.FORMATS)}")
     data.check_spec(opts.dataset)
-    out = Path(opts.output_dir)
+    out = writable_dir(Path(opts.output_dir), "--output_dir / OUTPUT_DIR")
+    return Plan(chosen, specs, out)
+
+
+def writable_dir(out: Path, flag: str) -> Path:
+    """Create the folder and prove it takes a file now, not after an hour of work."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -66,8 +71,8 @@ def validate(opts: SweepOptions) -> Plan:
         probe.unlink()
     except OSError as err:
         raise UsageError(f"cannot write to output dir {out} ({err.strerror or err}); "
-                         "pass a writable --output_dir / OUTPUT_DIR")
-    return Plan(chosen, specs, out)
+                         f"pass a writable {flag}")
+    return out
 
 
 def write_json(path: Path, obj) -> None:
@@ -195,7 +200,7 @@ class Sweep:
 
         from . import embed_experiments
         from .generation import generate
-        from .scoring import score
+        from .scoring import score_answers
 
         start = time.time()
         result = {**_head(exp, spec), "source_effect": source_effect}
@@ -217,17 +222,11 @@ class Sweep:
                                self.opts.max_new_tokens, self.budget, self.progress,
                                prefix=self.prefix)
             reused_from = None
-        predictions = []
-        for ex, (text, n_gen) in zip(self.examples, answers):
-            em, f1 = score(text, list(ex.answers))
-            predictions.append({"id": ex.id, "prediction": text, "answers": list(ex.answers),
-                                "f1": f1, "em": em, "generated_tokens": n_gen})
+        predictions, means = score_answers(self.examples, answers)
         n = len(predictions)
         result.update({
             "status": "ok",
-            "f1": sum(p["f1"] for p in predictions) / n,
-            "em": sum(p["em"] for p in predictions) / n,
-            "empty_rate": sum(not p["prediction"] for p in predictions) / n,
+            **means,
             "num_samples": n,
             "time_sec": round(time.time() - start, 3),
             "diagnostics": diagnostics,

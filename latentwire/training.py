@@ -125,15 +125,9 @@ def validate(opts: TrainOptions) -> Path:
     need(opts.prompt in prompts.FORMATS, f"unknown --prompt {opts.prompt!r}; use one of "
          f"{', '.join(prompts.FORMATS)}")
     data.check_spec(opts.dataset)
-    out = opts.run_dir()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"cannot write to output dir {out} ({err.strerror or err}); "
-                         "pass a writable --output_dir")
+    from .sweep import writable_dir
+
+    out = writable_dir(opts.run_dir(), "--output_dir")
     last = checkpoint.existing(out / "checkpoints" / "last")
     if opts.resume:
         need(last is not None, f"--resume: {out} holds no checkpoint to resume "
@@ -298,10 +292,9 @@ class Trainer:
         lead = self.prefix if cache is None else self.prefix[:0]
         rows, targets, starts = [], [], []
         for n, item in enumerate(items):
-            tail = self.embed_ids(item.question) if item.question else self.anchor[:0]
-            answer_in = self.embed_ids(item.answer[:-1]) if len(item.answer) > 1 else self.anchor[:0]
-            row = torch.cat([lead, z[offsets[n]:offsets[n + 1]].to(dtype), tail, self.anchor,
-                             answer_in])
+            row = torch.cat([lead, z[offsets[n]:offsets[n + 1]].to(dtype),
+                             self.embed_ids(item.question), self.anchor,
+                             self.embed_ids(item.answer[:-1])])
             # The last anchor token predicts the first answer token, and so on.
             starts.append(row.shape[0] - len(item.answer))
             rows.append(row)
@@ -376,8 +369,7 @@ class Trainer:
                 text, _ = prompts.encode_span(self.lm.tokenizer, self.fmt, item.example.context,
                                               item.example.question, False)
                 row = torch.cat([self.prefix, self.embed_ids(text), self.anchor,
-                                 self.embed_ids(item.answer[:-1]) if len(item.answer) > 1
-                                 else self.prefix[:0]])
+                                 self.embed_ids(item.answer[:-1])])
                 logits = self.lm.model(inputs_embeds=row[None], use_cache=False,
                                        logits_to_keep=len(item.answer)).logits[0].float()
                 values, ids = logits.topk(KD_TOP, dim=-1)
@@ -386,26 +378,19 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------
 
-    def _answer(self, prompts_: list) -> list[dict]:
+    def _answer(self, prompts_: list) -> list[tuple[str, int]]:
         from .generation import generate
 
         return generate(self.lm.model, self.lm.tokenizer, prompts_, self.stops,
                         self.opts.max_new_tokens, prefix=self.prefix)
 
     def _score(self, items: list[Item], answers) -> dict:
-        from .scoring import score
+        from .scoring import score_answers
         from .stats import bootstrap_ci
 
-        predictions = []
-        for item, (text, n_gen) in zip(items, answers):
-            em, f1 = score(text, list(item.example.answers))
-            predictions.append({"id": item.example.id, "prediction": text,
-                                "answers": list(item.example.answers), "f1": f1, "em": em})
-        n = len(predictions)
-        f1s = [p["f1"] for p in predictions]
-        return {"f1": sum(f1s) / n, "em": sum(p["em"] for p in predictions) / n,
-                "empty_rate": sum(not p["prediction"] for p in predictions) / n,
-                "ci": list(bootstrap_ci(f1s)), "num_samples": n, "predictions": predictions}
+        predictions, means = score_answers([i.example for i in items], answers)
+        return {**means, "ci": list(bootstrap_ci([p["f1"] for p in predictions])),
+                "num_samples": len(predictions), "predictions": predictions}
 
     def evaluate(self) -> dict:
         """The latents' answers on the evaluation split, scored, with latent diagnostics."""
@@ -420,10 +405,8 @@ class Trainer:
                 z, offsets, d = self.latents(chunk)
                 diag.append(d)
                 for n, item in enumerate(chunk):
-                    parts = [z[offsets[n]:offsets[n + 1]].to(dtype)]
-                    if item.question:
-                        parts.append(self.embed_ids(item.question))
-                    prompts_.append(torch.cat(parts + [self.anchor]))
+                    prompts_.append(torch.cat([z[offsets[n]:offsets[n + 1]].to(dtype),
+                                               self.embed_ids(item.question), self.anchor]))
                     lat_rows.append(int(offsets[n + 1] - offsets[n]))
                     text_rows.append(len(item.span) + len(item.question))
                 latent = z.float()
