@@ -193,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
     _add_sweep_args(sub.add_parser("sweep", help="run (or resume) a sweep",
                                    epilog=EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter))
-    lister = sub.add_parser("list", help="print every experiment, source and named dataset")
+    lister = sub.add_parser("list", help="print every experiment, source, named dataset and encoder")
     lister.add_argument("--grid", default="default", choices=["default", "full"])
     _add_analyze_args(sub.add_parser("analyze", help="analyse a finished or partial sweep"))
     _add_train_args(sub.add_parser(
@@ -238,6 +238,10 @@ def cmd_list(args) -> int:
     print("\n".join(f"  {name:<10} {s.description}" for name, s in sources.SOURCES.items()))
     print("\ndatasets (--dataset; or a path to a SQuAD .json or a .jsonl file):")
     print("\n".join(f"  {name:<10} {desc}" for name, (desc, _) in data.NAMED.items()))
+    from .encoders import ENCODERS
+
+    print("\nencoders (latentwire train --encoder):")
+    print("\n".join(f"  {name:<10} {cls.description}" for name, cls in ENCODERS.items()))
     return 0
 
 

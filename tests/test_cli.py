@@ -88,8 +88,13 @@ def test_experiment_list_and_help():
     assert r.returncode == 0 and "28 experiments" in r.stdout and "codebook_1024_t1.0" in r.stdout
     r = cli("list")
     assert r.returncode == 0 and "mismatch" in r.stdout and "squad_v2" in r.stdout
+    assert "constant" in r.stdout and "learned-prefix control" in r.stdout
     r = cli("--help")
     assert r.returncode == 0 and "examples:" in r.stdout and "analyze" in r.stdout
+    assert "train" in r.stdout and "study" in r.stdout
+    r = subprocess.run([sys.executable, "latentwire/train.py", "--help"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0 and "--embed_transform" in r.stdout and "--resume" in r.stdout
 
 
 def test_seed_scripts_are_thin_wrappers(tmp_path):
