@@ -1,20 +1,19 @@
 """The sweep on a Ray cluster: units of work run by actors that load their model once.
 
-A unit is one model x one source x one group of experiments that share what is expensive to
-build, so splitting the sweep repeats none of it:
+A unit is one model x one source x one category of experiments, which share what is expensive
+to build: nearest_k its one exact top-k search, soft_codebook its k-means codes (kept in the
+actor's vocabulary for its later units of the same model). The baseline joins anchor_offset:
+on text every anchor experiment is a no-op whose generations are the baseline's, and keeping
+them in one unit keeps that reuse, so result files say what a local run's say.
 
-- `neighbours`: baseline, nearest_k and anchor_offset. One exact top-k search serves them all,
-  and on text every anchor experiment is a no-op that reuses the baseline's generations; keeping
-  the baseline in this unit keeps that reuse, so result files say what a local run's say.
-- `scale`: rms_matching and batch_distribution, which share nothing but are cheap to transform.
-- `codebook`: soft_codebook. The k-means codes live in the actor's vocabulary and serve its later
-  units of the same model.
-
-One unit per source would leave a one-source sweep (the default) on a single worker; these three
-let it use three. Workers write the same atomic per-experiment files as a local run (through
-sweep._run_one), so resume, --force, the summary and the analysis cannot tell the two apart. A
-worker whose process dies is restarted by Ray and its unit retried; the retry keeps every result
-already written, so nothing is lost. Ray is imported only here, and only inside functions.
+One unit per source would leave a one-source sweep (the default) on a single worker and make
+its largest unit the whole sweep; by category the largest is nearest_k (10 generations of the
+default 28), at the price of a second top-k search (for the anchors), which costs seconds
+where a generation costs far more. Workers write the same atomic per-experiment files as a
+local run (through sweep._run_one), so resume, --force, the summary and the analysis cannot tell
+the two apart. A worker whose process dies is restarted by Ray and its unit retried; the retry
+keeps every result already written, so nothing is lost. Ray is imported only here, and only
+inside functions.
 """
 
 import logging
@@ -27,8 +26,9 @@ from dataclasses import dataclass
 from . import sweep
 from .errors import UsageError
 
-GROUP_OF = {"baseline": "neighbours", "nearest_k": "neighbours", "anchor_offset": "neighbours",
-            "rms_matching": "scale", "batch_distribution": "scale", "soft_codebook": "codebook"}
+GROUP_OF = {"baseline": "anchor_offset", "anchor_offset": "anchor_offset",
+            "nearest_k": "nearest_k", "rms_matching": "rms_matching",
+            "batch_distribution": "batch_distribution", "soft_codebook": "soft_codebook"}
 
 # A worker killed this many times in a row (out of memory on every try, say) is given up on;
 # its unit is reported as not run and a rerun resumes it.
@@ -77,6 +77,9 @@ class Worker:
             # The worker's own argv is Ray's; the run was asked for by the driver's.
             self.sweep.provenance["command"] = self.command
         spec = self.plan.sources[unit.source]
+        # Generations are reused within a unit only, so what a result says it reused does not
+        # depend on which units a worker happened to run before.
+        self.sweep.reuse = {}
         inputs, effect = self.sweep.source_inputs(spec)
         chosen = [e for e in self.plan.experiments if e.name in unit.names]
         return ([sweep._run_one(self.sweep, self.plan, spec, exp, inputs, effect,

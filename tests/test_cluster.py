@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.ray
 
-EXPERIMENTS = "baseline,anchor_eps0.1,rms_scale1.0"  # two units per source: neighbours, scale
+EXPERIMENTS = "baseline,anchor_eps0.1,rms_scale1.0"  # per source: baseline + anchor, rms
 SOURCES = "text,scaled:50"
 
 
