@@ -399,6 +399,8 @@ def analyze(summary: dict, output_dir, as_json: bool = False, plots: bool = True
     else:
         print(render_text(insights))
         if written:
+            where = ("each model's plots/" if "models" in insights
+                     else str(Path(written[0]).parent))
             print(f"\nplots and report: {', '.join(str(p) for p in written[-1:])} "
-                  f"(+{len(written) - 1} plots in {Path(written[0]).parent})")
+                  f"(+{len(written) - 1} plots in {where})")
     return insights

@@ -159,28 +159,33 @@ def _run(runs, log) -> tuple[list[dict], int]:
     queues = [deque(u for u in todo if u.model == m) for m in range(len(runs))]
     remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_RESTARTS,
                         max_task_retries=MAX_RESTARTS)(Worker)
-    log(f"Ray: {len(todo)} units of {len(runs)} model(s) x source x experiment group, at most "
+    log(f"Ray: {len(todo)} units (model x source x category) of {len(runs)} model(s), at most "
         f"{capacity} at once ({cpus:g} CPU, {gpus:g} GPU per worker)")
     pending: dict = {}  # ObjectRef -> (actor, unit)
     results: list[dict] = [{} for _ in runs]  # per model: (source, experiment) -> result
     provenance: list[dict] = [{} for _ in runs]
     lost, done, start = [], 0, time.time()
 
+    workers = [0] * len(runs)  # live workers per model
+
     def launch(m: int) -> None:
         one, plan = runs[m]
-        actor = remote.remote(one, plan, sys.argv, max(1, int(cpus)))
-        give(actor, m)
+        workers[m] += 1
+        give(remote.remote(one, plan, sys.argv, max(1, int(cpus))), m)
 
     def give(actor, m: int) -> None:
         unit = queues[m].popleft()
         pending[actor.run_unit.remote(unit)] = (actor, unit)
 
-    def busiest() -> int | None:
-        waiting = [m for m in range(len(runs)) if queues[m]]
-        return max(waiting, key=lambda m: len(queues[m])) if waiting else None
+    def short_of_workers() -> int | None:
+        """The model whose queue most exceeds its workers, each of which takes one more unit
+        when it is done: a new worker pays a model load, so it starts only for units that the
+        model's own workers would not reach next."""
+        short = [m for m in range(len(runs)) if len(queues[m]) > workers[m]]
+        return max(short, key=lambda m: len(queues[m]) - workers[m]) if short else None
 
     # Start with one worker per model in turn, until the cluster is full or every unit has one.
-    while len(pending) < capacity and busiest() is not None:
+    while len(pending) < capacity and any(queues):
         for m in range(len(runs)):
             if queues[m] and len(pending) < capacity:
                 launch(m)
@@ -203,6 +208,7 @@ def _run(runs, log) -> tuple[list[dict], int]:
                 log(f"worker for {one.model_id} died {MAX_RESTARTS + 1} times in unit "
                     f"{spec.spec} {unit.group} ({type(err).__name__}); its experiments are not run")
                 actor, unit_results = None, []
+                workers[unit.model] -= 1
             else:
                 for r in unit_results:
                     path = sweep.result_path(plan, spec, r["experiment"])
@@ -222,7 +228,8 @@ def _run(runs, log) -> tuple[list[dict], int]:
                 continue
             if actor is not None:
                 ray.kill(actor)  # frees its CPU/GPU for a model that still has units
-            nxt = busiest()
+                workers[unit.model] -= 1
+            nxt = short_of_workers()
             if nxt is not None:
                 launch(nxt)
     except KeyboardInterrupt:

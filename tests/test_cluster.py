@@ -160,6 +160,8 @@ def test_two_models_in_one_sweep_get_a_folder_each_and_a_cross_model_section(
                for n in names}
     assert {n: w["experiment"] for n, w in cross["winners"].items()} == winners
     assert cross["same_winner"] == (len(set(winners.values())) == 1)
+    table = analysis.ranked_table(summary)
+    assert all(f"({n}/)" in table for n in names)
     text = render_text(insights)
     assert "CROSS-MODEL" in text and "Spearman" in text and "Kendall" in text
     written = analysis.analyze(summary, tmp_path / "ray", plots=True)
