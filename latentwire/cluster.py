@@ -18,6 +18,7 @@ inside functions.
 
 import logging
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -101,9 +102,18 @@ def connect(address: str) -> bool:
     this call started the connection (and so should end it). A caller that is already connected
     (a notebook, the tests) keeps its own."""
     ray = _ray()
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():
+        # Ray retries an unreachable address for minutes; one refused connection says enough.
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as err:
+            raise UsageError(f"cannot reach the Ray cluster at {target} ({err.strerror or err}); "
+                             "start one with `ray start --head`, or pass --ray with no address "
+                             "for a local Ray")
     if ray.is_initialized():
         return False
-    target = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
         ray.init(address=target, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as err:

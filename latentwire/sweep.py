@@ -1,4 +1,5 @@
-"""How a sweep runs and resumes: sources x experiments over one model and one set of examples.
+"""How a sweep runs and resumes: sources x experiments over one model and one set of examples,
+or over several models, each into its own folder (here one after another; on Ray, cluster.py).
 
 Every experiment's result is its own JSON file, written atomically; `summary.json` is rebuilt
 from those files. A rerun into the same directory skips every result whose fingerprint (model,

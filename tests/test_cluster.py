@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from latentwire import analysis, sweep
+from latentwire import analysis, cluster, sweep
 from latentwire.errors import UsageError
 from latentwire.formatting import render_text
 
@@ -172,6 +172,8 @@ def test_two_models_in_one_sweep_get_a_folder_each_and_a_cross_model_section(
 def test_bad_ray_and_model_flags_are_one_line_errors(local_ray, tiny_model_dir, tmp_path):
     with pytest.raises(UsageError, match="no node of the Ray cluster has 3 CPUs"):
         sweep.run(options(tmp_path, tiny_model_dir, ray="", ray_cpus_per_worker=3))
+    with pytest.raises(UsageError, match="cannot reach the Ray cluster at 127.0.0.1:9"):
+        cluster.connect("127.0.0.1:9")  # the discard port: nothing listens there
     with pytest.raises(UsageError, match="need --ray"):
         sweep.run(options(tmp_path, tiny_model_dir, ray_gpus_per_worker=1))
     twin = tmp_path / "elsewhere" / tiny_model_dir.name
