@@ -44,7 +44,7 @@ def load_summary(path: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"summary file {path} is not valid JSON ({err}); rerun the sweep into "
                          "the same directory to rebuild it from the per-experiment files")
-    if not isinstance(summary, dict) or "results" not in summary:
+    if not isinstance(summary, dict) or not ("results" in summary or "models" in summary):
         raise UsageError(f"summary file {path} has no 'results'; it is not a sweep summary")
     return summary
 
@@ -279,6 +279,11 @@ def recovery(ok: list[dict]) -> list[dict]:
 
 
 def build(summary: dict) -> dict:
+    """The analysis of a sweep; of each model and across them for a sweep over several."""
+    if "models" in summary:
+        per = {m["dir"]: build(m["summary"]) for m in summary["models"]}
+        return {"models": per, "model_ids": {m["dir"]: m["model_id"] for m in summary["models"]},
+                "cross_model": cross_model(per), "interrupted": bool(summary.get("interrupted"))}
     ok, failed = normalise(summary)
     by_source = defaultdict(list)
     for r in ok:
@@ -297,10 +302,46 @@ def build(summary: dict) -> dict:
     }
 
 
+def cross_model(per_model: dict[str, dict]) -> dict:
+    """Per source every model ran: each experiment's F1 on each model, how far the models agree
+    on the order of the experiments (every pair: Spearman and Kendall over the experiments all
+    of them ran), and each model's winner. The winner is the analysis's first-ranked experiment,
+    with the baseline first among equal F1s, so models that all keep the baseline agree."""
+    names = list(per_model)
+    shared = [src for src in per_model[names[0]]["sources"]
+              if all(src in per_model[n]["sources"] for n in names)]
+    out = {"models": names, "sources": {}}
+    for src in shared:
+        f1 = {n: {r["experiment"]: r["f1"] for r in per_model[n]["sources"][src]["ranked"]}
+              for n in names}
+        common = [e for e in f1[names[0]] if all(e in f1[n] for n in names)]
+        agreement = [{"a": a, "b": b, "n": len(common),
+                      "spearman": stats.spearman([f1[a][e] for e in common],
+                                                 [f1[b][e] for e in common]),
+                      "kendall": stats.kendall_tau([f1[a][e] for e in common],
+                                                   [f1[b][e] for e in common])}
+                     for i, a in enumerate(names) for b in names[i + 1:]]
+        winners = {}
+        for n in names:
+            top = per_model[n]["sources"][src]["ranked"][0]
+            winners[n] = {"experiment": top["experiment"], "category": top["category"],
+                          "f1": top["f1"], "vs_baseline": (top.get("vs_baseline") or {}).get(
+                              "label", "reference" if top["experiment"] == "baseline" else None)}
+        out["sources"][src] = {
+            "table": [{"experiment": e, "f1": {n: f1[n][e] for n in names}} for e in common],
+            "agreement": agreement, "winners": winners,
+            "same_winner": len({w["experiment"] for w in winners.values()}) == 1,
+            "same_winning_category": len({w["category"] for w in winners.values()}) == 1}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Text output.
 
 def ranked_table(summary: dict) -> str:
+    if "models" in summary:
+        return "\n\n".join(f"model {m['model_id']} ({m['dir']}/):\n" + ranked_table(m["summary"])
+                           for m in summary["models"])
     ok, failed = normalise(summary)
     if not ok and not failed:
         return "no results"
@@ -349,7 +390,8 @@ def analyze(summary: dict, output_dir, as_json: bool = False, plots: bool = True
     if output_dir is None and summary_path is not None:
         output_dir = Path(summary_path).parent
     written = []
-    if plots and output_dir is not None and insights["sources"]:
+    analysed = insights["models"].values() if "models" in insights else [insights]
+    if plots and output_dir is not None and any(a["sources"] for a in analysed):
         from . import report
         written = report.write(insights, summary, Path(output_dir))
     if as_json:
@@ -357,6 +399,8 @@ def analyze(summary: dict, output_dir, as_json: bool = False, plots: bool = True
     else:
         print(render_text(insights))
         if written:
+            where = ("each model's plots/" if "models" in insights
+                     else str(Path(written[0]).parent))
             print(f"\nplots and report: {', '.join(str(p) for p in written[-1:])} "
-                  f"(+{len(written) - 1} plots in {Path(written[0]).parent})")
+                  f"(+{len(written) - 1} plots in {where})")
     return insights

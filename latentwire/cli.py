@@ -16,6 +16,8 @@ EXAMPLES = """examples:
   latentwire sweep --experiment rms_scale1.0 --samples 8
   latentwire sweep --experiment 'nearest_k*,baseline' --dataset squad-dev.json
   latentwire sweep --source text,mismatch --experiment baseline,rms_scale1.0
+  latentwire sweep --ray                             # on a new local Ray, or at $RAY_ADDRESS
+  latentwire sweep --ray 10.0.0.5:6379 --model_id Qwen/Qwen2.5-0.5B-Instruct,./llama-3.2-1b
   latentwire list
   latentwire analyze --summary runs/embed_sweep_simple/summary.json
   latentwire train --encoder pool --compression 4 --samples 2000 --epochs 1
@@ -43,8 +45,8 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=100, metavar="N",
                    help="examples per experiment, after a seeded shuffle (default: 100)")
     p.add_argument("--model_id", default=BUNDLED, metavar="ID",
-                   help="Hugging Face id, local directory, or .gguf file "
-                        "(default: the bundled SmolLM2-135M-Instruct)")
+                   help="Hugging Face id, local directory, or .gguf file; several as A,B, each "
+                        "into OUTPUT_DIR/<model>/ (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--dataset", default="builtin", metavar="SPEC",
                    help="builtin (offline), squad, squad_v2, hotpot, or a path to a SQuAD .json "
                         "or a .jsonl of {context, question, answers} (default: builtin)")
@@ -71,6 +73,15 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="allow a hub model's own code to run (off unless you ask)")
     p.add_argument("--no-analysis", dest="analysis", action="store_false",
                    help="skip the analysis and plots at the end")
+    g = p.add_argument_group("Ray (pip install 'latentwire[ray]')")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the sweep's units on Ray workers that keep their model loaded: at "
+                        "ADDRESS, else at $RAY_ADDRESS, else on a new local Ray")
+    g.add_argument("--ray_gpus_per_worker", type=float, default=None, metavar="N",
+                   help="GPUs per worker, fractions allowed (default: 1 where the cluster has "
+                        "GPUs, else 0)")
+    g.add_argument("--ray_cpus_per_worker", type=float, default=1.0, metavar="N",
+                   help="CPUs per worker, also its torch threads (default: 1)")
 
 
 def _add_analyze_args(p: argparse.ArgumentParser) -> None:

@@ -26,7 +26,12 @@ def _heading(title: str) -> str:
 
 
 def render_text(insights: dict) -> str:
-    """The insight sections, as the terminal prints them and report.html embeds them."""
+    """The insight sections, as the terminal prints them and report.html embeds them; for a
+    sweep over several models, each model's, then the comparison across them."""
+    if "models" in insights:
+        parts = [f"{'#' * 72}\nMODEL {insights['model_ids'][name]} ({name}/)\n{'#' * 72}\n"
+                 + render_text(sub) for name, sub in insights["models"].items()]
+        return "\n".join(parts + [render_cross_model(insights["cross_model"])])
     out = []
     for src, a in insights["sources"].items():
         tag = f" (source: {src})" if len(insights["sources"]) > 1 or src != "text" else ""
@@ -89,4 +94,26 @@ def render_text(insights: dict) -> str:
                        f"{err.get('message', '')}")
         for n in insights["not_run"]:
             out.append(f"  not run: {n['experiment']} ({n['source']})")
+    return "\n".join(out)
+
+
+def render_cross_model(cross: dict) -> str:
+    names = cross["models"]
+    width = max(10, *(len(n) for n in names))
+    out = []
+    for src, c in cross["sources"].items():
+        out.append(_heading(f"CROSS-MODEL: F1 per model and rank agreement (source: {src})"))
+        out.append(f"  {'experiment':<20} " + " ".join(f"{n:>{width}}" for n in names))
+        out += [f"  {row['experiment']:<20} " + " ".join(f"{row['f1'][n]:>{width}.3f}" for n in names)
+                for row in c["table"]]
+        for pair in c["agreement"]:
+            out.append(f"  {pair['a']} vs {pair['b']} over {pair['n']} experiments: Spearman "
+                       f"{number(pair['spearman'], 2)}, Kendall {number(pair['kendall'], 2)}")
+        for n, w in c["winners"].items():
+            out.append(f"  winner on {n}: {w['experiment']} ({w['category']}, F1 {w['f1']:.3f}, "
+                       f"vs baseline: {w['vs_baseline'] or 'n/a'})")
+        verdict = ("the same experiment wins on every model" if c["same_winner"] else
+                   "different experiments win, of the same category" if c["same_winning_category"]
+                   else "different transforms win on different models")
+        out.append(f"  -> {verdict}")
     return "\n".join(out)

@@ -187,24 +187,16 @@ def _table(headers, rows) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_html(insights: dict, summary: dict, plots: list[Path], path: Path) -> Path:
+def _model_sections(insights: dict, summary: dict, level: int = 2) -> list[str]:
+    """Provenance and the result tables of one model's sweep."""
+    h = f"h{level}"
     prov = summary.get("provenance", {})
     prov_rows = [(k, v if not isinstance(v, (dict, list)) else
                   ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else
                   " ".join(map(str, v))) for k, v in prov.items()]
-    parts = ["<!doctype html><meta charset='utf-8'><title>LatentWire sweep report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-             "pre{background:#f6f6f6;padding:1em;white-space:pre-wrap;font-size:13px}"
-             "img{max-width:100%;border:1px solid #eee;margin:0.5em 0}</style>",
-             "<h1>LatentWire embedding sweep</h1>",
-             f"<p>{summary.get('successful', '?')} of {summary.get('total_experiments', '?')} "
-             f"runs succeeded, {summary.get('failed', 0)} failed"
-             f"{', interrupted' if summary.get('interrupted') else ''}.</p>",
-             "<h2>Run provenance</h2>", _table(["field", "value"], prov_rows)]
+    parts = [f"<{h}>Run provenance</{h}>", _table(["field", "value"], prov_rows)]
     for src, a in insights["sources"].items():
-        parts.append(f"<h2>Results, source: {html.escape(src)}</h2>")
+        parts.append(f"<{h}>Results, source: {html.escape(src)}</{h}>")
         parts.append(_table(
             ["rank", "experiment", "category", "F1", "95% CI", "EM", "empty", "vs baseline",
              "norm ratio", "cosine to input"],
@@ -214,6 +206,43 @@ def write_html(insights: dict, summary: dict, plots: list[Path], path: Path) -> 
               (r.get("vs_baseline") or {}).get("label", "reference" if r["experiment"] == "baseline" else ""),
               number(r["diagnostics"].get("norm_ratio")), number(r["diagnostics"].get("cosine_to_input")))
              for i, r in enumerate(a["ranked"], 1)]))
+    return parts
+
+
+def _cross_model_sections(cross: dict) -> list[str]:
+    names = cross["models"]
+    parts = []
+    for src, c in cross["sources"].items():
+        parts.append(f"<h2>Cross-model, source: {html.escape(src)}</h2>")
+        parts.append(_table(["experiment"] + names, [[row["experiment"]] + [
+            number(row["f1"][n]) for n in names] for row in c["table"]]))
+        parts.append(_table(["models", "experiments", "Spearman", "Kendall tau-b"], [
+            (f"{p['a']} vs {p['b']}", p["n"], number(p["spearman"], 2), number(p["kendall"], 2))
+            for p in c["agreement"]]))
+        parts.append(_table(["model", "winner", "category", "F1", "vs baseline"], [
+            (n, w["experiment"], w["category"], number(w["f1"]), w["vs_baseline"] or "n/a")
+            for n, w in c["winners"].items()]))
+    return parts
+
+
+def write_html(insights: dict, summary: dict, plots: list[Path], path: Path) -> Path:
+    parts = ["<!doctype html><meta charset='utf-8'><title>LatentWire sweep report</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+             "pre{background:#f6f6f6;padding:1em;white-space:pre-wrap;font-size:13px}"
+             "img{max-width:100%;border:1px solid #eee;margin:0.5em 0}</style>",
+             "<h1>LatentWire embedding sweep</h1>",
+             f"<p>{summary.get('successful', '?')} of {summary.get('total_experiments', '?')} "
+             f"runs succeeded, {summary.get('failed', 0)} failed"
+             f"{', interrupted' if summary.get('interrupted') else ''}.</p>"]
+    if "models" in insights:
+        for m in summary["models"]:
+            parts.append(f"<h2>Model {html.escape(m['model_id'])} ({html.escape(m['dir'])}/)</h2>")
+            parts += _model_sections(insights["models"][m["dir"]], m["summary"], level=3)
+        parts += _cross_model_sections(insights["cross_model"])
+    else:
+        parts += _model_sections(insights, summary)
     parts.append("<h2>Insights</h2><pre>" + html.escape(render_text(insights)) + "</pre>")
     parts.append("<h2>Plots</h2>")
     for p in plots:
@@ -227,7 +256,11 @@ def write_html(insights: dict, summary: dict, plots: list[Path], path: Path) -> 
 def write(insights: dict, summary: dict, output_dir: Path) -> list[Path]:
     """Write every plot and the report; return their paths, the report last."""
     try:
-        plots = write_plots(insights, output_dir)
+        if "models" in insights:  # each model's plots in its own folder
+            plots = [p for name, sub in insights["models"].items()
+                     for p in write_plots(sub, output_dir / name)]
+        else:
+            plots = write_plots(insights, output_dir)
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         plots = []

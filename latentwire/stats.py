@@ -63,3 +63,36 @@ def ratio_ci(num, den, level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0)
     tail = (1 - level) / 2 * 100
     return (float(x.mean() / y.mean()),
             (float(np.nanpercentile(ratios, tail)), float(np.nanpercentile(ratios, 100 - tail))))
+
+
+def _average_ranks(values) -> np.ndarray:
+    """Ranks from 1, ties sharing the mean of the ranks they span."""
+    v = np.asarray(values, dtype=float)
+    ranks = np.empty(v.size)
+    ranks[np.argsort(v, kind="stable")] = np.arange(1, v.size + 1)
+    for value in np.unique(v):
+        tied = v == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a, b) -> float:
+    """Spearman's rho: the Pearson correlation of the two average rankings; NaN when either
+    ranking is constant (no order to agree with) or fewer than two items."""
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    if ra.size < 2:
+        return math.nan
+    da, db = ra - ra.mean(), rb - rb.mean()
+    den = math.sqrt(float((da ** 2).sum() * (db ** 2).sum()))
+    return float((da * db).sum() / den) if den else math.nan
+
+
+def kendall_tau(a, b) -> float:
+    """Kendall's tau-b: (concordant - discordant pairs) over the geometric mean of the pairs
+    untied in each, so ties (no-op experiments repeat the baseline's F1) neither agree nor
+    disagree. NaN when either side is all ties."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    i, j = np.triu_indices(x.size, k=1)
+    sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+    den = math.sqrt(float((sx ** 2).sum() * (sy ** 2).sum()))
+    return float((sx * sy).sum() / den) if den else math.nan

@@ -1,4 +1,5 @@
-"""How a sweep runs and resumes: sources x experiments over one model and one set of examples.
+"""How a sweep runs and resumes: sources x experiments over one model and one set of examples,
+or over several models, each into its own folder (here one after another; on Ray, cluster.py).
 
 Every experiment's result is its own JSON file, written atomically; `summary.json` is rebuilt
 from those files. A rerun into the same directory skips every result whose fingerprint (model,
@@ -12,11 +13,12 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import __version__, data, experiments, models, prompts, sources
 from .errors import UsageError
+from .formatting import safe_name
 
 DEFAULT_OUTPUT = "runs/embed_sweep_simple"
 
@@ -37,6 +39,10 @@ class SweepOptions:
     force: bool = False
     device: str | None = None
     trust_remote_code: bool = False
+    # None runs here; "" on Ray at RAY_ADDRESS, or on a new local Ray; else at that address.
+    ray: str | None = None
+    ray_gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    ray_cpus_per_worker: float = 1.0
 
 
 @dataclass
@@ -73,6 +79,51 @@ def writable_dir(out: Path, flag: str) -> Path:
         raise UsageError(f"cannot write to output dir {out} ({err.strerror or err}); "
                          f"pass a writable {flag}")
     return out
+
+
+def model_ids(spec: str) -> list[str]:
+    """`--model_id A,B`: the models of one sweep, in the order given, each once."""
+    ids = []
+    for m in (part.strip() for part in spec.split(",")):
+        if m and m not in ids:
+            ids.append(m)
+    if not ids:
+        raise UsageError("--model_id is empty; pass a model, or several as --model_id A,B")
+    return ids
+
+
+def model_dirname(model_id: str) -> str:
+    """A model's folder in a sweep over several: a local directory or file by its own name, a
+    hub id with its organisation (Qwen/Qwen2.5-0.5B -> Qwen__Qwen2.5-0.5B)."""
+    path = Path(model_id)
+    if path.exists():
+        return safe_name(path.stem if path.suffix == ".gguf" else path.resolve().name)
+    return safe_name(model_id.replace("/", "__"))
+
+
+def plan_models(opts: SweepOptions) -> list[tuple[SweepOptions, Plan]]:
+    """One (options, plan) per model, all validated before any model loads. A single model keeps
+    the layout of a one-model sweep; several get OUTPUT_DIR/<model>/ each."""
+    if opts.ray is None and (opts.ray_gpus_per_worker is not None or opts.ray_cpus_per_worker != 1.0):
+        raise UsageError("--ray_gpus_per_worker and --ray_cpus_per_worker need --ray")
+    if opts.ray_cpus_per_worker <= 0 or (opts.ray_gpus_per_worker or 0) < 0:
+        raise UsageError("--ray_cpus_per_worker must be above 0 and --ray_gpus_per_worker at "
+                         "least 0")
+    ids = model_ids(opts.model_id)
+    if len(ids) == 1:
+        one = replace(opts, model_id=ids[0])
+        return [(one, validate(one))]
+    dirs = [model_dirname(m) for m in ids]
+    for d in set(dirs):
+        same = [m for m, other in zip(ids, dirs) if other == d]
+        if len(same) > 1:
+            raise UsageError(f"models {', '.join(same)} would share the folder {d}; "
+                             "pass them by paths with different final names")
+    runs = []
+    for m, d in zip(ids, dirs):
+        one = replace(opts, model_id=m, output_dir=str(Path(opts.output_dir) / d))
+        runs.append((one, validate(one)))
+    return runs
 
 
 def write_json(path: Path, obj) -> None:
@@ -274,10 +325,55 @@ def build_summary(results: list[dict], planned: list[tuple[str, str]], prov: dic
 
 
 def run(opts: SweepOptions, log=print) -> tuple[dict, int]:
-    """Run (or resume) the sweep; return the summary and the exit code (0, 1 if any experiment
-    failed, 130 if interrupted). Bad input raises UsageError before any model is loaded."""
-    plan = validate(opts)
-    planned = [(s.spec, e.name) for s in plan.sources for e in plan.experiments]
+    """Run (or resume) the sweep, here or on Ray; return the summary and the exit code (0, 1 if
+    any experiment failed, 130 if interrupted). Bad input raises UsageError before any model is
+    loaded. Several models run one after another here, side by side on Ray."""
+    runs = plan_models(opts)
+    if opts.ray is not None:
+        from . import cluster
+
+        summaries, code = cluster.run(runs, opts.ray, log)
+    else:
+        summaries, code = [], 0
+        for one, plan in runs:
+            summary, one_code = run_model(one, plan, log)
+            summaries.append(summary)
+            code = max(code, one_code)
+            if one_code == 130:
+                break
+    if len(runs) == 1:
+        return summaries[0], code
+    combined = combine_summaries(runs, summaries, code == 130)
+    write_json(Path(opts.output_dir) / "summary.json", combined)
+    return combined, code
+
+
+def planned_runs(plan: Plan) -> list[tuple[str, str]]:
+    return [(s.spec, e.name) for s in plan.sources for e in plan.experiments]
+
+
+def combine_summaries(runs, summaries: list[dict], interrupted: bool) -> dict:
+    """OUTPUT_DIR/summary.json of a sweep over several models: each model's own summary (also
+    in its folder), in the order given, and the totals. A model never reached (Ctrl-C) is there
+    with all its runs not run."""
+    entries = []
+    for i, (one, plan) in enumerate(runs):
+        summary = (summaries[i] if i < len(summaries) else
+                   build_summary([], planned_runs(plan), {}, interrupted=True))
+        entries.append({"model_id": one.model_id, "dir": plan.output_dir.name,
+                        "summary": summary})
+    return {
+        "total_experiments": sum(e["summary"]["total_experiments"] for e in entries),
+        "successful": sum(e["summary"]["successful"] for e in entries),
+        "failed": sum(e["summary"]["failed"] for e in entries),
+        "interrupted": interrupted,
+        "models": entries,
+    }
+
+
+def run_model(opts: SweepOptions, plan: Plan, log=print) -> tuple[dict, int]:
+    """One model's sweep in this process."""
+    planned = planned_runs(plan)
     results: list[dict] = []
     sweep = None
     summary_path = plan.output_dir / "summary.json"

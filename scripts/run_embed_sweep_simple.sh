@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The seed's entry point: run the sweep, then the analysis (printed at the end).
-# Environment: MODEL_ID, DATASET, SAMPLES, OUTPUT_DIR, SOURCE, GRID, EXPERIMENT; any extra
-# arguments are passed on to `latentwire sweep`.
+# Environment: MODEL_ID (several as A,B), DATASET, SAMPLES, OUTPUT_DIR, SOURCE, GRID, EXPERIMENT;
+# any extra arguments are passed on to `latentwire sweep` (e.g. --ray, which reads RAY_ADDRESS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -75,6 +75,11 @@ def test_output_dir_that_cannot_be_written(tmp_path):
                        "cannot write to output dir")
 
 
+def test_ray_worker_flags_need_ray(tmp_path):
+    assert_usage_error(cli("sweep", "--ray_cpus_per_worker", "2", "--output_dir", str(tmp_path)),
+                       "need --ray")
+
+
 def test_analysis_of_missing_or_corrupt_summary(tmp_path):
     assert_usage_error(cli("analyze", "--summary", str(tmp_path / "summary.json")),
                        "does not exist")

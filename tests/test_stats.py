@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from latentwire import stats
@@ -33,3 +35,20 @@ def test_samples_needed_follows_the_power_formula():
 def test_ratio_ci():
     ratio, (lo, hi) = stats.ratio_ci([0.5] * 40, [1.0] * 40)
     assert ratio == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+
+
+def test_rank_correlations_against_hand_computed_values():
+    # One swapped pair of three: 2 concordant, 1 discordant; squared rank gaps sum to 2.
+    assert stats.kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert stats.spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(1 - 6 * 2 / (3 * 8))
+    # A tie in b: 5 concordant pairs, 1 tied in b only: tau-b = 5 / sqrt(5 * 6); b's ranks are
+    # 1.5, 1.5, 3, 4, so rho = 4.5 / sqrt(5 * 4.5) = sqrt(0.9).
+    assert stats.kendall_tau([1, 2, 3, 4], [0.1, 0.1, 0.2, 0.3]) == pytest.approx(5 / 30 ** 0.5)
+    assert stats.spearman([1, 2, 3, 4], [0.1, 0.1, 0.2, 0.3]) == pytest.approx(0.9 ** 0.5)
+    # Reversed order: -1 both; only the order counts, not the values.
+    assert stats.kendall_tau([1, 2, 3, 4], [9, 7, 2, 1]) == pytest.approx(-1)
+    assert stats.spearman([1, 2, 3, 4], [9, 7, 2, 1]) == pytest.approx(-1)
+    # Nothing to rank: undefined, not 0.
+    assert math.isnan(stats.spearman([1, 2, 3], [5, 5, 5]))
+    assert math.isnan(stats.kendall_tau([1, 2, 3], [5, 5, 5]))
+    assert math.isnan(stats.spearman([1], [2]))
