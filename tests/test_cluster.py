@@ -30,7 +30,9 @@ def local_ray(tmp_path_factory):
     kill_dir = tmp_path_factory.mktemp("kill")
     ray.init(num_cpus=2, logging_level=logging.WARNING, runtime_env={
         "worker_process_setup_hook": "tests.ray_hooks.arm_kill",
-        "env_vars": {KILL_DIR: str(kill_dir), "HF_HUB_OFFLINE": "1"}})
+        # Workers import the hook as tests.ray_hooks: the repository root must be on their path
+        # (pytest puts it on the driver's only).
+        "env_vars": {KILL_DIR: str(kill_dir), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}})
     yield kill_dir
     ray.shutdown()
 
