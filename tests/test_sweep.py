@@ -120,7 +120,13 @@ def _start(out, experiments):
     return subprocess.Popen([sys.executable, "-m", "latentwire.cli", "sweep", "--experiment",
                              experiments, "--samples", "4", "--output_dir", str(out),
                              "--no-analysis"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    """A shell runs background jobs with SIGINT ignored, and a child inherits that: Ctrl-C
+    would then never reach the sweep under test. (A suite started with `&` failed so.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(path, proc, timeout=300):
