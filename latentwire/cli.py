@@ -142,6 +142,10 @@ def _add_train_args(p: argparse.ArgumentParser, study: bool = False) -> None:
     g.add_argument("--encoder_layer", type=int, default=None, metavar="L",
                    help="lm: the layer (1 to the model's count) whose states the slots hand over "
                         "(default: the last)")
+    g.add_argument("--encoder_lora", type=int, default=0, metavar="R",
+                   help="lm: rank-R LoRA adapters on the reader's own copy of the model, trained "
+                        "with it; the model that answers stays frozen (default: 0, none; needs "
+                        "peft: pip install 'latentwire[lora]')")
     g = p.add_argument_group("data and model")
     g.add_argument("--model_id", default=BUNDLED, metavar="ID",
                    help="the frozen model, loaded as the sweep loads it (default: bundled)")

@@ -148,27 +148,34 @@ class ModelReader(nn.Module):
     """A language model hands over what it read at a few memory slots (gist tokens, ICAE).
 
     The reader is the frozen model itself: it reads each span followed by M learned slot
-    embeddings, and its final hidden states at the slots pass through a trainable projection into
-    the model's input width. Final states lack the vocabulary's mean direction (about 46% of a
-    token embedding's energy in SmolLM2) and sit at another scale, so the projection starts at
-    the vocabulary's mean plus the normalised state at the vocabulary's RMS: in inputs_embeds
-    space from the first step. Gradients reach the slots through the frozen reader.
+    embeddings, and its hidden states at the slots pass through a trainable projection into the
+    model's input width. Final states lack the vocabulary's mean direction (about 46% of a token
+    embedding's energy in SmolLM2) and sit at another scale, so the projection starts at the
+    vocabulary's mean plus the normalised state at the vocabulary's RMS: in inputs_embeds space
+    from the first step. Gradients reach the slots through the frozen reader.
+
+    With `lora` > 0 the reader is a copy of the model with LoRA adapters (peft) that train with
+    the projection; the model that answers is the original, never touched.
     """
     needs_model = True
 
     def __init__(self, d_model: int, max_latents: int, scale: float, model=None,
-                 vocab_mean: torch.Tensor | None = None, layer: int | None = None):
+                 vocab_mean: torch.Tensor | None = None, layer: int | None = None, lora: int = 0):
         super().__init__()
-        # A plain attribute, not a submodule: the reader's weights are the frozen model's and
-        # belong to no checkpoint.
-        self.reader = (model,)
+        from .errors import UsageError
+
         layers = model.config.num_hidden_layers
         if layer is not None and not 1 <= layer <= layers:
-            from .errors import UsageError
-
             raise UsageError(f"--encoder_layer must be between 1 and {layers}, the model's "
                              f"layers (got {layer})")
         self.layer = None if layer in (None, layers) else layer
+        reader = _lora_copy(model, lora) if lora else model
+        # A plain attribute, not a submodule: the reader's weights are the frozen model's and
+        # belong to no checkpoint; only its adapters do, registered below.
+        self.reader = (reader,)
+        adapters = {name.replace(".", "__"): p for name, p in reader.named_parameters()
+                    if lora and "lora_" in name}
+        self.lora = nn.ParameterDict(adapters)
         self.scale = scale
         self.slots = nn.Parameter(torch.randn(max_latents, d_model) * scale)
         self.norm = nn.LayerNorm(d_model)
@@ -195,6 +202,29 @@ class ModelReader(nn.Module):
         return self.scale * self.proj(self.norm(states))
 
 
+def _lora_copy(model, rank: int):
+    """The reader's own copy of `model` with rank-`rank` LoRA adapters on the attention
+    projections peft chooses for its architecture; every other weight stays frozen."""
+    import copy
+
+    from .errors import UsageError
+
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise UsageError("--encoder_lora needs peft: pip install 'latentwire[lora]'") from None
+    reader = copy.deepcopy(model)
+    try:
+        # alpha = rank: the adapters' scale does not change with the rank.
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0), reader)
+    except ValueError as e:
+        raise UsageError(f"--encoder_lora: peft cannot place adapters in "
+                         f"{type(model).__name__} ({e}); train without --encoder_lora") from None
+    for name, p in reader.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return reader
+
+
 def latent_counts(lengths: list[int], compression: float | None, latent_len: int | None,
                   max_latents: int | None = None) -> list[int]:
     """Latents per example: ceil(N / R), or M; never more than the span's own tokens (a latent
@@ -215,14 +245,16 @@ class Compressor(nn.Module):
     """Token embeddings of a span -> latents in the model's width -> the chosen transform.
 
     `spec` is plain JSON (it is a checkpoint's config): encoder, d_model, max_latents, scale,
-    compression or latent_len, keep_question, transform {name, config}, codebook_trainable.
+    compression or latent_len, keep_question, encoder_layer, encoder_lora, transform {name, config},
+    codebook_trainable.
     """
 
     def __init__(self, spec: dict, vocab, model=None):
         super().__init__()
         self.spec, self.vocab = spec, vocab
         cls = ENCODERS[spec["encoder"]]
-        extra = ({"model": model, "vocab_mean": vocab.mean, "layer": spec.get("encoder_layer")}
+        extra = ({"model": model, "vocab_mean": vocab.mean, "layer": spec.get("encoder_layer"),
+                  "lora": spec.get("encoder_lora", 0)}
                  if getattr(cls, "needs_model", False) else {})
         self.encoder = cls(spec["d_model"], spec["max_latents"], spec["scale"], **extra)
         t = spec["transform"]

@@ -42,6 +42,7 @@ class TrainOptions:
     latent_len: int | None = None
     keep_question: bool = False
     encoder_layer: int | None = None
+    encoder_lora: int = 0
     model_id: str = models.BUNDLED
     dataset: str = "builtin"
     samples: int = 2000
@@ -95,6 +96,9 @@ def validate(opts: TrainOptions) -> Path:
     need(opts.latent_len is not None or (opts.compression or 0) >= 1,
          f"--compression must be at least 1 (got {opts.compression}): it is text positions "
          "per latent")
+    need(opts.encoder_lora >= 0, f"--encoder_lora must be >= 0, 0 for none (got {opts.encoder_lora})")
+    need(not opts.encoder_lora or opts.encoder == "lm", "--encoder_lora adapts the reader of "
+         f"--encoder lm; --encoder {opts.encoder} has none")
     need(opts.target_rms_scale > 0, f"--target_rms_scale must be > 0 (got {opts.target_rms_scale})")
     need(opts.nearest_k >= 1, f"--nearest_k must be at least 1 (got {opts.nearest_k})")
     need(0 <= opts.nearest_alpha <= 1, f"--nearest_alpha must be in [0, 1] (got {opts.nearest_alpha})")
@@ -133,7 +137,9 @@ def validate(opts: TrainOptions) -> Path:
         need(last is not None, f"--resume: {out} holds no checkpoint to resume "
              f"(no checkpoints/last); drop --resume to start a new run")
         saved = json.loads((out / "config.json").read_text(encoding="utf-8"))["options"]
-        changed = sorted(k for k, v in opts.identity().items() if saved.get(k) != v)
+        # A flag added after the run was made counts as its default there.
+        default = asdict(TrainOptions())
+        changed = sorted(k for k, v in opts.identity().items() if saved.get(k, default[k]) != v)
         need(not changed, f"--resume: {out} was made with other flags ("
              + ", ".join(f"--{k} {saved.get(k)} there, {getattr(opts, k)} now" for k in changed)
              + "); resume with the same flags or pick another --output_dir")
@@ -251,7 +257,7 @@ class Trainer:
             "max_latents": max(len(i.span) for i in self.train_items + self.eval_items),
             "scale": float(self.vocab.mean_rms), "compression": opts.compression,
             "latent_len": opts.latent_len, "keep_question": opts.keep_question,
-            "encoder_layer": opts.encoder_layer,
+            "encoder_layer": opts.encoder_layer, "encoder_lora": opts.encoder_lora,
             "transform": {"name": transform, "config": transform_config(transform, flags)},
             "codebook_trainable": opts.codebook_trainable}
         torch.manual_seed(opts.seed)

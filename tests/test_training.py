@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from latentwire import analysis, checkpoint, embed_experiments, experiments, training
 from latentwire.cli import main, parser
 from latentwire.embed_experiments import TransformInputs
-from latentwire.encoders import Layout
+from latentwire.encoders import Compressor, Layout
 from latentwire.training import TRANSFORMS, TrainOptions, Trainer, run, validate
 from latentwire.vocab import VocabSpace
 
@@ -285,6 +285,46 @@ def test_learning_rate_warms_up_then_follows_its_schedule(tmp_path):
     assert rates[-1] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
     flat = trainer(tmp_path / "flat", tiny_lm(), lr=0.1)
     assert {flat.learning_rate(s) for s in range(total)} == {0.1}
+
+
+def test_lora_trains_the_readers_copy_and_the_answering_model_stays_the_original(tmp_path):
+    pytest.importorskip("peft")
+    lm = tiny_lm()
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    t = trainer(tmp_path, lm, encoder="lm", encoder_lora=2)
+    reader = t.compressor.encoder.reader[0]
+    assert reader is not lm.model
+    adapters = dict(t.compressor.encoder.lora.items())
+    assert adapters and all(p.requires_grad for p in adapters.values())
+    assert {id(p) for p in adapters.values()} <= {id(p) for p in t.params}
+    for step in range(3):  # B starts at zero, so A's gradient is zero until B has moved
+        t.step(list(range(4)), step)
+    assert all(float(p.grad.abs().sum()) > 0 for p in adapters.values())
+    assert any(float(p.detach().abs().sum()) > 0 for k, p in adapters.items() if "lora_B" in k)
+    # The answering model: no adapters in it, no gradient, every weight bitwise as it was.
+    assert not any("lora" in name for name, _ in lm.model.named_modules())
+    assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    # The reader's own base weights are frozen too: only its adapters moved.
+    frozen = {k.replace(".base_layer", ""): v for k, v in reader.state_dict().items()
+              if "lora_" not in k}
+    assert frozen.keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in frozen.items())
+    # A checkpoint carries the adapters, not the copy; reloaded, it gives the same latents.
+    weights = t.compressor.state_dict()
+    assert any(".lora." in k for k in weights)
+    assert sum(v.numel() for v in weights.values()) < 0.5 * sum(v.numel() for v in before.values())
+    again = Compressor(t.spec, t.vocab, lm.model)
+    again.load_state_dict(weights)
+    items = t.eval_items[:2]
+    spans = t.embed_ids([tok for i in items for tok in i.span]).float()
+    t.compressor.eval()
+    with torch.no_grad():
+        z, _, _ = t.compressor(spans, [len(i.span) for i in items])
+        z_again, _, _ = again.eval()(spans, [len(i.span) for i in items])
+    assert torch.equal(z, z_again)
+    with pytest.raises(training.UsageError, match="--encoder_lora adapts the reader"):
+        validate(options(tmp_path / "pool", encoder="pool", encoder_lora=2))
 
 
 def test_the_lm_encoder_can_read_out_a_middle_layer(tmp_path):
