@@ -149,18 +149,22 @@ class ModelReader(nn.Module):
 
     The reader is the frozen model itself: it reads each span followed by M learned slot
     embeddings, and its hidden states at the slots pass through a trainable projection into the
-    model's input width. Final states lack the vocabulary's mean direction (about 46% of a token
-    embedding's energy in SmolLM2) and sit at another scale, so the projection starts at the
-    vocabulary's mean plus the normalised state at the vocabulary's RMS: in inputs_embeds space
-    from the first step. Gradients reach the slots through the frozen reader.
+    model's input width. Gradients reach the slots through the frozen reader.
+
+    The projection starts where the answering model can read it. Hidden states are no token
+    embeddings: in SmolLM2's last layer three of 576 dimensions hold about two thirds of a
+    layer-normalised state's energy, so a latent made from it is one spike. `calibrate` measures
+    each dimension's mean and spread over the slots of a batch of real spans; the projection
+    starts as that standardisation followed by the vocabulary's own mean and spread per
+    dimension (the sweep's batch-distribution matching, done once), an identity in between.
 
     With `lora` > 0 the reader is a copy of the model with LoRA adapters (peft) that train with
     the projection; the model that answers is the original, never touched.
     """
     needs_model = True
 
-    def __init__(self, d_model: int, max_latents: int, scale: float, model=None,
-                 vocab_mean: torch.Tensor | None = None, layer: int | None = None, lora: int = 0):
+    def __init__(self, d_model: int, max_latents: int, scale: float, model=None, vocab=None,
+                 layer: int | None = None, lora: int = 0):
         super().__init__()
         from .errors import UsageError
 
@@ -176,16 +180,19 @@ class ModelReader(nn.Module):
         adapters = {name.replace(".", "__"): p for name, p in reader.named_parameters()
                     if lora and "lora_" in name}
         self.lora = nn.ParameterDict(adapters)
-        self.scale = scale
         self.slots = nn.Parameter(torch.randn(max_latents, d_model) * scale)
-        self.norm = nn.LayerNorm(d_model)
         self.proj = nn.Linear(d_model, d_model)
         nn.init.eye_(self.proj.weight)
-        if vocab_mean is not None:
-            with torch.no_grad():
-                self.proj.bias.copy_(vocab_mean / scale)
+        nn.init.zeros_(self.proj.bias)
+        # Measured by calibrate() and saved with the weights: a checkpoint replays them.
+        self.register_buffer("center", torch.zeros(d_model))
+        self.register_buffer("spread", torch.ones(d_model))
+        # The vocabulary's statistics follow from the model: not saved.
+        self.register_buffer("vocab_mean", vocab.mean.clone(), persistent=False)
+        self.register_buffer("vocab_std", vocab.std.clone(), persistent=False)
 
-    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    def states(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """The reader's hidden states at the slots, [M, d] float32."""
         (model,) = self.reader
         lengths, counts = layout.lengths.tolist(), layout.counts.tolist()
         width = max(n + m for n, m in zip(lengths, counts))
@@ -198,8 +205,17 @@ class ModelReader(nn.Module):
                                output_hidden_states=self.layer is not None)
         hidden = out.last_hidden_state if self.layer is None else out.hidden_states[self.layer]
         example = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), layout.counts)
-        states = hidden[example, layout.lengths[example] + layout.slot].float()
-        return self.scale * self.proj(self.norm(states))
+        return hidden[example, layout.lengths[example] + layout.slot].float()
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, layout: Layout) -> None:
+        h = self.states(x, layout)
+        self.center.copy_(h.mean(0))
+        self.spread.copy_(h.std(0).clamp_min(1e-6) if len(h) > 1 else h.new_ones(h.shape[1]))
+
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        z = (self.states(x, layout) - self.center) / self.spread
+        return self.vocab_mean + self.vocab_std * self.proj(z)
 
 
 def _lora_copy(model, rank: int):
@@ -253,7 +269,7 @@ class Compressor(nn.Module):
         super().__init__()
         self.spec, self.vocab = spec, vocab
         cls = ENCODERS[spec["encoder"]]
-        extra = ({"model": model, "vocab_mean": vocab.mean, "layer": spec.get("encoder_layer"),
+        extra = ({"model": model, "vocab": vocab, "layer": spec.get("encoder_layer"),
                   "lora": spec.get("encoder_lora", 0)}
                  if getattr(cls, "needs_model", False) else {})
         self.encoder = cls(spec["d_model"], spec["max_latents"], spec["scale"], **extra)
@@ -268,6 +284,12 @@ class Compressor(nn.Module):
     def counts(self, lengths: list[int]) -> list[int]:
         s = self.spec
         return latent_counts(lengths, s.get("compression"), s.get("latent_len"), s["max_latents"])
+
+    def calibrate(self, x: torch.Tensor, lengths: list[int]) -> None:
+        """Lets an encoder that starts from data (lm) measure a batch of real spans, once,
+        before training."""
+        if hasattr(self.encoder, "calibrate"):
+            self.encoder.calibrate(x.float(), Layout.of(lengths, self.counts(lengths), x.device))
 
     def forward(self, x: torch.Tensor, lengths: list[int]):
         """(latents [M, d], offsets [E + 1], the transform's diagnostics) for packed spans."""

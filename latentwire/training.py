@@ -24,6 +24,7 @@ TRANSFORMS = {"none": "identity", "rms_matching": "rms_matching",
               "batch_distribution": "batch_distribution", "nearest_k": "nearest_k",
               "anchor_offset": "anchor_offset", "soft_codebook": "soft_codebook"}
 SCHEDULES = ("constant", "cosine")
+CALIBRATION_EXAMPLES = 32  # spans an encoder that starts from data measures before step 1
 KD_TOP = 32  # teacher logits kept per answer position: the distribution's head, a few MB in all
 
 
@@ -262,6 +263,10 @@ class Trainer:
             "codebook_trainable": opts.codebook_trainable}
         torch.manual_seed(opts.seed)
         self.compressor = Compressor(self.spec, self.vocab, model).to(self.device)
+        # The same first examples on every rank: each calibrates to identical statistics.
+        calibration = self.train_items[:CALIBRATION_EXAMPLES]
+        self.compressor.calibrate(self.embed_ids([t for i in calibration for t in i.span]),
+                                  [len(i.span) for i in calibration])
         self.params = [p for p in self.compressor.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr)
         self.provenance = provenance(opts, self.lm, self.fmt, self.split.eval, self.vocab)

@@ -287,6 +287,23 @@ def test_learning_rate_warms_up_then_follows_its_schedule(tmp_path):
     assert {flat.learning_rate(s) for s in range(total)} == {0.1}
 
 
+def test_the_lm_reader_starts_on_the_vocabularys_distribution_per_dimension(tmp_path):
+    t = trainer(tmp_path, tiny_lm(), encoder="lm", samples=40, eval_samples=4)
+    items = t.train_items[:training.CALIBRATION_EXAMPLES]
+    with torch.no_grad():
+        z, _, _ = t.latents(items)
+    # Directly: over the calibration spans, each dimension has the vocabulary's mean and spread.
+    assert torch.allclose(z.mean(0), t.vocab.mean, atol=1e-4)
+    assert torch.allclose(z.std(0), t.vocab.std, rtol=1e-3, atol=1e-5)
+    # ... and the calibration is saved: a reloaded compressor gives the same latents.
+    again = Compressor(t.spec, t.vocab, t.lm.model)
+    again.load_state_dict(t.compressor.state_dict())
+    with torch.no_grad():
+        z_again, _, _ = again(t.embed_ids([tok for i in items for tok in i.span]),
+                              [len(i.span) for i in items])
+    assert torch.equal(z, z_again)
+
+
 def test_lora_trains_the_readers_copy_and_the_answering_model_stays_the_original(tmp_path):
     pytest.importorskip("peft")
     lm = tiny_lm()
