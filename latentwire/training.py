@@ -198,6 +198,10 @@ def _checkpoint_layers(model) -> None:
     from torch.utils.checkpoint import checkpoint as recompute
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from .encoders import RECOMPUTES
+
+    setattr(model, RECOMPUTES, True)
+
     for layer in model.modules():
         if isinstance(layer, GradientCheckpointingLayer):
             forward = layer.forward

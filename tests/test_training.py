@@ -304,6 +304,25 @@ def test_the_lm_reader_starts_on_the_vocabularys_distribution_per_dimension(tmp_
     assert torch.equal(z, z_again)
 
 
+@pytest.mark.parametrize("layer", [None, 1])
+def test_the_lm_reader_reading_the_span_once_without_a_graph_gives_the_same_states(tmp_path, layer):
+    t = trainer(tmp_path, tiny_lm(), encoder="lm", encoder_layer=layer)
+    encoder = t.compressor.encoder
+    items = t.train_items[:4]
+    assert len({len(i.span) for i in items}) > 1  # padding is exercised
+    spans = t.embed_ids([tok for i in items for tok in i.span]).float()
+    layout = Layout.of([len(i.span) for i in items],
+                       t.compressor.counts([len(i.span) for i in items]))
+    split = encoder._states_after_span(spans, layout)
+    split.pow(2).sum().backward()
+    split_grad, encoder.slots.grad = encoder.slots.grad, None
+    whole = encoder._states_in_one_pass(spans, layout)
+    whole.pow(2).sum().backward()
+    assert torch.allclose(split, whole, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(split_grad, encoder.slots.grad, atol=1e-5, rtol=1e-4)
+    assert float(split_grad.abs().sum()) > 0
+
+
 def test_lora_trains_the_readers_copy_and_the_answering_model_stays_the_original(tmp_path):
     pytest.importorskip("peft")
     lm = tiny_lm()
