@@ -15,6 +15,7 @@ inside functions.
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shlex
@@ -171,6 +172,9 @@ def _tune(opts: ScreenOptions, trials, log) -> tuple[dict, bool]:
 
     from . import cluster
 
+    # Its warning lists the trials with no results yet (every one, on a restore): nothing a
+    # screen's reader needs, the table says what each trial did.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     cpus, gpus, capacity = cluster.worker_shape(opts)
     setup = {"cwd": os.getcwd(), "threads": max(1, int(cpus)),
              "trials": {exp.name: asdict(o) for exp, o in trials}}
