@@ -1,4 +1,4 @@
-"""The `latentwire` command: `sweep`, `list`, `analyze` and `train`.
+"""The `latentwire` command: `sweep`, `list`, `analyze`, `train`, `study` and `screen`.
 
 The seed's scripts in scripts/ are thin wrappers over these subcommands, so every flag works the
 same whichever way it is called. Bad input prints one line and exits 2, with no traceback.
@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   latentwire list
   latentwire analyze --summary runs/embed_sweep_simple/summary.json
   latentwire train --encoder pool --compression 4 --samples 2000 --epochs 1
+  latentwire screen --experiment 'baseline,rms_*,anchor_eps0.1' --max_epochs 10
 """
 
 TRAIN_EXAMPLES = """examples:
@@ -73,10 +74,15 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="allow a hub model's own code to run (off unless you ask)")
     p.add_argument("--no-analysis", dest="analysis", action="store_false",
                    help="skip the analysis and plots at the end")
+    _add_ray_args(p, default=None,
+                  what="run the sweep's units on Ray workers that keep their model loaded")
+
+
+def _add_ray_args(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """--ray [ADDRESS] and the shape of a worker: a sweep's unit or a screen's trial."""
     g = p.add_argument_group("Ray (pip install 'latentwire[ray]')")
-    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run the sweep's units on Ray workers that keep their model loaded: at "
-                        "ADDRESS, else at $RAY_ADDRESS, else on a new local Ray")
+    g.add_argument("--ray", nargs="?", const="", default=default, metavar="ADDRESS",
+                   help=f"{what}: at ADDRESS, else at $RAY_ADDRESS, else on a new local Ray")
     g.add_argument("--ray_gpus_per_worker", type=float, default=None, metavar="N",
                    help="GPUs per worker, fractions allowed (default: 1 where the cluster has "
                         "GPUs, else 0)")
@@ -91,32 +97,43 @@ def _add_analyze_args(p: argparse.ArgumentParser) -> None:
                    help="skip the plots and the report")
 
 
-def _add_train_args(p: argparse.ArgumentParser, study: bool = False) -> None:
-    """The trainer's flags; a study takes the same, with its grid in place of one encoder."""
+# Where each command that trains puts its runs by default, and what a rerun of it does.
+TRAIN_OUTPUT = {"train": (None, "runs/train/<embed_transform>"),
+                "study": ("runs/study", "runs/study (a rerun continues it)"),
+                "screen": ("runs/screen", "runs/screen (a rerun continues it)")}
+
+
+def _add_train_args(p: argparse.ArgumentParser, kind: str = "train") -> None:
+    """The trainer's flags. A study takes the same with its grid in place of one encoder; a
+    screen with its candidates in place of one transform, and --max_epochs for --epochs."""
     from .encoders import ENCODERS
     from .models import BUNDLED
     from .training import TRANSFORMS, TrainOptions
 
     d = TrainOptions()
-    g = p.add_argument_group("transform inside the training graph (the sweep's, by name)")
-    g.add_argument("--embed_transform", default=d.embed_transform, choices=list(TRANSFORMS),
-                   help="applied to the latents before the model reads them (default: none)")
-    g.add_argument("--target_rms_scale", type=float, default=d.target_rms_scale, metavar="S",
-                   help="rms_matching: RMS as a multiple of the vocabulary's (default: 1.0)")
-    g.add_argument("--nearest_k", type=int, default=d.nearest_k, metavar="K",
-                   help=f"nearest_k: vocabulary neighbours mixed in (default: {d.nearest_k})")
-    g.add_argument("--nearest_alpha", type=float, default=d.nearest_alpha, metavar="A",
-                   help=f"nearest_k: weight kept on the latent itself (default: {d.nearest_alpha})")
-    g.add_argument("--anchor_eps", type=float, default=d.anchor_eps, metavar="E",
-                   help=f"anchor_offset: residual bound, x the anchor's norm (default: {d.anchor_eps})")
-    g.add_argument("--codebook_size", type=int, default=d.codebook_size, metavar="N",
-                   help=f"soft_codebook: k-means codes (default: {d.codebook_size})")
-    g.add_argument("--codebook_tau", type=float, default=d.codebook_tau, metavar="T",
-                   help=f"soft_codebook: temperature (default: {d.codebook_tau})")
+    g = p.add_argument_group("transform inside the training graph (the sweep's, by name"
+                             + ("; each candidate's own)" if kind == "screen" else ")"))
+    if kind != "screen":
+        g.add_argument("--embed_transform", default=d.embed_transform, choices=list(TRANSFORMS),
+                       help="applied to the latents before the model reads them (default: none)")
+        g.add_argument("--target_rms_scale", type=float, default=d.target_rms_scale, metavar="S",
+                       help="rms_matching: RMS as a multiple of the vocabulary's (default: 1.0)")
+        g.add_argument("--nearest_k", type=int, default=d.nearest_k, metavar="K",
+                       help=f"nearest_k: vocabulary neighbours mixed in (default: {d.nearest_k})")
+        g.add_argument("--nearest_alpha", type=float, default=d.nearest_alpha, metavar="A",
+                       help=f"nearest_k: weight kept on the latent itself "
+                            f"(default: {d.nearest_alpha})")
+        g.add_argument("--anchor_eps", type=float, default=d.anchor_eps, metavar="E",
+                       help=f"anchor_offset: residual bound, x the anchor's norm "
+                            f"(default: {d.anchor_eps})")
+        g.add_argument("--codebook_size", type=int, default=d.codebook_size, metavar="N",
+                       help=f"soft_codebook: k-means codes (default: {d.codebook_size})")
+        g.add_argument("--codebook_tau", type=float, default=d.codebook_tau, metavar="T",
+                       help=f"soft_codebook: temperature (default: {d.codebook_tau})")
     g.add_argument("--codebook_trainable", action=argparse.BooleanOptionalAction, default=True,
                    help="soft_codebook: learn the codes, from the sweep's k-means codes "
                         "(default); --no-codebook_trainable keeps them fixed")
-    if study:
+    if kind == "study":
         from .study import SETTINGS, StudyOptions
 
         s = StudyOptions()
@@ -160,7 +177,8 @@ def _add_train_args(p: argparse.ArgumentParser, study: bool = False) -> None:
     g.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, metavar="N",
                    help="greedy tokens per evaluated answer (default: 12)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs, metavar="N")
+    if kind != "screen":
+        g.add_argument("--epochs", type=int, default=d.epochs, metavar="N")
     g.add_argument("--batch_size", type=int, default=d.batch_size, metavar="N",
                    help=f"global batch, over all processes (default: {d.batch_size})")
     g.add_argument("--grad_accum_steps", type=int, default=d.grad_accum_steps, metavar="N",
@@ -180,12 +198,11 @@ def _add_train_args(p: argparse.ArgumentParser, study: bool = False) -> None:
                    help="distillation temperature (default: 1.0)")
     g.add_argument("--seed", type=int, default=d.seed, help="data order, split and init (default: 42)")
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="runs/study" if study else None, metavar="DIR",
-                   help="default: " + ("runs/study (a rerun continues it)" if study
-                                       else "runs/train/<embed_transform>"))
+    default, shown = TRAIN_OUTPUT[kind]
+    g.add_argument("--output_dir", default=default, metavar="DIR", help=f"default: {shown}")
     g.add_argument("--save_every", type=int, default=d.save_every, metavar="STEPS",
                    help="write checkpoints/last every N steps, 0 for epoch ends only (default: 50)")
-    if not study:
+    if kind == "train":
         g.add_argument("--resume", action="store_true",
                        help="continue the run in --output_dir from checkpoints/last (same flags)")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -195,6 +212,35 @@ def _add_train_args(p: argparse.ArgumentParser, study: bool = False) -> None:
                         "on CUDA)")
     g.add_argument("--trust_remote_code", action="store_true",
                    help="allow a hub model's own code to run")
+
+
+SCREEN_EXAMPLES = """examples:
+  latentwire screen --experiment 'baseline,rms_*,nearest_k5*,anchor_eps0.1' --max_epochs 10
+  latentwire screen --experiment 'rms_*,codebook_256*' --samples 300 --eval_samples 60 \\
+      --max_epochs 3 --output_dir runs/screen/small
+  latentwire screen --experiment 'rms_*,codebook_256*' --max_epochs 3 --verify   # no stopping
+  latentwire screen --experiment 'anchor_eps*' --ray 10.0.0.5:6379 --ray_gpus_per_worker 0.5
+"""
+
+
+def _add_screen_args(p: argparse.ArgumentParser) -> None:
+    from .screen import ScreenOptions
+
+    s = ScreenOptions()
+    g = p.add_argument_group("the candidates and the schedule")
+    g.add_argument("--experiment", required=True, metavar="NAMES",
+                   help="the sweep's experiment names or globs, comma-separated, e.g. "
+                        "'rms_*,nearest_k5*,anchor_eps0.1'; each is one trial")
+    g.add_argument("--max_epochs", type=int, default=s.max_epochs, metavar="N",
+                   help=f"epochs of the trials ASHA never stops (default: {s.max_epochs})")
+    g.add_argument("--reduction_factor", type=float, default=s.reduction_factor, metavar="R",
+                   help="ASHA keeps the top 1/R at each rung (epochs 1, R, R^2, ...) and stops "
+                        f"the rest (default: {s.reduction_factor:g})")
+    g.add_argument("--verify", action="store_true",
+                   help="stop nothing: run every trial to --max_epochs and report how well the "
+                        "epoch-1 ranking predicted the final one")
+    _add_train_args(p, kind="screen")
+    _add_ray_args(p, default="", what="run the trials on Ray (always)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -223,7 +269,14 @@ def parser() -> argparse.ArgumentParser:
                     "beside the controls, at one budget; a rerun continues where it stopped.",
         epilog="examples:\n  latentwire study --encoders pool,lm --compressions 1,4,8,16\n"
                "  latentwire study --encoders lm --compressions 4 --settings aware --samples 500",
-        formatter_class=argparse.RawDescriptionHelpFormatter), study=True)
+        formatter_class=argparse.RawDescriptionHelpFormatter), kind="study")
+    _add_screen_args(sub.add_parser(
+        "screen", help="successive halving (ASHA on Ray Tune): which transform is worth "
+                       "training for --max_epochs",
+        description="Train one run per candidate transform, evaluate every epoch, and let ASHA "
+                    "stop the weak ones after the first; the strong ones run to --max_epochs. "
+                    "A rerun of the same command continues where it stopped.",
+        epilog=SCREEN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter))
     return top
 
 
@@ -286,8 +339,18 @@ def cmd_study(args) -> int:
                                if k in StudyOptions.__dataclass_fields__}, base=base))
 
 
+def cmd_screen(args) -> int:
+    from .screen import ScreenOptions, run
+    from .training import TrainOptions
+
+    fields = vars(args)
+    base = TrainOptions(**{k: v for k, v in fields.items() if k in TrainOptions.__dataclass_fields__})
+    return run(ScreenOptions(**{k: v for k, v in fields.items()
+                                if k in ScreenOptions.__dataclass_fields__}, base=base))
+
+
 COMMANDS = {"sweep": cmd_sweep, "list": cmd_list, "analyze": cmd_analyze, "train": cmd_train,
-            "study": cmd_study}
+            "study": cmd_study, "screen": cmd_screen}
 
 
 def keep_freed_memory() -> None:

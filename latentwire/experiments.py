@@ -78,6 +78,15 @@ TRAIN_FLAGS = {
     "soft_codebook": ("soft_codebook", {"size": "--codebook_size", "tau": "--codebook_tau"}),
 }
 
+
+def train_settings(exp: Experiment) -> dict:
+    """The trainer's options (TrainOptions fields) that put this experiment's transform, with its
+    config, inside the training graph."""
+    transform, flags = TRAIN_FLAGS[exp.category]
+    return {"embed_transform": transform or "none",
+            **{flag.removeprefix("--"): exp.config[key] for key, flag in flags.items()}}
+
+
 RMS_SCALES = (0.8, 1.0, 1.2)
 KS, ALPHAS = (3, 5, 7, 10), (0.2, 0.3, 0.5, 0.7, 0.9)
 EPSILONS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)

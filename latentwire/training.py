@@ -203,7 +203,10 @@ def _checkpoint_layers(model) -> None:
     setattr(model, RECOMPUTES, True)
 
     for layer in model.modules():
-        if isinstance(layer, GradientCheckpointingLayer):
+        # A model reused by a later run (a study's cells, a screen worker's trials) is wrapped
+        # once: wrapping again would recompute each layer once more per wrap.
+        if isinstance(layer, GradientCheckpointingLayer) and not hasattr(layer, "recomputed"):
+            layer.recomputed = True
             forward = layer.forward
             layer.forward = (lambda f: lambda *a, **k: recompute(f, *a, use_reentrant=False,
                                                                  **k))(forward)
@@ -599,9 +602,10 @@ def summary(trainer: Trainer, state: State, status: str, wall: float) -> dict:
     }
 
 
-def run(opts: TrainOptions, log=print, lm=None) -> int:
+def run(opts: TrainOptions, log=print, lm=None, on_epoch=None) -> int:
     """Train (or resume) one run; returns the exit code: 0, or 1 when the loss went non-finite.
-    Bad input raises UsageError before the model loads."""
+    Bad input raises UsageError before the model loads. `on_epoch(entry)` is called after each
+    evaluation, once its checkpoints and summary are on disk (a screen reports to Tune there)."""
     import torch
 
     from . import report
@@ -697,6 +701,8 @@ def run(opts: TrainOptions, log=print, lm=None) -> int:
                     f"eval F1 {result['f1']:.3f} [{result['ci'][0]:.3f}, {result['ci'][1]:.3f}]"
                     f"  EM {result['em']:.3f}  empty {result['empty_rate']:.0%}  "
                     f"({result['compression_ratio']:.1f}x fewer positions)")
+                if on_epoch is not None:
+                    on_epoch(entry)
             if trainer.world > 1:
                 torch.distributed.barrier()
     finally:

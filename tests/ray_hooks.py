@@ -1,5 +1,6 @@
-"""Run in every Ray worker process of tests/test_cluster.py (Ray's worker_process_setup_hook):
-lets a test kill the worker that runs an experiment, from inside its unit, as a crash would."""
+"""Run in every Ray worker process of a test module (Ray's worker_process_setup_hook):
+tests/test_cluster.py kills the worker that runs an experiment, from inside its unit, as a crash
+would; tests/test_screen.py scripts the F1 that each trial records."""
 
 import json
 import os
@@ -30,3 +31,27 @@ def arm_kill() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     sweep._run_one = run_one_then_die
+
+
+F1_SCRIPT = "LATENTWIRE_TEST_F1_SCRIPT"
+
+
+def script_f1() -> None:
+    """For tests/test_screen.py: the F1 each trial's evaluation records comes from the JSON file
+    at $LATENTWIRE_TEST_F1_SCRIPT, {experiment: [F1 at epoch 1, 2, ...]}, so which trials ASHA
+    stops is known in advance (the tiny random model scores 0 everywhere, which ASHA cannot tell
+    apart). Training, generation and scoring still run; only the recorded F1 is replaced."""
+    from latentwire import training
+
+    original = training.Trainer.evaluate
+
+    def evaluate(self):
+        result = original(self)
+        script = json.loads(Path(os.environ[F1_SCRIPT]).read_text())
+        if self.out.name in script:
+            done = len(list((self.out / "eval").glob("epoch*.json")))  # written after this
+            result["f1"] = script[self.out.name][done]
+            result["ci"] = [result["f1"], result["f1"]]
+        return result
+
+    training.Trainer.evaluate = evaluate

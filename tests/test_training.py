@@ -376,3 +376,11 @@ def test_the_lm_encoder_can_read_out_a_middle_layer(tmp_path):
     assert float(middle.compressor.encoder.slots.grad.abs().sum()) > 0
     with pytest.raises(training.UsageError, match="--encoder_layer must be between 1 and 2"):
         trainer(tmp_path / "bad", lm, encoder="lm", encoder_layer=3)
+
+
+def test_a_model_reused_by_another_run_is_wrapped_for_recomputation_once():
+    model = tiny_lm().model
+    training._checkpoint_layers(model)
+    once = [layer.forward for layer in model.model.layers]
+    training._checkpoint_layers(model)
+    assert [layer.forward for layer in model.model.layers] == once
