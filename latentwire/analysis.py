@@ -86,7 +86,8 @@ def _paired(a: dict, b: dict) -> tuple[list[float], list[float]]:
     return [a[i] for i in ids], [b[i] for i in ids]
 
 
-def analyse_source(results: list[dict], text_baseline_f1: float | None = None) -> dict:
+def analyse_source(results: list[dict], text_baseline_f1: float | None = None,
+                   source: str = "text") -> dict:
     """Everything the report says about one source's experiments; text_baseline_f1 is the
     baseline on the model's own embeddings when this source is another one."""
     scores = {r["experiment"]: _scores(r) for r in results}
@@ -111,7 +112,7 @@ def analyse_source(results: list[dict], text_baseline_f1: float | None = None) -
                              x["identical_to_input"], x["experiment"]))
     out = {"ranked": rows, "baseline_f1": next((r["f1"] for r in results
                                                 if r["experiment"] == "baseline"), None),
-           "text_baseline_f1": text_baseline_f1}
+           "text_baseline_f1": text_baseline_f1, "source": source}
 
     # Statistical ties with the leader: a paired comparison of each with the top experiment.
     tied = []
@@ -234,12 +235,17 @@ def interpret(out: dict) -> tuple[list[str], list[str], str | None]:
     winner = better[0] if better else None
     if winner is None:
         best = next((r for r in real if r["experiment"] != "baseline"), None)
+        trained = out.get("source", "text").startswith("adapter:")
         if best is not None and base is not None:
+            why = ("The model learned to read these latents as they are; a transform added after "
+                   "training only moves them away from that." if trained else
+                   "On real token embeddings a transform can only keep or lose; whether one "
+                   "repairs an encoder's distribution is tested with off-distribution sources.")
             insights.append(f"No transform beats the baseline: the best, {best['experiment']} "
-                            f"(F1 {best['f1']:.3f}), is not significantly better. On real token "
-                            "embeddings a transform can only keep or lose; whether one repairs "
-                            "an encoder's distribution is tested with off-distribution sources.")
-        recs.append("Keep the plain embeddings for this source; rerun with --source mismatch "
+                            f"(F1 {best['f1']:.3f}), is not significantly better. {why}")
+        recs.append("Keep training without a transform after the encoder, or screen them inside "
+                    "the graph (latentwire screen)." if trained else
+                    "Keep the plain embeddings for this source; rerun with --source mismatch "
                     "(or your adapter) to see which transform repairs a broken distribution.")
         command = train_command(best) if best is not None else None
         if command:
@@ -291,7 +297,7 @@ def build(summary: dict) -> dict:
     text_base = next((r["f1"] for r in by_source.get("text", []) if r["experiment"] == "baseline"),
                      None)
     return {
-        "sources": {src: analyse_source(rs, None if src == "text" else text_base)
+        "sources": {src: analyse_source(rs, None if src == "text" else text_base, src)
                     for src, rs in by_source.items()},
         "recovery": recovery(ok),
         "failed": [{"experiment": r.get("experiment"), "source": r.get("source"),

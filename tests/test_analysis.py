@@ -142,3 +142,17 @@ def test_json_output(capsys):
     analysis.analyze(ten_experiment_summary(), None, as_json=True, plots=False)
     doc = json.loads(capsys.readouterr().out)
     assert doc["sources"]["text"]["next_command"].startswith("python latentwire/train.py")
+
+
+def test_no_winner_on_trained_latents_is_explained_as_such_not_as_real_tokens():
+    adapter = "adapter:runs/train/lm4/checkpoints/best"
+    rows = [result("baseline", "baseline", {}, 0.5, source=adapter),
+            result("rms_scale1.0", "rms_matching", {"target_scale": 1.0}, 0.2, source=adapter),
+            result("baseline", "baseline", {}, 0.5),
+            result("rms_scale1.0", "rms_matching", {"target_scale": 1.0}, 0.2)]
+    out = analysis.build({"results": rows})["sources"]
+    trained = " ".join(out[adapter]["interpretation"] + out[adapter]["recommendations"])
+    assert "learned to read these latents" in trained and "real token" not in trained
+    assert "--source mismatch" not in trained
+    text = " ".join(out["text"]["interpretation"] + out["text"]["recommendations"])
+    assert "On real token embeddings" in text and "--source mismatch" in text
