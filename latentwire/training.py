@@ -736,6 +736,10 @@ def render(s: dict) -> str:
         if s["final"]["ci"][1] <= floor or s["final"]["f1"] <= s["references"]["question_only"]["f1"]:
             lines.append("  The latents do no better than the question alone: they carry no "
                          "usable content from the context.")
-    lines.append("  Compare with --encoder constant at the same budget: a trained prefix counts "
-                 "only if it beats one that never sees the context.")
+    if s["encoder"] == "constant":
+        lines.append("  This is the control: latents of other encoders count only where they "
+                     "beat it at the same budget.")
+    else:
+        lines.append("  Compare with --encoder constant at the same budget: a trained prefix "
+                     "counts only if it beats one that never sees the context.")
     return "\n".join(lines)

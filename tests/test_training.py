@@ -384,3 +384,12 @@ def test_a_model_reused_by_another_run_is_wrapped_for_recomputation_once():
     once = [layer.forward for layer in model.model.layers]
     training._checkpoint_layers(model)
     assert [layer.forward for layer in model.model.layers] == once
+
+
+def test_the_summary_points_other_encoders_at_the_control_and_the_control_at_itself():
+    r = {"f1": 0.3, "em": 0.2, "ci": [0.2, 0.4]}
+    s = {"transform": {"name": "identity"}, "compression_ratio": 4.0, "final": r,
+         "references": {"text": r, "question_only": {"f1": 0.0, "em": 0.0, "ci": [0.0, 0.0]}}}
+    assert "Compare with --encoder constant" in training.render({**s, "encoder": "lm"})
+    control = training.render({**s, "encoder": "constant"})
+    assert "This is the control" in control and "Compare with" not in control
