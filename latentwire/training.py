@@ -416,7 +416,7 @@ class Trainer:
 
         self.compressor.eval()
         dtype = self.embed.weight.dtype
-        prompts_, lat_rows, text_rows, diag = [], [], [], []
+        prompts_, lat_rows, text_rows, diag, latents_total = [], [], [], [], 0
         with torch.no_grad():
             for s in range(0, len(self.eval_items), 64):
                 chunk = self.eval_items[s:s + 64]
@@ -425,7 +425,11 @@ class Trainer:
                 for n, item in enumerate(chunk):
                     prompts_.append(torch.cat([z[offsets[n]:offsets[n + 1]].to(dtype),
                                                self.embed_ids(item.question), self.anchor]))
-                    lat_rows.append(int(offsets[n + 1] - offsets[n]))
+                    # Positions the model reads for the content, both ways: with
+                    # --keep_question the question is text on both sides.
+                    m = int(offsets[n + 1] - offsets[n])
+                    latents_total += m
+                    lat_rows.append(m + len(item.question))
                     text_rows.append(len(item.span) + len(item.question))
                 latent = z.float()
                 sims, _ = self.vocab.topk(latent, 1)
@@ -438,7 +442,7 @@ class Trainer:
         result["latent_diagnostics"] = {k: sum(d[k] for d in diag) / len(diag) for k in keys
                                         if isinstance(diag[0][k], (int, float))}
         result["compression_ratio"] = sum(t / m for t, m in zip(text_rows, lat_rows)) / len(lat_rows)
-        result["latents_per_example"] = sum(lat_rows) / len(lat_rows)
+        result["latents_per_example"] = float(latents_total) / len(lat_rows)
         return result
 
     def references(self) -> dict:

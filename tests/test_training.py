@@ -393,3 +393,16 @@ def test_the_summary_points_other_encoders_at_the_control_and_the_control_at_its
     assert "Compare with --encoder constant" in training.render({**s, "encoder": "lm"})
     control = training.render({**s, "encoder": "constant"})
     assert "This is the control" in control and "Compare with" not in control
+
+
+@pytest.mark.parametrize("keep_question", [False, True])
+def test_the_compression_ratio_counts_the_question_on_both_sides_or_neither(tmp_path, keep_question):
+    t = trainer(tmp_path, tiny_lm(), keep_question=keep_question, compression=4)
+    result = t.evaluate()
+    items = t.eval_items
+    counts = t.compressor.counts([len(i.span) for i in items])
+    q = [len(i.question) for i in items]
+    assert (sum(q) > 0) == keep_question
+    expected = sum((len(i.span) + n) / (m + n) for i, m, n in zip(items, counts, q)) / len(items)
+    assert result["compression_ratio"] == pytest.approx(expected)
+    assert result["latents_per_example"] == pytest.approx(sum(counts) / len(items))
