@@ -45,15 +45,17 @@ def per_example_loop(args) -> None:
     """The seed's way: each example transformed alone, then one model.generate for it."""
     import torch
 
-    from latentwire import embed_experiments, experiments, sweep
+    from latentwire import embed_experiments, experiments
+    from latentwire.sweep.options import SweepOptions, validate
+    from latentwire.sweep.runner import Sweep
     from latentwire.generation import generate_reference
     from latentwire.scoring import score
 
-    opts = sweep.SweepOptions(experiment=args.experiment, samples=args.samples,
+    opts = SweepOptions(experiment=args.experiment, samples=args.samples,
                               dataset=args.dataset, model_id=args.model_id,
                               output_dir=args.loop_out)
-    plan = sweep.validate(opts)
-    s = sweep.Sweep(opts, plan, log=lambda *a: None)
+    plan = validate(opts)
+    s = Sweep(opts, plan, log=lambda *a: None)
     inputs, _ = s.source_inputs(plan.sources[0])
     model, tok = s.lm.model, s.lm.tokenizer
     dtype = model.get_input_embeddings().weight.dtype
@@ -92,7 +94,7 @@ def main() -> None:
     if args.per_example_loop:
         # The `latentwire` command's own process tuning (allocator, quick exit), so that the
         # ratio measures the engine and not the process around it.
-        from latentwire.cli import keep_freed_memory
+        from latentwire.memory import keep_freed_memory
 
         keep_freed_memory()
         per_example_loop(args)

@@ -28,12 +28,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> int:
-    from latentwire.cli import keep_freed_memory
+    from latentwire.memory import keep_freed_memory
 
     keep_freed_memory()
     import torch
 
-    from latentwire import training
+    from latentwire.training.options import TrainOptions, validate
+    from latentwire.training.trainer import Trainer
     from throughput import matmul_gflops
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,11 +46,11 @@ def main() -> int:
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = training.TrainOptions(encoder=args.encoder, compression=args.compression,
+        opts = TrainOptions(encoder=args.encoder, compression=args.compression,
                                      batch_size=args.batch_size,
                                      samples=args.batch_size * (args.steps + args.warmup),
                                      eval_samples=10, output_dir=tmp)
-        t = training.Trainer(opts, training.validate(opts), log=lambda *a, **k: None)
+        t = Trainer(opts, validate(opts), log=lambda *a, **k: None)
         model = t.lm.model
         embeddings = {id(model.get_input_embeddings().weight)}
         head = model.get_output_embeddings()

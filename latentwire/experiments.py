@@ -81,10 +81,12 @@ TRAIN_FLAGS = {
 
 def train_settings(exp: Experiment) -> dict:
     """The trainer's options (TrainOptions fields) that put this experiment's transform, with its
-    config, inside the training graph."""
+    config, inside the training graph; a key the config lacks (a summary from an older version)
+    leaves the trainer's default."""
     transform, flags = TRAIN_FLAGS[exp.category]
     return {"embed_transform": transform or "none",
-            **{flag.removeprefix("--"): exp.config[key] for key, flag in flags.items()}}
+            **{flag.removeprefix("--"): exp.config[key] for key, flag in flags.items()
+               if key in exp.config}}
 
 
 RMS_SCALES = (0.8, 1.0, 1.2)

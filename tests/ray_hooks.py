@@ -14,9 +14,10 @@ def arm_kill() -> None:
     """After an experiment's result is written, the first worker to find the `arm` file in
     $LATENTWIRE_TEST_KILL_DIR removes it, notes which file it had just written, and SIGKILLs
     itself. Racing workers: only the one whose unlink succeeds dies."""
-    from latentwire import sweep
+    from latentwire.sweep import runner
+    from latentwire.sweep.options import result_path
 
-    original = sweep._run_one
+    original = runner.run_one
 
     def run_one_then_die(sweep_, plan, spec, exp, *args):
         result = original(sweep_, plan, spec, exp, *args)
@@ -25,12 +26,12 @@ def arm_kill() -> None:
             (folder / "arm").unlink()
         except FileNotFoundError:
             return result
-        path = sweep.result_path(plan, spec, exp.name)
+        path = result_path(plan, spec, exp.name)
         (folder / "fired.json").write_text(json.dumps(
             {"path": str(path), "mtime_ns": path.stat().st_mtime_ns, "pid": os.getpid()}))
         os.kill(os.getpid(), signal.SIGKILL)
 
-    sweep._run_one = run_one_then_die
+    runner.run_one = run_one_then_die
 
 
 F1_SCRIPT = "LATENTWIRE_TEST_F1_SCRIPT"
@@ -40,18 +41,26 @@ def script_f1() -> None:
     """For tests/test_screen.py: the F1 each trial's evaluation records comes from the JSON file
     at $LATENTWIRE_TEST_F1_SCRIPT, {experiment: [F1 at epoch 1, 2, ...]}, so which trials ASHA
     stops is known in advance (the tiny random model scores 0 everywhere, which ASHA cannot tell
-    apart). Training, generation and scoring still run; only the recorded F1 is replaced."""
-    from latentwire import training
+    apart). Training, generation and scoring still run; only the recorded F1 is replaced. A trial
+    scripted as "diverge" has a NaN loss from its first step, which the trainer must catch."""
+    from latentwire.training.trainer import Trainer
 
-    original = training.Trainer.evaluate
+    def script(trial) -> list | str | None:
+        return json.loads(Path(os.environ[F1_SCRIPT]).read_text()).get(trial.out.name)
+
+    evaluate_, loss_ = Trainer.evaluate, Trainer.loss
 
     def evaluate(self):
-        result = original(self)
-        script = json.loads(Path(os.environ[F1_SCRIPT]).read_text())
-        if self.out.name in script:
+        result = evaluate_(self)
+        f1s = script(self)
+        if isinstance(f1s, list):
             done = len(list((self.out / "eval").glob("epoch*.json")))  # written after this
-            result["f1"] = script[self.out.name][done]
+            result["f1"] = f1s[done]
             result["ci"] = [result["f1"], result["f1"]]
         return result
 
-    training.Trainer.evaluate = evaluate
+    def loss(self, items, teacher=None):
+        total, parts = loss_(self, items, teacher)
+        return (total * float("nan") if script(self) == "diverge" else total), parts
+
+    Trainer.evaluate, Trainer.loss = evaluate, loss

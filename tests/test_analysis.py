@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from latentwire import analysis
+from latentwire.analysis import insights as analysis
 
 N = 100
 

@@ -1,5 +1,6 @@
 """Bad input: one line on stderr, exit code 2, no traceback, and before any model is loaded."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -113,3 +114,33 @@ def test_seed_scripts_are_thin_wrappers(tmp_path):
                         str(summary), "--no-plots"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "TOP 5 PERFORMERS" in r.stdout
+
+
+@pytest.mark.parametrize("command", ["sweep", "list", "analyze", "train", "study", "screen"])
+def test_every_flag_shows_the_default_its_field_declares(command, monkeypatch, capsys):
+    from latentwire.cli import COMMANDS, main
+
+    monkeypatch.setenv("COLUMNS", "250")  # each option and its help on one line
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    entries, entry = {}, None  # each option's lines: its flags, then its help
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            entry = entries.setdefault(line.split()[0].rstrip(","), [])
+        elif not line.startswith("    "):
+            entry = None
+        if entry is not None:
+            entry.append(line.strip())
+    options = COMMANDS[command].options()
+    assert options
+    for f in options:
+        text = " ".join(entries.get(f"--{f.name}", []))
+        assert text, f"--{f.name} missing from `latentwire {command} --help`"
+        shown = "(required)" if f.default is dataclasses.MISSING else f"(default: {f.default})"
+        assert shown in text, text
+
+
+def test_the_command_reference_in_the_docs_is_the_parsers_own():
+    r = subprocess.run([sys.executable, "scripts/cli_reference.py", "--check"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

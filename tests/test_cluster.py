@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from latentwire import analysis, cluster, sweep
+from latentwire import raycluster
+from latentwire.analysis import insights as analysis
+from latentwire.cli import run_sweep
+from latentwire.sweep.options import SweepOptions, model_dirname
 from latentwire.errors import UsageError
-from latentwire.formatting import render_text
+from latentwire.analysis.formatting import render_text
 
 from .conftest import ROOT, byte_tokenizer
 from .ray_hooks import KILL_DIR
@@ -39,13 +42,13 @@ def local_ray(tmp_path_factory):
 
 def options(out, model_dir, **kw):
     kw = {"experiment": EXPERIMENTS, "source": SOURCES, "model_id": str(model_dir), **kw}
-    return sweep.SweepOptions(samples=4, output_dir=str(out), device="cpu", **kw)
+    return SweepOptions(samples=4, output_dir=str(out), device="cpu", **kw)
 
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("local")
-    assert sweep.run(options(out, tiny_model_dir), log=lambda *a: None)[1] == 0
+    assert run_sweep(options(out, tiny_model_dir), log=lambda *a: None)[1] == 0
     return out
 
 
@@ -53,7 +56,7 @@ def local_run(tmp_path_factory, tiny_model_dir):
 def ray_run(tmp_path_factory, tiny_model_dir, local_ray):
     out = tmp_path_factory.mktemp("ray")
     lines = []
-    summary, code = sweep.run(options(out, tiny_model_dir, ray=""), log=lines.append)
+    summary, code = run_sweep(options(out, tiny_model_dir, ray=""), log=lines.append)
     assert code == 0, lines
     return out, summary, lines
 
@@ -93,10 +96,10 @@ def test_ray_sweep_writes_what_a_local_sweep_writes(local_run, ray_run):
 def test_a_ray_rerun_keeps_everything_and_force_redoes_it(ray_run, tiny_model_dir, tmp_path):
     shutil.copytree(ray_run[0], tmp_path, dirs_exist_ok=True)
     before = stamps(tmp_path)
-    summary, code = sweep.run(options(tmp_path, tiny_model_dir, ray=""), log=lambda *a: None)
+    summary, code = run_sweep(options(tmp_path, tiny_model_dir, ray=""), log=lambda *a: None)
     assert code == 0 and summary["successful"] == 6 and stamps(tmp_path) == before
     kept = results(tmp_path)
-    sweep.run(options(tmp_path, tiny_model_dir, ray="", force=True), log=lambda *a: None)
+    run_sweep(options(tmp_path, tiny_model_dir, ray="", force=True), log=lambda *a: None)
     after = stamps(tmp_path)
     assert all(after[k][1] != before[k][1] for k in before)  # every file written again
     assert results(tmp_path) == kept
@@ -105,7 +108,7 @@ def test_a_ray_rerun_keeps_everything_and_force_redoes_it(ray_run, tiny_model_di
 def test_a_worker_killed_inside_a_unit_is_retried_and_nothing_is_lost(
         local_ray, local_run, tiny_model_dir, tmp_path):
     (local_ray / "arm").write_text("")
-    summary, code = sweep.run(options(tmp_path, tiny_model_dir, ray=""), log=lambda *a: None)
+    summary, code = run_sweep(options(tmp_path, tiny_model_dir, ray=""), log=lambda *a: None)
     fired = json.loads((local_ray / "fired.json").read_text())
     assert not (local_ray / "arm").exists()  # a worker did die
     assert code == 0 and summary["successful"] == 6 and not summary["not_run"]
@@ -135,9 +138,9 @@ def tiny_qwen_dir(tmp_path_factory):
 def test_two_models_in_one_sweep_get_a_folder_each_and_a_cross_model_section(
         local_ray, tiny_model_dir, tiny_qwen_dir, tmp_path):
     models = f"{tiny_model_dir},{tiny_qwen_dir}"
-    names = [sweep.model_dirname(str(tiny_model_dir)), sweep.model_dirname(str(tiny_qwen_dir))]
+    names = [model_dirname(str(tiny_model_dir)), model_dirname(str(tiny_qwen_dir))]
     experiments = "baseline,rms_scale0.8,rms_scale1.2,batch_dist,codebook_128_t1.0"
-    summary, code = sweep.run(options(tmp_path / "ray", models, ray="", source="text",
+    summary, code = run_sweep(options(tmp_path / "ray", models, ray="", source="text",
                                       experiment=experiments), log=lambda *a: None)
     assert code == 0 and summary["successful"] == 10
     assert [m["dir"] for m in summary["models"]] == names
@@ -145,7 +148,7 @@ def test_two_models_in_one_sweep_get_a_folder_each_and_a_cross_model_section(
         assert (tmp_path / "ray" / name / "baseline.json").is_file()
         assert json.loads((tmp_path / "ray" / name / "summary.json").read_text())["successful"] == 5
     # Without Ray the models run one after another, into the same layout, with the same results.
-    sweep.run(options(tmp_path / "local", models, source="text", experiment=experiments),
+    run_sweep(options(tmp_path / "local", models, source="text", experiment=experiments),
               log=lambda *a: None)
     assert results(tmp_path / "local") == results(tmp_path / "ray")
 
@@ -173,12 +176,12 @@ def test_two_models_in_one_sweep_get_a_folder_each_and_a_cross_model_section(
 
 def test_bad_ray_and_model_flags_are_one_line_errors(local_ray, tiny_model_dir, tmp_path):
     with pytest.raises(UsageError, match="no node of the Ray cluster has 3 CPUs"):
-        sweep.run(options(tmp_path, tiny_model_dir, ray="", ray_cpus_per_worker=3))
+        run_sweep(options(tmp_path, tiny_model_dir, ray="", ray_cpus_per_worker=3))
     with pytest.raises(UsageError, match="cannot reach the Ray cluster at 127.0.0.1:9"):
-        cluster.connect("127.0.0.1:9")  # the discard port: nothing listens there
+        raycluster.connect("127.0.0.1:9")  # the discard port: nothing listens there
     with pytest.raises(UsageError, match="need --ray"):
-        sweep.run(options(tmp_path, tiny_model_dir, ray_gpus_per_worker=1))
+        run_sweep(options(tmp_path, tiny_model_dir, ray_gpus_per_worker=1))
     twin = tmp_path / "elsewhere" / tiny_model_dir.name
     twin.mkdir(parents=True)
     with pytest.raises(UsageError, match="would share the folder"):
-        sweep.run(options(tmp_path, f"{tiny_model_dir},{twin}"))
+        run_sweep(options(tmp_path, f"{tiny_model_dir},{twin}"))

@@ -16,9 +16,11 @@ from dataclasses import replace
 
 import pytest
 
-from latentwire import checkpoint, encoders, experiments, screen, training
+from latentwire import experiments
+from latentwire.training import checkpoint, encoders, screen
 from latentwire.cli import main, parser
-from latentwire.training import TrainOptions
+from latentwire.options import from_args
+from latentwire.training.options import TRANSFORMS, TrainOptions, train_command
 
 from .conftest import ROOT
 from .ray_hooks import F1_SCRIPT
@@ -29,13 +31,14 @@ CANDIDATES = "baseline,rms_scale1.*,anchor_eps0.1"  # 4 trials, in this order
 # rms_scale1.2 would have won: what --verify is for.
 SCRIPT = {"baseline": [0.5, 0.6, 0.9], "rms_scale1.0": [0.5, 0.7, 0.8],
           "rms_scale1.2": [0.2, 0.4, 0.95], "anchor_eps0.1": [0.1, 0.1, 0.1]}
+DIVERGES = "anchor_eps0.2"  # its loss is NaN from the first step
 
 
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     ray = pytest.importorskip("ray")
     script = tmp_path_factory.mktemp("script") / "f1.json"
-    script.write_text(json.dumps(SCRIPT))
+    script.write_text(json.dumps({**SCRIPT, DIVERGES: "diverge"}))
     ray.init(num_cpus=2, logging_level=logging.WARNING, runtime_env={
         "worker_process_setup_hook": "tests.ray_hooks.script_f1",
         "env_vars": {F1_SCRIPT: str(script), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}})
@@ -90,10 +93,9 @@ def test_asha_stops_the_weak_trials_and_names_the_winner(screened):
     assert set(result["references"]) == {"text", "question_only"}
 
     # The command for the winner parses back into the winner's own settings, for --max_epochs.
-    args = parser().parse_args(shlex.split(result["next_command"])[1:])
-    assert args.command == "train"
-    parsed = TrainOptions(**{k: v for k, v in vars(args).items()
-                             if k in TrainOptions.__dataclass_fields__})
+    words = shlex.split(result["next_command"])
+    assert words[:2] == ["python", "latentwire/train.py"]
+    parsed = from_args(TrainOptions, parser().parse_args(["train", *words[2:]]))
     saved = json.loads((screened / "trials" / "baseline" / "config.json").read_text())["options"]
     assert parsed.identity() == {**saved, "output_dir": "runs/train/baseline"}
     assert parsed.epochs == 3 and parsed.embed_transform == "none"
@@ -181,6 +183,25 @@ def test_an_interrupted_screen_continues_where_it_stopped(local_ray, tiny_model_
     assert first.read_bytes() == kept
 
 
+@pytest.mark.ray
+def test_a_trial_that_diverges_in_epoch_1_is_reported_failed(local_ray, tiny_model_dir, tmp_path,
+                                                             capsys):
+    """No epoch of it ends, so no evaluation reaches Tune: the trial's own summary says it
+    failed, the table says so, and the screen exits 1 as a failed trial makes it."""
+    args = command(tiny_model_dir, tmp_path)
+    args[args.index("--experiment") + 1] = f"baseline,{DIVERGES}"
+    args[args.index("--max_epochs") + 1] = "1"
+    assert main(args) == 1
+    result = json.loads((tmp_path / "screen.json").read_text())
+    trials = {t["experiment"]: t for t in result["trials"]}
+    assert trials[DIVERGES]["status"] == "failed" and trials[DIVERGES]["epochs_run"] == 0
+    assert trials["baseline"]["status"] == "finished" and result["best"] == "baseline"
+    assert f"| {DIVERGES} | 0/1 | - | - | failed (non-finite loss) in epoch 1 |" in (
+        tmp_path / "screen.md").read_text()
+    # A rerun does not train the failed trial again, and still exits 1.
+    assert main(args) == 1
+
+
 def test_would_stop_is_ashas_rule_with_every_trial_at_the_rung():
     f1s = [0.3, 0.1, 0.6, 0.2, 0.5, 0.4]
     assert screen.would_stop(f1s, 3) == [True, True, False, True, False, True]  # bottom 2/3
@@ -196,7 +217,7 @@ def test_every_candidate_trains_its_sweep_transform():
     for exp in experiments.grid("full"):
         settings = experiments.train_settings(exp)
         flags = {**vars(TrainOptions()), **settings}
-        name = training.TRANSFORMS[settings["embed_transform"]]
+        name = TRANSFORMS[settings["embed_transform"]]
         assert (name, encoders.transform_config(name, flags)) == (exp.transform, exp.config)
 
 
@@ -209,11 +230,11 @@ def test_every_candidate_trains_its_sweep_transform():
 ])
 def test_train_command_parses_back_into_the_same_options(changes):
     opts = replace(TrainOptions(), output_dir="runs/train/x", **changes)
-    line = screen.train_command(opts, spelled=("embed_transform",))
+    line = train_command(opts, spelled=("embed_transform",))
     assert "--embed_transform" in line
-    args = parser().parse_args(shlex.split(line)[1:])
-    assert TrainOptions(**{k: v for k, v in vars(args).items()
-                           if k in TrainOptions.__dataclass_fields__}) == opts
+    words = shlex.split(line)
+    assert words[:2] == ["python", "latentwire/train.py"]
+    assert from_args(TrainOptions, parser().parse_args(["train", *words[2:]])) == opts
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from latentwire import sources
+from latentwire.sweep import sources
 from latentwire.errors import UsageError
 from latentwire.vocab import VocabSpace
 
@@ -76,18 +76,22 @@ def test_a_trained_checkpoint_is_a_sweep_source(tmp_path, tiny_model_dir):
     """Train briefly, sweep the checkpoint beside the text: fewer rows than the text, a question
     kept as text after them, a new checkpoint at the same path swept again, the text kept, and a
     checkpoint for another width refused."""
-    from latentwire import checkpoint, models, sweep, training
+    from latentwire import models
+    from latentwire.cli import run_sweep
+    from latentwire.sweep.options import SweepOptions
+    from latentwire.training import checkpoint, loop as training
+    from latentwire.training.options import TrainOptions
 
     lm = models.load(str(tiny_model_dir), "cpu")
-    opts = training.TrainOptions(model_id=str(tiny_model_dir), samples=8, eval_samples=3,
+    opts = TrainOptions(model_id=str(tiny_model_dir), samples=8, eval_samples=3,
                                  batch_size=4, max_new_tokens=3, keep_question=True,
                                  output_dir=str(tmp_path / "run"))
     assert training.run(opts, lambda *a, **k: None, lm) == 0
     best = tmp_path / "run" / "checkpoints" / "best"
-    sweep_opts = sweep.SweepOptions(model_id=str(tiny_model_dir), source=f"text,adapter:{best}",
+    sweep_opts = SweepOptions(model_id=str(tiny_model_dir), source=f"text,adapter:{best}",
                                     experiment="baseline,rms_scale1.0", samples=4,
                                     max_new_tokens=3, output_dir=str(tmp_path / "sweep"))
-    summary, code = sweep.run(sweep_opts, log=lambda *a: None)
+    summary, code = run_sweep(sweep_opts, log=lambda *a: None)
     assert code == 0 and summary["successful"] == 4
     adapter = [r for r in summary["results"] if r["source"].startswith("adapter")]
     assert adapter[0]["source_effect"]["compression_ratio"] > 3
@@ -96,14 +100,14 @@ def test_a_trained_checkpoint_is_a_sweep_source(tmp_path, tiny_model_dir):
     weights, config = checkpoint.load(best)
     checkpoint.save(best, {k: v + 0.01 for k, v in weights.items()}, config)
     lines = []
-    sweep.run(sweep_opts, log=lines.append)
+    run_sweep(sweep_opts, log=lines.append)
     kept = [l for l in lines if "kept from an earlier run" in l]
     assert len(kept) == 2 and all("(text)" in l for l in kept)
 
     config["compressor"]["d_model"] = 64
     checkpoint.save(tmp_path / "wide", weights, config)
     with pytest.raises(UsageError, match="width 64 but the model reads width 32"):
-        sweep.run(sweep.SweepOptions(model_id=str(tiny_model_dir), source=f"adapter:{tmp_path / 'wide'}",
+        run_sweep(SweepOptions(model_id=str(tiny_model_dir), source=f"adapter:{tmp_path / 'wide'}",
                                      experiment="baseline", samples=2,
                                      output_dir=str(tmp_path / "sweep2")), log=lambda *a: None)
 

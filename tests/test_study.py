@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from latentwire import study
+from latentwire.training import study
 from latentwire.cli import main
 from latentwire.errors import UsageError
-from latentwire.training import TrainOptions
+from latentwire.training.options import TrainOptions
 
 
 def test_grid_always_holds_the_controls():
@@ -37,10 +37,47 @@ def test_a_study_writes_its_table_and_plot_and_a_rerun_keeps_every_run(tmp_path,
     # The uncompressed trained reference is its own 100% (undefined when it scores nothing).
     expected_share = pytest.approx(1.0) if rows[0]["f1"] > 0 else None
     assert rows[0]["share_of_uncompressed"] == expected_share
-    assert rows[1]["vs_constant"]["label"] in ("better", "worse", "indistinguishable")
+    assert [r["vs_constant"] is None for r in rows] == [False, False, True, True] * 2
     assert rows[1]["measured_compression"] > 3
     assert (tmp_path / "plots" / "study.png").stat().st_size > 0
     assert "| aware | pool |" in (tmp_path / "study.md").read_text()
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().out.count("kept from an earlier run") == 8
+
+
+def test_the_table_pairs_each_cell_with_its_own_control_and_reference(tmp_path):
+    """Cells written by hand with known per-example F1s: each row's paired difference is against
+    the constant control of its own compression and setting, and its share is of the pool 1x
+    reference of its setting, each computed here directly."""
+    f1s = {"aware/pool_x1": [1.0, 1.0, 0.5, 1.0], "aware/pool_x4": [1.0, 0.5, 0.5, 1.0],
+           "aware/constant_x1": [0.0, 0.0, 0.5, 0.0], "aware/constant_x4": [0.0, 0.5, 0.5, 0.0],
+           "agnostic/pool_x1": [0.5, 0.5, 0.5, 0.5], "agnostic/pool_x4": [0.0, 0.5, 0.5, 0.5],
+           "agnostic/constant_x1": [0.0] * 4, "agnostic/constant_x4": [0.5, 0.5, 0.5, 0.5]}
+    for name, scores in f1s.items():
+        run = tmp_path / name
+        (run / "eval").mkdir(parents=True)
+        mean = sum(scores) / len(scores)
+        (run / "eval" / "epoch1.json").write_text(json.dumps(
+            {"predictions": [{"f1": f} for f in scores]}))
+        (run / "summary.json").write_text(json.dumps({
+            "status": "finished", "epochs": [{"epoch": 1}], "compression_ratio": 1.0,
+            "final": {"f1": mean, "em": mean, "ci": [mean, mean]}, "references": {},
+            "train_seconds": 1.0}))
+    opts = study.StudyOptions(encoders="pool", compressions="1,4", output_dir=str(tmp_path))
+    rows = {f"{r['setting']}/{r['encoder']}_x{r['compression']:g}": r
+            for r in study.table(opts, study.cells(opts))}
+    assert set(rows) == set(f1s)
+    for name, row in rows.items():
+        setting, cell = name.split("/")
+        ratio = cell.split("_")[1]
+        control = f1s[f"{setting}/constant_{ratio}"]
+        if cell.startswith("constant"):
+            assert row["vs_constant"] is None
+        else:
+            diff = sum(a - b for a, b in zip(f1s[name], control)) / 4
+            assert row["vs_constant"]["diff"] == pytest.approx(diff), name
+        reference = sum(f1s[f"{setting}/pool_x1"]) / 4
+        assert row["share_of_uncompressed"] == pytest.approx(sum(f1s[name]) / 4 / reference)
+    assert rows["agnostic/pool_x4"]["vs_constant"]["label"] == "indistinguishable"
+    assert rows["aware/pool_x4"]["vs_constant"]["diff"] == pytest.approx(0.5)

@@ -11,7 +11,10 @@ import time
 import pytest
 import torch
 
-from latentwire import embed_experiments, sweep
+from latentwire import embed_experiments
+from latentwire.cli import run_sweep
+from latentwire.sweep import runner
+from latentwire.sweep.options import SweepOptions, validate
 from latentwire.generation import generate, generate_reference
 
 from .conftest import ROOT
@@ -23,8 +26,8 @@ RESULT_FIELDS = {"experiment", "category", "description", "config", "f1", "em", 
 
 
 def run_sweep(tmp_path, experiment, samples=4, **kw):
-    opts = sweep.SweepOptions(experiment=experiment, samples=samples, output_dir=str(tmp_path), **kw)
-    return sweep.run(opts, log=lambda *a: None)
+    opts = SweepOptions(experiment=experiment, samples=samples, output_dir=str(tmp_path), **kw)
+    return run_sweep(opts, log=lambda *a: None)
 
 
 def test_single_experiment_writes_its_result_and_the_summary(tmp_path, bundled):
@@ -59,9 +62,9 @@ def test_engine_matches_the_per_example_loop(tmp_path, bundled):
     full prompt: at least 98% identical predictions and F1 within 0.01, for every experiment."""
     from latentwire.scoring import score
 
-    opts = sweep.SweepOptions(samples=16, output_dir=str(tmp_path))
-    plan = sweep.validate(opts)
-    s = sweep.Sweep(opts, plan, log=lambda *a: None, lm=bundled)
+    opts = SweepOptions(samples=16, output_dir=str(tmp_path))
+    plan = validate(opts)
+    s = runner.Sweep(opts, plan, log=lambda *a: None, lm=bundled)
     inputs, _ = s.source_inputs(plan.sources[0])
     model, tok = bundled.model, bundled.tokenizer
     for name, transform, config in [("baseline", "identity", {}),
@@ -172,8 +175,8 @@ def test_ctrl_c_writes_the_partial_summary_and_exits_130(tmp_path):
 def test_rerun_keeps_unchanged_results_and_redoes_changed_or_forced_ones(tmp_path, bundled):
     def logged(**kw):
         lines = []
-        opts = sweep.SweepOptions(experiment="baseline", samples=3, output_dir=str(tmp_path), **kw)
-        sweep.run(opts, log=lines.append)
+        opts = SweepOptions(experiment="baseline", samples=3, output_dir=str(tmp_path), **kw)
+        run_sweep(opts, log=lines.append)
         return "\n".join(lines)
 
     assert "kept from an earlier run" not in logged()

@@ -5,6 +5,7 @@ resume after SIGKILL, and torchrun with two processes."""
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,11 +17,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from latentwire import analysis, checkpoint, embed_experiments, experiments, training
+from latentwire import data, embed_experiments, experiments, prompts
+from latentwire.analysis import insights as analysis
 from latentwire.cli import main, parser
 from latentwire.embed_experiments import TransformInputs
-from latentwire.encoders import Compressor, Layout
-from latentwire.training import TRANSFORMS, TrainOptions, Trainer, run, validate
+from latentwire.errors import UsageError
+from latentwire.training import checkpoint
+from latentwire.training.encoders import Compressor, Layout
+from latentwire.training.loop import run
+from latentwire.options import from_args
+from latentwire.training.options import TRANSFORM_OPTIONS, TRANSFORMS, TrainOptions, validate
+from latentwire.training.summary import render
+from latentwire.training.trainer import CALIBRATION_EXAMPLES, Trainer, recompute_layers
 from latentwire.vocab import VocabSpace
 
 from .conftest import ROOT, tiny_lm
@@ -99,7 +107,7 @@ def test_loss_equals_the_answer_cross_entropy_computed_row_by_row(tmp_path, keep
         kd = -(p * torch.log_softmax(answer_logits / 2.0, -1).gather(1, ids)).sum(-1) * 4.0
         expected = expected + ce.mean() + 0.5 * ce[0] + 0.3 * kd.mean()
         # The teacher is the model reading the text itself, at the same answer positions.
-        text = torch.cat([t.prefix, t.embed_ids(training.prompts.encode_span(
+        text = torch.cat([t.prefix, t.embed_ids(prompts.encode_span(
             lm.tokenizer, t.fmt, item.example.context, item.example.question)[0]), t.anchor,
             t.embed_ids(item.answer[:-1])])
         top = lm.model(inputs_embeds=text[None]).logits[0, -len(item.answer):].topk(ids.shape[1])
@@ -111,16 +119,19 @@ def test_the_training_transform_is_the_sweep_experiment_the_analysis_names(tmp_p
     """For every experiment of the default grid: the analysis's train command, parsed by the CLI,
     builds the same registry entry with the same config, and gives the sweep's output."""
     lm = tiny_lm()
+    checked = set()
     for exp in experiments.grid("default"):
-        command = analysis.train_command({"category": exp.category, "config": exp.config})
-        if command is None or exp.config.get("size", 0) > len(lm.tokenizer):
+        command = analysis.train_command({"experiment": exp.name, "category": exp.category,
+                                          "config": exp.config})
+        if exp.category == "baseline":
+            assert command is None  # no transform to put in the graph
+            continue
+        assert command.startswith("python latentwire/train.py "), exp.name
+        if exp.config.get("size", 0) > len(lm.tokenizer):
             continue  # (the tiny vocabulary has 257 rows: no 512 codes to learn from it)
-        args = parser().parse_args(["train", *command.split()[2:]])
-        opts = options(tmp_path, **{k: v for k, v in vars(args).items()
-                                    if k in TrainOptions.__dataclass_fields__ and
-                                    k in ("embed_transform", "target_rms_scale", "nearest_k",
-                                          "nearest_alpha", "anchor_eps", "codebook_size",
-                                          "codebook_tau")})
+        parsed = from_args(TrainOptions, parser().parse_args(["train", *shlex.split(command)[2:]]))
+        assert (parsed.samples, parsed.epochs) == (10000, 10)  # the seed's full run
+        opts = options(tmp_path, **{k: getattr(parsed, k) for k in TRANSFORM_OPTIONS})
         t = Trainer(opts, validate(opts), quiet, lm)
         assert t.spec["transform"] == {"name": exp.transform, "config": exp.config}, exp.name
         items = t.eval_items
@@ -131,7 +142,9 @@ def test_the_training_transform_is_the_sweep_experiment_the_analysis_names(tmp_p
         theirs, _ = embed_experiments.apply(exp.transform, TransformInputs(z, offsets, t.vocab),
                                             exp.config)
         assert torch.equal(ours, theirs), exp.name
+        checked.add(exp.category)
         (Path(opts.output_dir) / "config.json").unlink(missing_ok=True)
+    assert checked == set(experiments.CATEGORIES) - {"baseline"}
 
 
 def test_a_run_trains_only_the_compressor_and_writes_every_output(tmp_path):
@@ -151,12 +164,18 @@ def test_a_run_trains_only_the_compressor_and_writes_every_output(tmp_path):
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2]
     assert all(set(e) >= {"train_loss", "eval_f1", "seconds"} for e in summary["epochs"])
     assert summary["split"]["shared_groups"] == 0
-    held_out = training.data.load_all(str(out / "eval_split.jsonl"))
+    held_out = data.load_all(str(out / "eval_split.jsonl"))
     assert [e.id for e in held_out] == [i.example.id for i in Trainer(
         options(tmp_path / "again"), validate(options(tmp_path / "again")), quiet, lm).eval_items]
     config = json.loads((out / "config.json").read_text())
     assert config["options"]["embed_transform"] == "soft_codebook"
     assert config["provenance"]["model"]["class"] == "LlamaForCausalLM"
+    # Which examples each count is of, in names that say so (the sweep's `samples` would not).
+    counts = {k: v for k, v in config["provenance"].items() if "samples" in k}
+    assert counts == {"train_samples": 12, "eval_samples": summary["split"]["eval_examples"]}
+    assert summary["split"]["train_examples"] == 12 and summary["split"]["eval_examples"] >= 4
+    assert set(config["provenance"]["dataset"]) == {"spec", "train_examples_sha256",
+                                                   "eval_examples_sha256"}
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["type"] == "step"] == list(range(1, 7))
     assert [r["epoch"] for r in rows if r["type"] == "eval"] == [1, 2]
@@ -195,9 +214,9 @@ def test_bad_input_is_one_line_and_exit_2_before_the_model_loads(tmp_path, capsy
 def test_resume_refuses_other_flags_and_a_run_is_not_overwritten(tmp_path, capsys):
     lm = tiny_lm()
     assert run(options(tmp_path), quiet, lm) == 0
-    with pytest.raises(training.UsageError, match="--lr 0.01 there, 0.5 now"):
+    with pytest.raises(UsageError, match="--lr 0.01 there, 0.5 now"):
         validate(options(tmp_path, lr=0.5, resume=True))
-    with pytest.raises(training.UsageError, match="holds a run already; add --resume"):
+    with pytest.raises(UsageError, match="holds a run already; add --resume"):
         validate(options(tmp_path))
     validate(options(tmp_path, resume=True))
 
@@ -211,6 +230,20 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     step = int(err.split("non-finite at step ")[1].split()[0])
     state = json.loads((Path(opts.output_dir) / "checkpoints/last/trainer_state.json").read_text())
     assert state["step"] == step - 1
+
+
+def test_a_run_that_diverges_in_its_first_epoch_is_recorded_as_failed(tmp_path, capsys):
+    """Before any epoch ends there is no evaluation, but the run still says it failed (a screen
+    reads its trials' status there), and the same folder is not silently trained over."""
+    lm = tiny_lm()
+    opts = options(tmp_path, lr=1e30, max_grad_norm=0, save_every=0, samples=16, epochs=2)
+    assert run(opts, quiet, lm) == 1
+    summary = json.loads((Path(opts.output_dir) / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["epochs"] == [] and summary["final"] is None
+    assert 1 <= summary["steps"] < 4  # stopped inside epoch 1 (4 batches)
+    capsys.readouterr()
+    with pytest.raises(UsageError, match="holds a run that failed"):
+        validate(opts)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
@@ -289,7 +322,7 @@ def test_learning_rate_warms_up_then_follows_its_schedule(tmp_path):
 
 def test_the_lm_reader_starts_on_the_vocabularys_distribution_per_dimension(tmp_path):
     t = trainer(tmp_path, tiny_lm(), encoder="lm", samples=40, eval_samples=4)
-    items = t.train_items[:training.CALIBRATION_EXAMPLES]
+    items = t.train_items[:CALIBRATION_EXAMPLES]
     with torch.no_grad():
         z, _, _ = t.latents(items)
     # Directly: over the calibration spans, each dimension has the vocabulary's mean and spread.
@@ -359,7 +392,7 @@ def test_lora_trains_the_readers_copy_and_the_answering_model_stays_the_original
         z, _, _ = t.compressor(spans, [len(i.span) for i in items])
         z_again, _, _ = again.eval()(spans, [len(i.span) for i in items])
     assert torch.equal(z, z_again)
-    with pytest.raises(training.UsageError, match="--encoder_lora adapts the reader"):
+    with pytest.raises(UsageError, match="--encoder_lora adapts the reader"):
         validate(options(tmp_path / "pool", encoder="pool", encoder_lora=2))
 
 
@@ -374,15 +407,15 @@ def test_the_lm_encoder_can_read_out_a_middle_layer(tmp_path):
     loss, _ = middle.loss(items)
     loss.backward()
     assert float(middle.compressor.encoder.slots.grad.abs().sum()) > 0
-    with pytest.raises(training.UsageError, match="--encoder_layer must be between 1 and 2"):
+    with pytest.raises(UsageError, match="--encoder_layer must be between 1 and 2"):
         trainer(tmp_path / "bad", lm, encoder="lm", encoder_layer=3)
 
 
 def test_a_model_reused_by_another_run_is_wrapped_for_recomputation_once():
     model = tiny_lm().model
-    training._checkpoint_layers(model)
+    recompute_layers(model)
     once = [layer.forward for layer in model.model.layers]
-    training._checkpoint_layers(model)
+    recompute_layers(model)
     assert [layer.forward for layer in model.model.layers] == once
 
 
@@ -390,8 +423,8 @@ def test_the_summary_points_other_encoders_at_the_control_and_the_control_at_its
     r = {"f1": 0.3, "em": 0.2, "ci": [0.2, 0.4]}
     s = {"transform": {"name": "identity"}, "compression_ratio": 4.0, "final": r,
          "references": {"text": r, "question_only": {"f1": 0.0, "em": 0.0, "ci": [0.0, 0.0]}}}
-    assert "Compare with --encoder constant" in training.render({**s, "encoder": "lm"})
-    control = training.render({**s, "encoder": "constant"})
+    assert "Compare with --encoder constant" in render({**s, "encoder": "lm"})
+    control = render({**s, "encoder": "constant"})
     assert "This is the control" in control and "Compare with" not in control
 
 

@@ -12,19 +12,39 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import checkpoint, stats, training
-from .errors import UsageError
+from .. import models, stats
+from ..errors import UsageError
+from ..files import write_json
+from ..options import option
+from ..plots import pyplot, save
+from . import checkpoint
+from .encoders import ENCODERS
+from .loop import run as train
+from .options import TrainOptions, validate
 
 SETTINGS = {"aware": False, "agnostic": True}  # setting -> keep_question
 
 
+GRID = "the grid: every encoder x compression x setting"
+
+
 @dataclass
 class StudyOptions:
-    encoders: str = "pool,attn,lm"
-    compressions: str = "1,4,8,16"
-    settings: str = "aware,agnostic"
-    output_dir: str = "runs/study"
-    base: training.TrainOptions = field(default_factory=training.TrainOptions)
+    encoders: str = option(
+        "pool,attn,lm", group=GRID, metavar="NAMES",
+        help=f"comma-separated, of: {', '.join(ENCODERS)}; constant at every compression and "
+             "pool at 1x always run as controls")
+    compressions: str = option("1,4,8,16", group=GRID, metavar="RATIOS",
+                               help="comma-separated text positions per latent")
+    settings: str = option("aware,agnostic", group=GRID, metavar="NAMES",
+                           help=f"comma-separated, of: {', '.join(SETTINGS)}")
+    output_dir: str = option("runs/study", group="run", metavar="DIR",
+                             help="where the cells' runs go; a rerun continues the study")
+    base: TrainOptions = field(default_factory=TrainOptions)
+
+
+# The training options each cell sets itself: the grid's, and where its run goes.
+CELL_OPTIONS = ("encoder", "compression", "latent_len", "keep_question", "resume", "output_dir")
 
 
 @dataclass(frozen=True)
@@ -39,8 +59,6 @@ class Cell:
 
 
 def cells(opts: StudyOptions) -> list[Cell]:
-    from .encoders import ENCODERS
-
     encoders = [e.strip() for e in opts.encoders.split(",") if e.strip()]
     settings = [s.strip() for s in opts.settings.split(",") if s.strip()]
     try:
@@ -65,7 +83,7 @@ def cells(opts: StudyOptions) -> list[Cell]:
     return out
 
 
-def _options(opts: StudyOptions, cell: Cell, resume: bool) -> training.TrainOptions:
+def _options(opts: StudyOptions, cell: Cell, resume: bool) -> TrainOptions:
     return replace(opts.base, encoder=cell.encoder, compression=cell.compression, latent_len=None,
                    keep_question=SETTINGS[cell.setting], resume=resume,
                    output_dir=str(Path(opts.output_dir) / cell.name))
@@ -79,14 +97,12 @@ def _status(path: Path) -> str:
 
 
 def run(opts: StudyOptions, log=print) -> int:
-    from . import models
-
     todo = cells(opts)
     plans = [(c, _options(opts, c, _status(Path(opts.output_dir) / c.name) == "resume"))
              for c in todo]
     for cell, o in plans:  # every cell's flags checked before the model loads
         if _status(Path(o.output_dir)) != "finished":
-            training.validate(o)
+            validate(o)
     lm = None
     for n, (cell, o) in enumerate(plans, 1):
         if _status(Path(o.output_dir)) == "finished":
@@ -94,7 +110,7 @@ def run(opts: StudyOptions, log=print) -> int:
             continue
         log(f"[{n}/{len(plans)}] {cell.name}{' (resumed)' if o.resume else ''}")
         lm = lm or models.load(o.model_id, o.device, o.trust_remote_code)
-        code = training.run(o, log, lm)
+        code = train(o, log, lm)
         if code:
             return code
     rows = table(opts, todo)
@@ -150,13 +166,10 @@ def render(rows: list[dict]) -> str:
 
 
 def _write(opts: StudyOptions, rows: list[dict]) -> None:
-    from .report import _plt, _save
-    from .sweep import write_json
-
     out = Path(opts.output_dir)
     write_json(out / "study.json", {"rows": rows})
     (out / "study.md").write_text(render(rows) + "\n", encoding="utf-8")
-    plt = _plt()
+    plt = pyplot()
     settings = sorted({r["setting"] for r in rows}, key=list(SETTINGS).index)
     fig, axes = plt.subplots(1, len(settings), figsize=(6.4 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
@@ -173,4 +186,4 @@ def _write(opts: StudyOptions, rows: list[dict]) -> None:
         ax.set(xscale="log", xlabel="text positions per latent (measured)", ylabel="evaluation F1",
                title=f"query-{setting}", ylim=(0, 1))
         ax.legend(fontsize=8)
-    _save(fig, out / "plots" / "study.png")
+    save(fig, out / "plots" / "study.png")

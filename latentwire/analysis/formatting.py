@@ -1,24 +1,15 @@
-"""How an analysed sweep reads as text: numbers, the insight sections, file names.
+"""How an analysed sweep reads as text: numbers and the insight sections.
 
 Its own module so that the analysis (which prints the text) and the report (which embeds it)
 both stand on it rather than on each other.
 """
 
 import math
-import re
 
 
 def number(x, digits=3) -> str:
     """`x` to `digits` places, or n/a where there is no value (missing, or NaN)."""
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def safe_name(text: str) -> str:
-    """A source's name as a folder name."""
-    return _NAME.sub("_", text)
 
 
 def _heading(title: str) -> str:

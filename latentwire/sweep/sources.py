@@ -19,7 +19,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
+from .. import prompts
+from ..errors import UsageError
+from ..training import checkpoint
+from ..training.encoders import Compressor
 
 
 @dataclass
@@ -115,9 +118,6 @@ def _rotated(inp: SourceInputs, _):
 # the text's; the sweep's experiments then transform those rows again.
 
 def _adapter(inp: SourceInputs, path: str) -> "Latents":
-    from . import checkpoint, prompts
-    from .encoders import Compressor
-
     weights, config = checkpoint.load(path)
     width = config["compressor"]["d_model"]
     if width != inp.text.shape[1]:
@@ -179,8 +179,6 @@ class SourceSpec:
         """What results made from this source depend on; for a checkpoint, its content, so a
         new checkpoint written to the same path is swept again."""
         if self.source.name == "adapter":
-            from . import checkpoint
-
             return {"name": "adapter", "param": self.param,
                     "checkpoint_sha256": checkpoint.digest(self.param)}
         return {"name": self.source.name, "param": self.param}
@@ -211,8 +209,6 @@ def parse(specs: str) -> list[SourceSpec]:
         except ValueError:
             raise UsageError(f"source {name} needs a number after ':' (got {raw!r})")
         if name == "adapter":
-            from . import checkpoint
-
             if not Path(arg).exists():
                 raise UsageError(f"adapter checkpoint {arg} does not exist; pass a folder "
                                  "such as runs/train/<run>/checkpoints/best")
@@ -226,8 +222,9 @@ def parse(specs: str) -> list[SourceSpec]:
 
 
 def code_version(name: str) -> str:
-    """A hash of the source's code and of the module's functions it calls (mismatch calls
-    noisy; adapter calls load_adapter): results made before any of them changed are redone."""
+    """A hash of the source's code and of this module's functions it calls (mismatch calls
+    noisy, for one): results made before any of them changed are redone. An adapter's results
+    also carry the checkpoint's own digest (SourceSpec.config), so retrained weights are redone."""
     seen, todo, parts = set(), [SOURCES[name].build], []
     while todo:
         fn = todo.pop()

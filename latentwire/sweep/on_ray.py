@@ -10,31 +10,28 @@ One unit per source would leave a one-source sweep (the default) on a single wor
 its largest unit the whole sweep; by category the largest is nearest_k (10 generations of the
 default 28), at the price of a second top-k search (for the anchors), which costs seconds
 where a generation costs far more. Workers write the same atomic per-experiment files as a
-local run (through sweep._run_one), so resume, --force, the summary and the analysis cannot tell
+local run (through runner.run_one), so resume, --force, the summary and the analysis cannot tell
 the two apart. A worker whose process dies is restarted by Ray and its unit retried; the retry
 keeps every result already written, so nothing is lost. Ray is imported only here, and only
 inside functions.
 """
 
-import logging
-import os
-import socket
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 
-from . import sweep
-from .errors import UsageError
+from .. import raycluster
+from ..errors import UsageError
+from ..files import write_json
+from ..memory import keep_freed_memory
+from ..raycluster import MAX_RESTARTS
+from . import runner
+from .options import planned_runs, result_path
 
 GROUP_OF = {"baseline": "anchor_offset", "anchor_offset": "anchor_offset",
             "nearest_k": "nearest_k", "rms_matching": "rms_matching",
             "batch_distribution": "batch_distribution", "soft_codebook": "soft_codebook"}
-
-# A worker killed this many times in a row (out of memory on every try, say) is given up on;
-# its unit is reported as not run and a rerun resumes it.
-MAX_RESTARTS = 3
-
 
 @dataclass(frozen=True)
 class Unit:
@@ -63,8 +60,6 @@ class Worker:
     """One model, loaded on the first unit and kept for the next ones."""
 
     def __init__(self, opts, plan, command: list, threads: int):
-        from .cli import keep_freed_memory
-
         keep_freed_memory()  # the same allocator tuning as the command, before torch allocates
         self.opts, self.plan, self.command, self.threads = opts, plan, command, threads
         self.sweep = None
@@ -74,7 +69,7 @@ class Worker:
 
         if self.sweep is None:
             torch.set_num_threads(self.threads)
-            self.sweep = sweep.Sweep(self.opts, self.plan, log=lambda line: print(line, flush=True))
+            self.sweep = runner.Sweep(self.opts, self.plan, log=lambda line: print(line, flush=True))
             # The worker's own argv is Ray's; the run was asked for by the driver's.
             self.sweep.provenance["command"] = self.command
         spec = self.plan.sources[unit.source]
@@ -83,88 +78,29 @@ class Worker:
         self.sweep.reuse = {}
         inputs, effect = self.sweep.source_inputs(spec)
         chosen = [e for e in self.plan.experiments if e.name in unit.names]
-        return ([sweep._run_one(self.sweep, self.plan, spec, exp, inputs, effect,
+        return ([runner.run_one(self.sweep, self.plan, spec, exp, inputs, effect,
                                 f"[{spec.spec} {unit.group} {i}/{len(chosen)}]")
                  for i, exp in enumerate(chosen, 1)],
                 self.sweep.provenance)
 
 
-def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise UsageError("--ray needs Ray: pip install 'latentwire[ray]' (make install does)")
-    return ray
-
-
-def connect(address: str) -> bool:
-    """Join the cluster at `address`, else at RAY_ADDRESS, else start a local one; True when
-    this call started the connection (and so should end it). A caller that is already connected
-    (a notebook, the tests) keeps its own."""
-    ray = _ray()
-    target = address or os.environ.get("RAY_ADDRESS") or "local"
-    host, _, port = target.removeprefix("ray://").rpartition(":")
-    if host and port.isdigit():
-        # Ray retries an unreachable address for minutes; one refused connection says enough.
-        try:
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except OSError as err:
-            raise UsageError(f"cannot reach the Ray cluster at {target} ({err.strerror or err}); "
-                             "start one with `ray start --head`, or pass --ray with no address "
-                             "for a local Ray")
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(address=target, logging_level=logging.WARNING)
-    except (ConnectionError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot reach the Ray cluster at {target} ({first}); start one with "
-                         "`ray start --head`, or pass --ray with no address for a local Ray")
-    return True
-
-
-def worker_shape(opts) -> tuple[float, float, int]:
-    """(CPUs, GPUs) per worker and how many workers the cluster holds at once."""
-    ray = _ray()
-    total = ray.cluster_resources()
-    gpus = opts.ray_gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if total.get("GPU", 0) >= 1 else 0.0
-    cpus = opts.ray_cpus_per_worker
-    capacity = 0
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        have = node.get("Resources", {})
-        fit = int(have.get("CPU", 0) // cpus)
-        if gpus:
-            fit = min(fit, int(have.get("GPU", 0) // gpus))
-        capacity += fit
-    if capacity < 1:
-        raise UsageError(f"no node of the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs for a "
-                         f"worker (the cluster has {total.get('CPU', 0):g} CPUs, "
-                         f"{total.get('GPU', 0):g} GPUs); lower --ray_cpus_per_worker / "
-                         "--ray_gpus_per_worker")
-    return cpus, gpus, capacity
-
-
 def run(runs, address: str, log=print) -> tuple[list[dict], int]:
     """Every model's sweep on Ray; one summary per model (written to its folder, as a local
     run writes it) and the exit code of a local run."""
-    started = connect(address)
+    started = raycluster.connect(address)
     try:
         return _run(runs, log)
     finally:
         if started:
-            _ray().shutdown()
+            raycluster.require_ray().shutdown()
 
 
 def _run(runs, log) -> tuple[list[dict], int]:
-    ray = _ray()
+    ray = raycluster.require_ray()
     from ray.exceptions import RayActorError, RayTaskError
 
     opts = runs[0][0]
-    cpus, gpus, capacity = worker_shape(opts)
+    cpus, gpus, capacity = raycluster.worker_shape(opts)
     todo = units(runs)
     queues = [deque(u for u in todo if u.model == m) for m in range(len(runs))]
     remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_RESTARTS,
@@ -221,7 +157,7 @@ def _run(runs, log) -> tuple[list[dict], int]:
                 workers[unit.model] -= 1
             else:
                 for r in unit_results:
-                    path = sweep.result_path(plan, spec, r["experiment"])
+                    path = result_path(plan, spec, r["experiment"])
                     if not path.exists():
                         raise UsageError(f"a worker wrote {path} where this machine cannot see "
                                          "it: --output_dir must be on storage every node shares")
@@ -249,11 +185,11 @@ def _run(runs, log) -> tuple[list[dict], int]:
             ray.kill(actor)
     summaries = []
     for m, (one, plan) in enumerate(runs):
-        planned = sweep.planned_runs(plan)
+        planned = planned_runs(plan)
         ordered = [results[m][key] for key in planned if key in results[m]]
-        summary = sweep.build_summary(ordered, planned, provenance[m], interrupted)
+        summary = runner.build_summary(ordered, planned, provenance[m], interrupted)
         summary_path = plan.output_dir / "summary.json"
-        sweep.write_json(summary_path, summary)
+        write_json(summary_path, summary)
         if interrupted:
             log(f"interrupted: {len(ordered)} of {len(planned)} runs of {one.model_id} kept; "
                 f"partial summary in {summary_path}; rerun the same command to resume")

@@ -8,11 +8,15 @@ summaries from older versions without per-example scores, and sweeps over severa
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import stats
-from .experiments import TRAIN_FLAGS
-from .errors import UsageError
+from .. import stats
+from ..errors import UsageError
+from ..experiments import TRAIN_FLAGS, Experiment
+from ..options import option
+from ..training.options import experiment_command
+from . import report
 from .formatting import number, render_text
 
 CATEGORY_PREFIXES = [("baseline", "baseline"), ("rms_scale", "rms_matching"),
@@ -32,6 +36,14 @@ MEANING = {
     "soft_codebook": ("A discrete bottleneck over the vocabulary helps.",
                       "Train with a soft codebook over vocabulary embeddings."),
 }
+
+
+@dataclass
+class AnalyzeOptions:
+    summary: str = option(metavar="PATH", help="a sweep's summary.json (required)")
+    json: bool = option(False, help="print the insights as JSON")
+    plots: bool = option(True, help="write the plots and report.html beside the summary; "
+                                    "--no_plots skips them")
 
 
 def load_summary(path: str) -> dict:
@@ -178,13 +190,12 @@ def hyperparameters(rows: list[dict]) -> dict:
 
 
 def train_command(row: dict) -> str | None:
-    transform, flags = TRAIN_FLAGS.get(row["category"], (None, {}))
-    if transform is None:
+    """The seed's full training run with this result's transform in the graph; None for the
+    baseline, which has no transform to train with."""
+    if TRAIN_FLAGS.get(row["category"], (None,))[0] is None:
         return None
-    args = " ".join(f"{flag} {row['config'][key]}" for key, flag in flags.items()
-                    if key in row["config"])
-    return (f"python latentwire/train.py --embed_transform {transform} {args} "
-            "--samples 10000 --epochs 10").replace("  ", " ")
+    exp = Experiment(row.get("experiment", row["category"]), row["category"], "", row["config"])
+    return experiment_command(exp, samples=10000, epochs=10)
 
 
 def interpret(out: dict) -> tuple[list[str], list[str], str | None]:
@@ -398,7 +409,6 @@ def analyze(summary: dict, output_dir, as_json: bool = False, plots: bool = True
     written = []
     analysed = insights["models"].values() if "models" in insights else [insights]
     if plots and output_dir is not None and any(a["sources"] for a in analysed):
-        from . import report
         written = report.write(insights, summary, Path(output_dir))
     if as_json:
         print(json.dumps(_jsonable(insights), indent=2))

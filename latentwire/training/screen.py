@@ -18,33 +18,55 @@ import json
 import logging
 import math
 import os
-import shlex
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, experiments, stats, training
-from .errors import UsageError
+from .. import experiments, models, raycluster, stats
+from ..errors import UsageError
+from ..files import write_json
+from ..memory import keep_freed_memory
+from ..options import option
+from ..plots import pyplot, save
+from . import checkpoint
+from .loop import run as train
+from .options import TRANSFORM_OPTIONS, TrainOptions, train_command, validate
 
 TOP = 3  # --verify: would ASHA have stopped a trial that finished this high?
 
 
+SCHEDULE = "the candidates and the schedule"
+
+
 @dataclass
-class ScreenOptions:
-    experiment: str = ""
-    max_epochs: int = 10
-    reduction_factor: float = 3.0
-    verify: bool = False
-    output_dir: str = "runs/screen"
-    ray: str = ""  # at this address; "": at RAY_ADDRESS, else on a new local Ray
-    ray_gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
-    ray_cpus_per_worker: float = 1.0
-    base: training.TrainOptions = field(default_factory=training.TrainOptions)
+class ScreenOptions(raycluster.WorkerShape):
+    experiment: str = option(
+        "", group=SCHEDULE, metavar="NAMES",
+        help="the sweep's experiment names or globs, comma-separated, e.g. "
+             "'rms_*,nearest_k5*,anchor_eps0.1'; each is one trial (required)")
+    max_epochs: int = option(10, group=SCHEDULE, metavar="N",
+                             help="epochs of the trials ASHA never stops")
+    reduction_factor: float = option(
+        3.0, group=SCHEDULE, metavar="R",
+        help="ASHA keeps the top 1/R at each rung (epochs 1, R, R^2, ...) and stops the rest")
+    verify: bool = option(False, group=SCHEDULE,
+                          help="stop nothing: run every trial to --max_epochs and report how "
+                               "well the epoch-1 ranking predicted the final one")
+    output_dir: str = option("runs/screen", group="run", metavar="DIR",
+                             help="where the trials go; a rerun continues the screen")
+    ray: str = option("", group=raycluster.GROUP, metavar="ADDRESS", nargs="?", const="",
+                      help="the Ray cluster the trials run on (always): at ADDRESS, else at "
+                           "$RAY_ADDRESS, else on a new local Ray")
+    base: TrainOptions = field(default_factory=TrainOptions)
 
 
-def plan(opts: ScreenOptions) -> list[tuple[experiments.Experiment, training.TrainOptions]]:
+# The training options each trial sets itself: its candidate's transform, its epochs and folder.
+TRIAL_OPTIONS = (*TRANSFORM_OPTIONS, "epochs", "resume", "output_dir")
+
+
+def plan(opts: ScreenOptions) -> list[tuple[experiments.Experiment, TrainOptions]]:
     """Every candidate with its training options, each checked as the trainer checks its own, so
     a mistake costs a second, not a Ray start and a model load."""
     def need(ok: bool, message: str):
@@ -63,7 +85,8 @@ def plan(opts: ScreenOptions) -> list[tuple[experiments.Experiment, training.Tra
         folder = Path(opts.output_dir).resolve() / "trials" / exp.name
         o = replace(opts.base, **experiments.train_settings(exp), epochs=opts.max_epochs,
                     output_dir=str(folder), resume=_last(folder) is not None)
-        training.validate(o)
+        if (_summary(folder) or {}).get("status") not in ("finished", "failed"):
+            validate(o)  # a trial that ended will not run again
         trials.append((exp, o))
     return trials
 
@@ -100,15 +123,12 @@ def _trial(config: dict, setup: dict) -> None:
     import torch
     from ray import tune
 
-    from . import models
-    from .cli import keep_freed_memory
-
     keep_freed_memory()  # the command's allocator tuning, as the sweep's Ray workers have it
     torch.set_num_threads(setup["threads"])
     # Tune starts every trial in a folder of its own; the flags' relative paths are the driver's.
     os.chdir(setup["cwd"])
     name = config["experiment"]
-    opts = training.TrainOptions(**setup["trials"][name])
+    opts = TrainOptions(**setup["trials"][name])
     folder = Path(opts.output_dir)
 
     def report(entry: dict) -> None:
@@ -133,7 +153,7 @@ def _trial(config: dict, setup: dict) -> None:
     if key not in _LOADED:
         _LOADED.clear()
         _LOADED[key] = models.load(*key)
-    code = training.run(replace(opts, resume=_last(folder) is not None), log, _LOADED[key],
+    code = train(replace(opts, resume=_last(folder) is not None), log, _LOADED[key],
                         on_epoch=report_before_the_last)
     if code == 0:
         report(_summary(folder)["epochs"][-1])
@@ -142,18 +162,14 @@ def _trial(config: dict, setup: dict) -> None:
 def run(opts: ScreenOptions, log=print) -> int:
     """Screen the candidates, or continue the screen in OUTPUT_DIR. Exit code: 0; 1 when a trial
     failed (the others are still ranked); 130 when interrupted (rerun to continue)."""
-    from . import cluster
-
     started = time.time()
     trials = plan(opts)
-    connected = cluster.connect(opts.ray)
+    connected = raycluster.connect(opts.ray)
     try:
         errors, complete = _tune(opts, trials, log)
     finally:
         if connected:
-            import ray
-
-            ray.shutdown()
+            raycluster.require_ray().shutdown()
     if not complete:
         log(f"interrupted: finished trials are kept in {opts.output_dir}/trials; rerun the same "
             "command to continue the screen")
@@ -170,12 +186,10 @@ def _tune(opts: ScreenOptions, trials, log) -> tuple[dict, bool]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from . import cluster
-
     # Its warning lists the trials with no results yet (every one, on a restore): nothing a
     # screen's reader needs, the table says what each trial did.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    cpus, gpus, capacity = cluster.worker_shape(opts)
+    cpus, gpus, capacity = raycluster.worker_shape(opts)
     setup = {"cwd": os.getcwd(), "threads": max(1, int(cpus)),
              "trials": {exp.name: asdict(o) for exp, o in trials}}
     trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup),
@@ -201,7 +215,7 @@ def _tune(opts: ScreenOptions, trials, log) -> tuple[dict, bool]:
                 name=name, storage_path=str(storage), verbose=0,
                 # A worker that dies (out of memory, a lost node) is restarted and its trial
                 # resumes from its checkpoint, as the sweep's workers are.
-                failure_config=tune.FailureConfig(max_failures=cluster.MAX_RESTARTS)))
+                failure_config=tune.FailureConfig(max_failures=raycluster.MAX_RESTARTS)))
     log(f"screen: {len(trials)} trials of up to {opts.max_epochs} epochs, {schedule}; at most "
         f"{capacity} at once ({cpus:g} CPU, {gpus:g} GPU each)")
     tuner.fit()
@@ -228,24 +242,7 @@ def _number(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def train_command(opts: training.TrainOptions, spelled: tuple = ()) -> str:
-    """`latentwire train` with these options: every flag that differs from its default, and the
-    `spelled` ones always."""
-    default = training.TrainOptions()
-    parts = ["latentwire", "train"]
-    for f in fields(opts):
-        value = getattr(opts, f.name)
-        if f.name == "resume" or value is None or (value == getattr(default, f.name)
-                                                   and f.name not in spelled):
-            continue
-        if isinstance(value, bool):
-            parts.append(f"--{f.name}" if value else f"--no-{f.name}")
-        else:
-            parts += [f"--{f.name}", str(value)]
-    return shlex.join(parts)
-
-
-def _row(opts: ScreenOptions, exp, o: training.TrainOptions, error: str | None) -> dict:
+def _row(opts: ScreenOptions, exp, o: TrainOptions, error: str | None) -> dict:
     folder = Path(o.output_dir)
     summary = _summary(folder) or {"status": "not run", "epochs": []}
     epochs = summary["epochs"]
@@ -268,12 +265,6 @@ def _order(row: dict) -> tuple:
     return (not ran, -row["epochs_run"], -(row["f1_by_epoch"][-1] if ran else 0.0))
 
 
-# The flags a candidate sets: the screen's own options are the rest.
-TRANSFORM_FLAGS = {"embed_transform"} | {flag.removeprefix("--")
-                                         for _, flags in experiments.TRAIN_FLAGS.values()
-                                         for flag in flags.values()}
-
-
 def summarize(opts: ScreenOptions, trials, errors: dict, wall: float) -> dict:
     rows = sorted((_row(opts, exp, o, errors.get(exp.name)) for exp, o in trials), key=_order)
     best = rows[0] if rows[0]["status"] == "finished" else None
@@ -292,7 +283,7 @@ def summarize(opts: ScreenOptions, trials, errors: dict, wall: float) -> dict:
             "verify": verification(rows, opts.reduction_factor) if opts.verify else None,
             "references": refs,
             "options": {k: v for k, v in opts.base.identity().items()
-                        if k not in TRANSFORM_FLAGS | {"output_dir", "epochs"}},
+                        if k not in TRIAL_OPTIONS},
             "wall_seconds": round(wall, 1)}
 
 
@@ -368,14 +359,11 @@ def render(result: dict) -> str:
 
 def write(result: dict, out: Path) -> None:
     """screen.json, screen.md and plots/screen.png (F1 per epoch of every trial)."""
-    from .report import _plt, _save
-    from .sweep import write_json
-
     write_json(out / "screen.json", result)
     (out / "screen.md").write_text(
         f"# Screen: {len(result['trials'])} candidates, up to {result['max_epochs']} epochs\n\n"
         + render(result) + "\n\n![F1 per epoch](plots/screen.png)\n", encoding="utf-8")
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
     for r in result["trials"]:
         if not r["f1_by_epoch"]:
@@ -394,4 +382,4 @@ def write(result: dict, out: Path) -> None:
            title="F1 per epoch (x: stopped by ASHA)" if not result["verify"] else
            "F1 per epoch, every trial to the end (--verify)")
     ax.legend(fontsize=7, loc="best")
-    _save(fig, out / "plots" / "screen.png")
+    save(fig, out / "plots" / "screen.png")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UsageError
+from ..errors import UsageError
 
 FORMAT = "latentwire-checkpoint"
 VERSION = 1

@@ -8,6 +8,7 @@ what training optimises is what the sweep measures. Everything is packed ([rows,
 no padding), like the sweep's transform inputs.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -15,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import embed_experiments
-from .embed_experiments import TransformInputs
+from .. import embed_experiments
+from ..embed_experiments import TransformInputs
+from ..errors import UsageError
+from ..experiments import TRAIN_FLAGS
+from ..generation import cache_argument, plain_kv, returned_cache
 
 ENCODERS: dict = {}
 # Set on a model whose layers recompute their activations in the backward pass: a layer run
@@ -169,8 +173,6 @@ class ModelReader(nn.Module):
     def __init__(self, d_model: int, max_latents: int, scale: float, model=None, vocab=None,
                  layer: int | None = None, lora: int = 0):
         super().__init__()
-        from .errors import UsageError
-
         layers = model.config.num_hidden_layers
         if layer is not None and not 1 <= layer <= layers:
             raise UsageError(f"--encoder_layer must be between 1 and {layers}, the model's "
@@ -226,8 +228,6 @@ class ModelReader(nn.Module):
         values are constants, and the backward pass covers M positions instead of N + M (on
         the bundled model at 4x, a fifth of them). None where the model's cache is not plain
         keys and values."""
-        from .generation import cache_argument, plain_kv, returned_cache
-
         (model,) = self.reader
         base = model.base_model
         lengths, counts = layout.lengths.tolist(), layout.counts.tolist()
@@ -268,10 +268,6 @@ class ModelReader(nn.Module):
 def _lora_copy(model, rank: int):
     """The reader's own copy of `model` with rank-`rank` LoRA adapters on the attention
     projections peft chooses for its architecture; every other weight stays frozen."""
-    import copy
-
-    from .errors import UsageError
-
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
@@ -298,8 +294,6 @@ def latent_counts(lengths: list[int], compression: float | None, latent_len: int
 
 def transform_config(name: str, flags: dict) -> dict:
     """The sweep registry's config for a transform, from training's flag values."""
-    from .experiments import TRAIN_FLAGS
-
     keys = next((f for t, f in TRAIN_FLAGS.values() if t == name), {})
     return {key: flags[flag.lstrip("-")] for key, flag in keys.items()}
 

@@ -1,154 +1,39 @@
-"""The training loop: an encoder turns text into a few latents that the frozen model reads.
+"""The graph a training run optimises, and how it is evaluated.
 
 text -> the model's own token embeddings -> encoder -> latents -> the sweep's transform ->
 [prompt prefix] + latents [+ question as text] + answer anchor -> the frozen model, trained on
 the answer with teacher forcing. The model never changes and stays in eval mode; only the
-compressor (encoder, and a soft codebook's codes) learns. Every epoch ends with an evaluation
-through the sweep's engine and scoring, beside two references computed once: the text itself
-and the question alone. Data parallel under torchrun; resumable after SIGKILL, bitwise on CPU.
+compressor (encoder, and a soft codebook's codes) learns. Evaluation goes through the sweep's
+engine and scoring, beside two references computed once: the text itself and the question
+alone. One optimizer step sums gradients over torchrun's processes; loop.py drives the steps.
 """
 
-import json
 import math
 import os
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import checkpoint, data, models, prompts
-from .embed_experiments import NonFiniteError
-from .errors import UsageError
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as recompute
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
-TRANSFORMS = {"none": "identity", "rms_matching": "rms_matching",
-              "batch_distribution": "batch_distribution", "nearest_k": "nearest_k",
-              "anchor_offset": "anchor_offset", "soft_codebook": "soft_codebook"}
-SCHEDULES = ("constant", "cosine")
+from .. import data, models, prompts, provenance
+from ..embed_experiments import NonFiniteError
+from ..errors import UsageError
+from ..generation import StopTokens, cache_argument, generate, plain_kv, returned_cache
+from ..scoring import score_answers
+from ..stats import bootstrap_ci
+from ..vocab import VocabSpace
+from . import checkpoint
+from .encoders import RECOMPUTES, Compressor, transform_config
+from .options import TRANSFORMS, TrainOptions
+
 CALIBRATION_EXAMPLES = 32  # spans an encoder that starts from data measures before step 1
 KD_TOP = 32  # teacher logits kept per answer position: the distribution's head, a few MB in all
-
-
-@dataclass
-class TrainOptions:
-    embed_transform: str = "none"
-    target_rms_scale: float = 1.0
-    nearest_k: int = 5
-    nearest_alpha: float = 0.5
-    anchor_eps: float = 0.1
-    codebook_size: int = 512
-    codebook_tau: float = 1.0
-    codebook_trainable: bool = True
-    encoder: str = "pool"
-    compression: float | None = 4.0
-    latent_len: int | None = None
-    keep_question: bool = False
-    encoder_layer: int | None = None
-    encoder_lora: int = 0
-    model_id: str = models.BUNDLED
-    dataset: str = "builtin"
-    samples: int = 2000
-    eval_samples: int = 100
-    epochs: int = 1
-    batch_size: int = 16
-    grad_accum_steps: int = 1
-    lr: float = 1e-3
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    first_token_ce_weight: float = 1.0
-    kd_weight: float = 0.0
-    kd_tau: float = 1.0
-    output_dir: str | None = None
-    save_every: int = 50
-    resume: bool = False
-    seed: int = 42
-    device: str | None = None
-    prompt: str = "auto"
-    max_new_tokens: int = 12
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-
-    def __post_init__(self):
-        if self.latent_len is not None:
-            self.compression = None  # a fixed count replaces the ratio
-
-    def run_dir(self) -> Path:
-        return Path(self.output_dir or f"runs/train/{self.embed_transform}")
-
-    def identity(self) -> dict:
-        """The flags a resumed run must share with the run it continues."""
-        return {k: v for k, v in asdict(self).items() if k not in ("resume", "device")}
-
-
-def validate(opts: TrainOptions) -> Path:
-    """Every check that needs no model: a mistake costs a second, not a model load."""
-    from .encoders import ENCODERS
-
-    def need(ok: bool, message: str):
-        if not ok:
-            raise UsageError(message)
-
-    need(opts.embed_transform in TRANSFORMS, f"unknown --embed_transform {opts.embed_transform!r};"
-         f" use one of: {', '.join(TRANSFORMS)}")
-    need(opts.encoder in ENCODERS, f"unknown --encoder {opts.encoder!r}; use one of: "
-         f"{', '.join(ENCODERS)}")
-    need(opts.latent_len is None or opts.latent_len >= 1,
-         f"--latent_len must be at least 1 (got {opts.latent_len})")
-    need(opts.latent_len is not None or (opts.compression or 0) >= 1,
-         f"--compression must be at least 1 (got {opts.compression}): it is text positions "
-         "per latent")
-    need(opts.encoder_lora >= 0, f"--encoder_lora must be >= 0, 0 for none (got {opts.encoder_lora})")
-    need(not opts.encoder_lora or opts.encoder == "lm", "--encoder_lora adapts the reader of "
-         f"--encoder lm; --encoder {opts.encoder} has none")
-    need(opts.target_rms_scale > 0, f"--target_rms_scale must be > 0 (got {opts.target_rms_scale})")
-    need(opts.nearest_k >= 1, f"--nearest_k must be at least 1 (got {opts.nearest_k})")
-    need(0 <= opts.nearest_alpha <= 1, f"--nearest_alpha must be in [0, 1] (got {opts.nearest_alpha})")
-    need(opts.anchor_eps >= 0, f"--anchor_eps must be >= 0 (got {opts.anchor_eps})")
-    need(opts.codebook_size >= 2, f"--codebook_size must be at least 2 (got {opts.codebook_size})")
-    need(opts.codebook_tau > 0, f"--codebook_tau must be > 0 (got {opts.codebook_tau})")
-    need(opts.samples >= 1, f"--samples must be at least 1 (got {opts.samples})")
-    need(opts.eval_samples >= 1, f"--eval_samples must be at least 1 (got {opts.eval_samples}); "
-         "every epoch ends with an evaluation")
-    need(opts.epochs >= 1, f"--epochs must be at least 1 (got {opts.epochs})")
-    need(opts.batch_size >= 1, f"--batch_size must be at least 1 (got {opts.batch_size})")
-    need(opts.samples >= opts.batch_size, f"--samples ({opts.samples}) is smaller than "
-         f"--batch_size ({opts.batch_size}); lower the batch or train on more samples")
-    need(1 <= opts.grad_accum_steps <= opts.batch_size, "--grad_accum_steps must be between 1 "
-         f"and --batch_size (got {opts.grad_accum_steps})")
-    need(opts.lr > 0 and math.isfinite(opts.lr), f"--lr must be a positive number (got {opts.lr})")
-    need(opts.schedule in SCHEDULES, f"unknown --schedule {opts.schedule!r}; use one of: "
-         f"{', '.join(SCHEDULES)}")
-    need(opts.warmup_steps >= 0, f"--warmup_steps must be >= 0 (got {opts.warmup_steps})")
-    need(opts.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, 0 for no clipping "
-         f"(got {opts.max_grad_norm})")
-    for name in ("first_token_ce_weight", "kd_weight"):
-        need(getattr(opts, name) >= 0, f"--{name} must be >= 0 (got {getattr(opts, name)})")
-    need(opts.kd_tau > 0, f"--kd_tau must be > 0 (got {opts.kd_tau})")
-    need(opts.save_every >= 0, f"--save_every must be >= 0, 0 for epoch ends only "
-         f"(got {opts.save_every})")
-    need(opts.max_new_tokens >= 1, f"--max_new_tokens must be at least 1 (got {opts.max_new_tokens})")
-    need(opts.prompt in prompts.FORMATS, f"unknown --prompt {opts.prompt!r}; use one of "
-         f"{', '.join(prompts.FORMATS)}")
-    data.check_spec(opts.dataset)
-    from .sweep import writable_dir
-
-    out = writable_dir(opts.run_dir(), "--output_dir")
-    last = checkpoint.existing(out / "checkpoints" / "last")
-    if opts.resume:
-        need(last is not None, f"--resume: {out} holds no checkpoint to resume "
-             f"(no checkpoints/last); drop --resume to start a new run")
-        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))["options"]
-        # A flag added after the run was made counts as its default there.
-        default = asdict(TrainOptions())
-        changed = sorted(k for k, v in opts.identity().items() if saved.get(k, default[k]) != v)
-        need(not changed, f"--resume: {out} was made with other flags ("
-             + ", ".join(f"--{k} {saved.get(k)} there, {getattr(opts, k)} now" for k in changed)
-             + "); resume with the same flags or pick another --output_dir")
-    else:
-        need(last is None and not (out / "summary.json").exists(),
-             f"{out} holds a run already; add --resume to continue it, or pick another "
-             "--output_dir")
-    return out
 
 
 @dataclass
@@ -179,27 +64,18 @@ class NonFiniteLoss(Exception):
     """The loss, the latents or the updated weights stopped being finite numbers."""
 
 
-def _distributed():
+def distributed():
     """(rank, world size), joining torchrun's process group when there is one."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        import torch
-
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return int(os.environ.get("RANK", "0")), world
 
 
-def _checkpoint_layers(model) -> None:
+def recompute_layers(model) -> None:
     """Recompute each decoder layer's activations in the backward pass instead of keeping them.
     Done by wrapping the layers, not with transformers' switch, which works only in train mode:
     the frozen model stays in eval mode (no dropout)."""
-    from torch.utils.checkpoint import checkpoint as recompute
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    from .encoders import RECOMPUTES
-
     setattr(model, RECOMPUTES, True)
 
     for layer in model.modules():
@@ -226,15 +102,9 @@ class State:
 
 class Trainer:
     def __init__(self, opts: TrainOptions, out: Path, log=print, lm=None):
-        import torch
-
-        from .encoders import Compressor, transform_config
-        from .generation import StopTokens
-        from .sweep import provenance
-        from .vocab import VocabSpace
 
         self.opts, self.out = opts, out
-        self.rank, self.world = _distributed()
+        self.rank, self.world = distributed()
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         examples = data.load_all(opts.dataset, at_least=opts.samples + opts.eval_samples)
         self.split = data.split(examples, opts.samples, opts.eval_samples, opts.seed)
@@ -249,7 +119,7 @@ class Trainer:
         # into every row instead of a shared cache.
         self.checkpointing = opts.gradient_checkpointing or self.device.type == "cuda"
         if self.checkpointing:
-            _checkpoint_layers(model)
+            recompute_layers(model)
         self.fmt = prompts.make_format(tok, opts.prompt)
         self.embed = model.get_input_embeddings()
         self.vocab = VocabSpace.from_model(model, len(tok))
@@ -276,7 +146,13 @@ class Trainer:
                                   [len(i.span) for i in calibration])
         self.params = [p for p in self.compressor.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr)
-        self.provenance = provenance(opts, self.lm, self.fmt, self.split.eval, self.vocab)
+        self.provenance = provenance.describe(
+            opts.model_id, self.lm, self.fmt, self.vocab,
+            {"spec": opts.dataset,
+             "train_examples_sha256": provenance.examples_sha(self.split.train),
+             "eval_examples_sha256": provenance.examples_sha(self.split.eval)},
+            {"train_samples": len(self.split.train), "eval_samples": len(self.split.eval)},
+            opts.seed, opts.max_new_tokens)
         self.checkpoint_config = {
             "model": self.provenance["model"], "prompt_format": self.fmt.describe(),
             "compressor": self.spec, "trained_on": {"dataset": opts.dataset,
@@ -287,8 +163,6 @@ class Trainer:
     # -- the graph --------------------------------------------------------------------------
 
     def embed_ids(self, ids: list[int]):
-        import torch
-
         with torch.no_grad():
             return self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
 
@@ -299,11 +173,6 @@ class Trainer:
 
     def loss(self, items: list[Item], teacher: list | None = None):
         """Sum over the items of each one's loss, and its parts, summed likewise."""
-        import torch
-        import torch.nn.functional as F
-
-        from .generation import cache_argument
-
         o, dtype = self.opts, self.embed.weight.dtype
         z, offsets, _ = self.latents(items)
         cache = self.prefix_cache(len(items))
@@ -352,12 +221,6 @@ class Trainer:
         and never enters the batch (on the bundled model, 37 of about 65 positions a row).
         None where the model's cache is not plain keys and values (sliding windows, recurrent
         state): the prefix then goes into every row."""
-        import torch
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        from .generation import plain_kv, returned_cache
-
         if not len(self.prefix) or self.checkpointing:
             return None
         if self._prefix_kv is None:
@@ -379,8 +242,6 @@ class Trainer:
     def teacher_targets(self) -> list:
         """The frozen model reading the text: its top logits at every answer position of every
         training example, computed once per run (the model never changes)."""
-        import torch
-
         out = []
         with torch.no_grad():
             for item in self.train_items:
@@ -397,23 +258,16 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------
 
     def _answer(self, prompts_: list) -> list[tuple[str, int]]:
-        from .generation import generate
-
         return generate(self.lm.model, self.lm.tokenizer, prompts_, self.stops,
                         self.opts.max_new_tokens, prefix=self.prefix)
 
     def _score(self, items: list[Item], answers) -> dict:
-        from .scoring import score_answers
-        from .stats import bootstrap_ci
-
         predictions, means = score_answers([i.example for i in items], answers)
         return {**means, "ci": list(bootstrap_ci([p["f1"] for p in predictions])),
                 "num_samples": len(predictions), "predictions": predictions}
 
     def evaluate(self) -> dict:
         """The latents' answers on the evaluation split, scored, with latent diagnostics."""
-        import torch
-
         self.compressor.eval()
         dtype = self.embed.weight.dtype
         prompts_, lat_rows, text_rows, diag, latents_total = [], [], [], [], 0
@@ -447,8 +301,6 @@ class Trainer:
 
     def references(self) -> dict:
         """The text itself, and the question with no context: the frame a latent F1 is read in."""
-        import torch
-
         text, question = [], []
         for item in self.eval_items:
             e = item.example
@@ -465,8 +317,6 @@ class Trainer:
     def batches(self, epoch: int) -> list[list[int]]:
         """The epoch's global batches: a seeded order that depends on the epoch alone, so a
         resumed run sees exactly the batches it would have seen."""
-        import torch
-
         gen = torch.Generator().manual_seed(self.opts.seed * 1000 + epoch)
         order = torch.randperm(len(self.train_items), generator=gen).tolist()
         b = self.opts.batch_size
@@ -487,9 +337,6 @@ class Trainer:
     def step(self, batch: list[int], step: int = 0) -> dict:
         """Optimizer step number `step` (from 0) on a global batch: this rank's share, in
         grad_accum_steps micro-batches, gradients summed over ranks; the loss is the batch mean."""
-        import torch
-        import torch.distributed as dist
-
         o = self.opts
         mine = batch[self.rank::self.world]
         size = -(-len(mine) // o.grad_accum_steps) if mine else 1
@@ -545,205 +392,3 @@ class Trainer:
         self.compressor.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
         self.optimizer.load_state_dict(optimizer)
         return State(**saved)
-
-
-def write_split(examples, path: Path) -> None:
-    """The evaluation split as a dataset file: sweeping a checkpoint on it (`--dataset`) measures
-    the latents on entities the encoder never trained on, as the run's own evaluation does."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({"id": e.id, "title": e.group, "context": e.context,
-                                       "question": e.question, "answers": list(e.answers)}) + "\n"
-                           for e in examples), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _metrics_log(path: Path, keep_until_step: int):
-    """metrics.jsonl, opened for appending, without any line written after the checkpoint being
-    resumed (those steps are about to run again) or cut off by a kill."""
-    if path.exists():
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if row.get("step", 0) > keep_until_step:
-                break
-            kept.append(line)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, path)
-    return open(path, "a", encoding="utf-8")
-
-
-def _write_line(fh, row: dict) -> None:
-    fh.write(json.dumps(row) + "\n")
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def summary(trainer: Trainer, state: State, status: str, wall: float) -> dict:
-    refs = state.references or {}
-    last = state.epochs[-1]["eval"] if state.epochs else None
-
-    def brief(r):
-        return {k: r[k] for k in ("f1", "em", "empty_rate", "ci")} if r else None
-
-    return {
-        "status": status,
-        "encoder": trainer.opts.encoder, "transform": trainer.spec["transform"],
-        "compression_ratio": last["compression_ratio"] if last else None,
-        "latents_per_example": last["latents_per_example"] if last else None,
-        "keep_question": trainer.opts.keep_question,
-        "final": {**brief(last), "latent_diagnostics": last["latent_diagnostics"]} if last else None,
-        "best": state.best,
-        "references": {k: brief(v) for k, v in refs.items()},
-        "epochs": [{k: v for k, v in e.items() if k != "eval"} for e in state.epochs],
-        "steps": state.step, "train_seconds": round(state.elapsed, 1), "wall_seconds": round(wall, 1),
-        "trainable_parameters": sum(p.numel() for p in trainer.params),
-        "split": trainer.split.describe(),
-        "checkpoints": {"last": "checkpoints/last", "best": "checkpoints/best"},
-    }
-
-
-def run(opts: TrainOptions, log=print, lm=None, on_epoch=None) -> int:
-    """Train (or resume) one run; returns the exit code: 0, or 1 when the loss went non-finite.
-    Bad input raises UsageError before the model loads. `on_epoch(entry)` is called after each
-    evaluation, once its checkpoints and summary are on disk (a screen reports to Tune there)."""
-    import torch
-
-    from . import report
-    from .sweep import write_json
-
-    started = time.time()
-    out = validate(opts)
-    trainer = Trainer(opts, out, log, lm)
-    log = trainer.log  # silent on every rank but 0
-    main = trainer.rank == 0
-    state = trainer.restore() if opts.resume else State()
-    if main and not opts.resume:
-        write_json(out / "config.json", {"options": opts.identity(), "provenance": trainer.provenance,
-                                         "split": trainer.split.describe(),
-                                         "compressor": trainer.spec})
-        write_split(trainer.split.eval, out / "eval_split.jsonl")
-    metrics = _metrics_log(out / "metrics.jsonl", state.step) if main else None
-    if opts.kd_weight > 0:
-        log("distillation: the frozen model reads the text of every training example once")
-        trainer.teacher = trainer.teacher_targets()
-    if main and state.references is None:
-        log(f"references on {len(trainer.eval_items)} entity-disjoint evaluation examples ...")
-        state.references = trainer.references()
-        r = state.references
-        log(f"  text F1 {r['text']['f1']:.3f}   question only F1 {r['question_only']['f1']:.3f}")
-        write_json(out / "references.json", r)
-    batches_per_epoch = len(trainer.batches(0))
-    total_steps = batches_per_epoch * opts.epochs
-    log(f"training {opts.encoder} ({sum(p.numel() for p in trainer.params):,} parameters) + "
-        f"{trainer.spec['transform']['name']} into {opts.model_id} on {trainer.device}: "
-        f"{len(trainer.train_items)} examples x {opts.epochs} epoch(s), {total_steps} steps of "
-        f"{opts.batch_size}, {trainer.world} process(es) -> {out}")
-    bar = None
-    if main and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True)
-    every = max(1, batches_per_epoch // 10)
-    code = 0
-    try:
-        while state.epoch < opts.epochs:
-            epoch_start, loss_sum, seen = time.time(), 0.0, 0
-            batches = trainer.batches(state.epoch)
-            while state.batch < len(batches):
-                t0 = time.time()
-                try:
-                    m = trainer.step(batches[state.batch], state.step)
-                except NonFiniteLoss:
-                    print(f"error: the loss became non-finite at step {state.step + 1} (epoch "
-                          f"{state.epoch + 1}); stopped. checkpoints/last (step {state.step} or "
-                          "earlier) is kept: lower --lr, then --resume", file=sys.stderr)
-                    code = 1
-                    break
-                state.step, state.batch = state.step + 1, state.batch + 1
-                state.elapsed += time.time() - t0
-                n = len(batches[state.batch - 1])
-                loss_sum, seen = loss_sum + m["loss"] * n, seen + n
-                rate = n / max(time.time() - t0, 1e-9)
-                if main:
-                    _write_line(metrics, {"type": "step", "step": state.step,
-                                          "epoch": state.epoch + 1, **m, "examples_per_s": rate})
-                    eta = (total_steps - state.step) * state.elapsed / max(state.step, 1)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{rate:.1f}")
-                        bar.update(1)
-                    elif state.step % every == 0:
-                        log(f"step {state.step}/{total_steps}  epoch {state.epoch + 1}  loss "
-                            f"{m['loss']:.3f}  {rate:.1f} ex/s  eta {eta / 60:.1f} min")
-                if opts.save_every and state.step % opts.save_every == 0 and main:
-                    trainer.save("last", state)
-            if code:
-                break
-            state.epoch, state.batch = state.epoch + 1, 0
-            if main:
-                t0 = time.time()
-                result = trainer.evaluate()
-                entry = {"epoch": state.epoch, "step": state.step,
-                         "train_loss": loss_sum / seen if seen else None,
-                         "eval_f1": result["f1"], "eval_em": result["em"],
-                         "eval_ci": result["ci"], "seconds": round(time.time() - epoch_start, 1),
-                         "eval_seconds": round(time.time() - t0, 1), "eval": result}
-                state.epochs.append(entry)
-                write_json(out / "eval" / f"epoch{state.epoch}.json", result)
-                _write_line(metrics, {"type": "eval", "step": state.step, "epoch": state.epoch,
-                                      **{k: v for k, v in result.items() if k != "predictions"}})
-                if state.best is None or result["f1"] > state.best["f1"]:
-                    state.best = {"epoch": state.epoch, "f1": result["f1"], "em": result["em"]}
-                    trainer.save("best", state)
-                trainer.save("last", state)
-                write_json(out / "summary.json", summary(trainer, state, "running",
-                                                         time.time() - started))
-                report.plot_training(out)
-                log(f"epoch {state.epoch}/{opts.epochs}: train loss {entry['train_loss']:.3f}  "
-                    f"eval F1 {result['f1']:.3f} [{result['ci'][0]:.3f}, {result['ci'][1]:.3f}]"
-                    f"  EM {result['em']:.3f}  empty {result['empty_rate']:.0%}  "
-                    f"({result['compression_ratio']:.1f}x fewer positions)")
-                if on_epoch is not None:
-                    on_epoch(entry)
-            if trainer.world > 1:
-                torch.distributed.barrier()
-    finally:
-        if bar is not None:
-            bar.close()
-        if metrics is not None:
-            metrics.close()
-    if main and state.epochs:
-        final = summary(trainer, state, "failed" if code else "finished", time.time() - started)
-        write_json(out / "summary.json", final)
-        log(render(final))
-    if trainer.world > 1:
-        torch.distributed.destroy_process_group()
-    return code
-
-
-def render(s: dict) -> str:
-    """The run against its frame: the text and the question alone, on the same examples."""
-    def row(name, r):
-        if not r:
-            return f"  {name:<16} -"
-        return (f"  {name:<16} F1 {r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  "
-                f"EM {r['em']:.3f}")
-    lines = [f"{s['encoder']} + {s['transform']['name']}, "
-             f"{s['compression_ratio']:.2f}x fewer positions than the text:",
-             row("latents (final)", s["final"]),
-             row("text itself", s["references"].get("text")),
-             row("question only", s["references"].get("question_only"))]
-    if s["final"] and s["references"].get("question_only"):
-        floor = s["references"]["question_only"]["ci"][1]
-        if s["final"]["ci"][1] <= floor or s["final"]["f1"] <= s["references"]["question_only"]["f1"]:
-            lines.append("  The latents do no better than the question alone: they carry no "
-                         "usable content from the context.")
-    if s["encoder"] == "constant":
-        lines.append("  This is the control: latents of other encoders count only where they "
-                     "beat it at the same budget.")
-    else:
-        lines.append("  Compare with --encoder constant at the same budget: a trained prefix "
-                     "counts only if it beats one that never sees the context.")
-    return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""How a sweep runs and resumes: sources x experiments over one model and one set of examples,
-or over several models, each into its own folder (here one after another; on Ray, cluster.py).
+"""How a sweep runs and resumes in this process: sources x experiments over one model and one set
+of examples, or over several models one after another, each into its own folder (on Ray, the
+units of on_ray.py run the same `run_one`).
 
 Every experiment's result is its own JSON file, written atomically; `summary.json` is rebuilt
 from those files. A rerun into the same directory skips every result whose fingerprint (model,
@@ -8,205 +9,30 @@ sweep loses at most the experiment in flight, and a changed transform is redone 
 """
 
 import hashlib
-import json
-import os
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import __version__, data, experiments, models, prompts, sources
-from .errors import UsageError
-from .formatting import safe_name
+import torch
 
-DEFAULT_OUTPUT = "runs/embed_sweep_simple"
-
-
-@dataclass
-class SweepOptions:
-    experiment: str = "all"
-    grid: str = "default"
-    source: str = "text"
-    model_id: str = models.BUNDLED
-    dataset: str = "builtin"
-    samples: int = 100
-    seed: int = 42
-    output_dir: str = DEFAULT_OUTPUT
-    prompt: str = "auto"
-    max_new_tokens: int = 12
-    batch_tokens: int | None = None
-    force: bool = False
-    device: str | None = None
-    trust_remote_code: bool = False
-    # None runs here; "" on Ray at RAY_ADDRESS, or on a new local Ray; else at that address.
-    ray: str | None = None
-    ray_gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
-    ray_cpus_per_worker: float = 1.0
-
-
-@dataclass
-class Plan:
-    experiments: list
-    sources: list
-    output_dir: Path
-
-
-def validate(opts: SweepOptions) -> Plan:
-    """Every check that needs no model, so a mistake costs seconds, not a model load."""
-    chosen = experiments.select(opts.experiment, opts.grid)
-    specs = sources.parse(opts.source)
-    if opts.samples < 1:
-        raise UsageError(f"--samples must be at least 1 (got {opts.samples})")
-    if opts.max_new_tokens < 1:
-        raise UsageError(f"--max_new_tokens must be at least 1 (got {opts.max_new_tokens})")
-    if opts.prompt not in prompts.FORMATS:
-        raise UsageError(f"unknown prompt format {opts.prompt!r}; use one of "
-                         f"{', '.join(prompts.FORMATS)}")
-    data.check_spec(opts.dataset)
-    out = writable_dir(Path(opts.output_dir), "--output_dir / OUTPUT_DIR")
-    return Plan(chosen, specs, out)
-
-
-def writable_dir(out: Path, flag: str) -> Path:
-    """Create the folder and prove it takes a file now, not after an hour of work."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"cannot write to output dir {out} ({err.strerror or err}); "
-                         f"pass a writable {flag}")
-    return out
-
-
-def model_ids(spec: str) -> list[str]:
-    """`--model_id A,B`: the models of one sweep, in the order given, each once."""
-    ids = []
-    for m in (part.strip() for part in spec.split(",")):
-        if m and m not in ids:
-            ids.append(m)
-    if not ids:
-        raise UsageError("--model_id is empty; pass a model, or several as --model_id A,B")
-    return ids
-
-
-def model_dirname(model_id: str) -> str:
-    """A model's folder in a sweep over several: a local directory or file by its own name, a
-    hub id with its organisation (Qwen/Qwen2.5-0.5B -> Qwen__Qwen2.5-0.5B)."""
-    path = Path(model_id)
-    if path.exists():
-        return safe_name(path.stem if path.suffix == ".gguf" else path.resolve().name)
-    return safe_name(model_id.replace("/", "__"))
-
-
-def plan_models(opts: SweepOptions) -> list[tuple[SweepOptions, Plan]]:
-    """One (options, plan) per model, all validated before any model loads. A single model keeps
-    the layout of a one-model sweep; several get OUTPUT_DIR/<model>/ each."""
-    if opts.ray is None and (opts.ray_gpus_per_worker is not None or opts.ray_cpus_per_worker != 1.0):
-        raise UsageError("--ray_gpus_per_worker and --ray_cpus_per_worker need --ray")
-    if opts.ray_cpus_per_worker <= 0 or (opts.ray_gpus_per_worker or 0) < 0:
-        raise UsageError("--ray_cpus_per_worker must be above 0 and --ray_gpus_per_worker at "
-                         "least 0")
-    ids = model_ids(opts.model_id)
-    if len(ids) == 1:
-        one = replace(opts, model_id=ids[0])
-        return [(one, validate(one))]
-    dirs = [model_dirname(m) for m in ids]
-    for d in set(dirs):
-        same = [m for m, other in zip(ids, dirs) if other == d]
-        if len(same) > 1:
-            raise UsageError(f"models {', '.join(same)} would share the folder {d}; "
-                             "pass them by paths with different final names")
-    runs = []
-    for m, d in zip(ids, dirs):
-        one = replace(opts, model_id=m, output_dir=str(Path(opts.output_dir) / d))
-        runs.append((one, validate(one)))
-    return runs
-
-
-def write_json(path: Path, obj) -> None:
-    """Write, flush to disk, then rename: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def result_path(plan: Plan, spec, name: str) -> Path:
-    """OUTPUT_DIR/<experiment>.json for the seed's text-only sweep; per-source folders otherwise."""
-    if [s.spec for s in plan.sources] == ["text"]:
-        return plan.output_dir / f"{name}.json"
-    return plan.output_dir / spec.dirname / f"{name}.json"
-
-
-def examples_sha(examples) -> str:
-    """What the examples say, not how they are grouped: the group was added later, and results
-    made on the same examples before then stay valid."""
-    return _sha([{k: v for k, v in asdict(e).items() if k != "group"} for e in examples])[:16]
-
-
-def provenance(opts: SweepOptions, lm, fmt, examples, vocab) -> dict:
-    import numpy
-    import torch
-    import transformers
-
-    device = lm.device
-    if device == "cuda":
-        device = f"cuda ({torch.cuda.get_device_name()})"
-    n_params = sum(p.numel() for p in lm.model.parameters())
-    # Embedding tables do lookups, not matmuls: throughput counts 2 x the rest per token.
-    embeddings = {id(lm.model.get_input_embeddings().weight)}
-    output = lm.model.get_output_embeddings()
-    if output is not None:
-        embeddings.add(id(output.weight))
-    non_embedding = sum(p.numel() for p in lm.model.parameters() if id(p) not in embeddings)
-    return {
-        "model": {"id": opts.model_id, "class": type(lm.model).__name__, "parameters": n_params,
-                  "non_embedding_parameters": non_embedding,
-                  "dtype": lm.dtype, "config_sha256": _sha(lm.model.config.to_dict())[:16]},
-        "dataset": {"spec": opts.dataset, "examples_sha256": examples_sha(examples)},
-        "samples": len(examples), "requested_samples": opts.samples, "seed": opts.seed,
-        "prompt_format": fmt.describe(), "max_new_tokens": opts.max_new_tokens,
-        "vocabulary": vocab.stats(), "device": device, "torch_threads": torch.get_num_threads(),
-        "versions": {"latentwire": __version__, "python": platform.python_version(),
-                     "torch": torch.__version__, "transformers": transformers.__version__,
-                     "numpy": numpy.__version__},
-        "command": sys.argv,
-    }
-
+from .. import data, embed_experiments, models, prompts, provenance
+from ..files import read_json, write_json
+from ..generation import StopTokens, generate
+from ..scoring import score_answers
+from ..vocab import VocabSpace
+from . import sources
+from .options import Plan, SweepOptions, planned_runs, result_path
 
 class Sweep:
     """One run: the loaded model, the examples, and the state shared across experiments."""
 
     def __init__(self, opts: SweepOptions, plan: Plan, log=print, lm=None):
-        import torch
-
         self.opts, self.plan, self.log = opts, plan, log
         self.bar = None  # the progress bar of the experiment in flight, on a terminal
         self.examples = data.sample(data.load_all(opts.dataset), opts.samples, opts.seed)
         self.lm = lm or models.load(opts.model_id, opts.device, opts.trust_remote_code)
         model, tok = self.lm.model, self.lm.tokenizer
         self.fmt = prompts.make_format(tok, opts.prompt)
-
-        from .generation import StopTokens
-        from .vocab import VocabSpace
-
         embed = model.get_input_embeddings()
         self.vocab = VocabSpace.from_model(model, len(tok))
         encoded = [prompts.encode(tok, self.fmt, e.context, e.question) for e in self.examples]
@@ -220,15 +46,17 @@ class Sweep:
         self.token_ids, self.offsets = ids, lengths.cumsum(0)
         self.stops = StopTokens(tok, model, embed.weight.shape[0])
         self.budget = opts.batch_tokens  # None: chosen for the device by the engine
-        self.provenance = provenance(opts, self.lm, self.fmt, self.examples, self.vocab)
+        self.provenance = provenance.describe(
+            opts.model_id, self.lm, self.fmt, self.vocab,
+            {"spec": opts.dataset, "examples_sha256": provenance.examples_sha(self.examples)},
+            {"samples": len(self.examples), "requested_samples": opts.samples},
+            opts.seed, opts.max_new_tokens)
         self.identity = {k: self.provenance[k] for k in
                          ("model", "dataset", "samples", "seed", "prompt_format", "max_new_tokens")}
         self.reuse: dict[tuple[str, str], dict] = {}
         self.suffixes: dict[str, list | None] = {}  # per source: text after each example's rows
 
     def source_inputs(self, spec):
-        from .embed_experiments import TransformInputs
-
         inp = sources.SourceInputs(
             self.text, self.token_ids, self.offsets, [e.id for e in self.examples],
             float(self.vocab.norms.mean()), self.opts.seed, self.examples, self.lm.tokenizer,
@@ -236,23 +64,15 @@ class Sweep:
             self.provenance["model"]["config_sha256"])
         built = spec.build(inp)
         self.suffixes[spec.spec] = built.suffixes
-        return TransformInputs(built.x, built.offsets, self.vocab), sources.effect(self.text, built.x)
+        return embed_experiments.TransformInputs(built.x, built.offsets, self.vocab), sources.effect(self.text, built.x)
 
     def fingerprint(self, spec, exp) -> str:
-        from .embed_experiments import code_version
-
-        return _sha({"run": self.identity, "source": spec.config(),
+        return provenance.sha({"run": self.identity, "source": spec.config(),
                      "source_code": sources.code_version(spec.source.name),
                      "experiment": exp.name, "transform": exp.transform, "config": exp.config,
-                     "transform_code": code_version(exp.transform)})
+                     "transform_code": embed_experiments.code_version(exp.transform)})
 
     def run_experiment(self, spec, exp, inputs, source_effect) -> dict:
-        import torch
-
-        from . import embed_experiments
-        from .generation import generate
-        from .scoring import score_answers
-
         start = time.time()
         result = {**_head(exp, spec), "source_effect": source_effect}
         y, diagnostics = embed_experiments.apply(exp.transform, inputs, exp.config)
@@ -324,32 +144,27 @@ def build_summary(results: list[dict], planned: list[tuple[str, str]], prov: dic
     }
 
 
-def run(opts: SweepOptions, log=print) -> tuple[dict, int]:
-    """Run (or resume) the sweep, here or on Ray; return the summary and the exit code (0, 1 if
-    any experiment failed, 130 if interrupted). Bad input raises UsageError before any model is
-    loaded. Several models run one after another here, side by side on Ray."""
-    runs = plan_models(opts)
-    if opts.ray is not None:
-        from . import cluster
+def run(runs, log=print) -> tuple[list[dict], int]:
+    """Every model's sweep here, one after another: one summary per model (written to its
+    folder) and the exit code (0, 1 if any experiment failed, 130 if interrupted)."""
+    summaries, code = [], 0
+    for one, plan in runs:
+        summary, one_code = run_model(one, plan, log)
+        summaries.append(summary)
+        code = max(code, one_code)
+        if one_code == 130:
+            break
+    return summaries, code
 
-        summaries, code = cluster.run(runs, opts.ray, log)
-    else:
-        summaries, code = [], 0
-        for one, plan in runs:
-            summary, one_code = run_model(one, plan, log)
-            summaries.append(summary)
-            code = max(code, one_code)
-            if one_code == 130:
-                break
+
+def finish(opts: SweepOptions, runs, summaries: list[dict], code: int) -> tuple[dict, int]:
+    """The sweep's summary: the one model's, or for several models the combined one, written to
+    OUTPUT_DIR/summary.json beside each model's folder."""
     if len(runs) == 1:
         return summaries[0], code
     combined = combine_summaries(runs, summaries, code == 130)
     write_json(Path(opts.output_dir) / "summary.json", combined)
     return combined, code
-
-
-def planned_runs(plan: Plan) -> list[tuple[str, str]]:
-    return [(s.spec, e.name) for s in plan.sources for e in plan.experiments]
 
 
 def combine_summaries(runs, summaries: list[dict], interrupted: bool) -> dict:
@@ -392,8 +207,8 @@ def run_model(opts: SweepOptions, plan: Plan, log=print) -> tuple[dict, int]:
                 log(f"source {spec.spec}: norm ratio {effect['norm_ratio']:.3g}, {shape}")
             for exp in plan.experiments:
                 step += 1
-                results.append(_run_one(sweep, plan, spec, exp, inputs, effect,
-                                        f"[{step}/{len(planned)}]"))
+                results.append(run_one(sweep, plan, spec, exp, inputs, effect,
+                                       f"[{step}/{len(planned)}]"))
         interrupted = False
     except KeyboardInterrupt:
         interrupted = True
@@ -406,7 +221,9 @@ def run_model(opts: SweepOptions, plan: Plan, log=print) -> tuple[dict, int]:
     return summary, 1 if summary["failed"] else 0
 
 
-def _run_one(sweep: Sweep, plan: Plan, spec, exp, inputs, effect, tag: str) -> dict:
+def run_one(sweep: Sweep, plan: Plan, spec, exp, inputs, effect, tag: str) -> dict:
+    """One experiment on one source: kept from an earlier run when its fingerprint is unchanged,
+    else run, isolated (a failure becomes a failed result), and written to its own file."""
     path = result_path(plan, spec, exp.name)
     fingerprint = sweep.fingerprint(spec, exp)
     existing = read_json(path) if path.exists() else None

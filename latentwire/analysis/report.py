@@ -9,28 +9,13 @@ import html
 import math
 from pathlib import Path
 
-from .formatting import number, render_text, safe_name
+from ..files import safe_name
+from ..plots import pyplot, save
+from .formatting import number, render_text
 
 COLOURS = {"baseline": "#444444", "rms_matching": "#1f77b4", "batch_distribution": "#9467bd",
            "nearest_k": "#2ca02c", "anchor_offset": "#ff7f0e", "soft_codebook": "#d62728",
            "other": "#8c564b"}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
 
 
 def _err(row):
@@ -41,7 +26,7 @@ def _err(row):
 
 
 def plot_ranked(a: dict, src: str, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     rows = a["ranked"]
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.6))
     ys = list(range(len(rows)))[::-1]
@@ -64,7 +49,7 @@ def plot_ranked(a: dict, src: str, path: Path) -> Path:
               fontsize=7, loc="best")
     ax.set_xlabel("F1 (bars: 95% bootstrap CI)")
     ax.set_title(f"Ranked F1, source: {src}")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _by(a: dict, category: str) -> list[dict]:
@@ -75,7 +60,7 @@ def plot_nearest(a: dict, src: str, path: Path) -> Path | None:
     rows = _by(a, "nearest_k")
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     ks = sorted({r["config"]["k"] for r in rows})
     alphas = sorted({r["config"]["alpha"] for r in rows})
     grid = [[math.nan] * len(alphas) for _ in ks]
@@ -94,7 +79,7 @@ def plot_nearest(a: dict, src: str, path: Path) -> Path | None:
     ax.set_ylabel("k")
     ax.set_title(f"nearest_k F1 (blank: not run), source: {src}")
     fig.colorbar(im, ax=ax, label="F1")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _line(a: dict, src: str, category: str, key: str, xlabel: str, path: Path,
@@ -102,7 +87,7 @@ def _line(a: dict, src: str, category: str, key: str, xlabel: str, path: Path,
     rows = sorted(_by(a, category), key=lambda r: r["config"][key])
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     xs = [r["config"][key] for r in rows]
     lo, hi = zip(*[_err(r) for r in rows])
@@ -116,14 +101,14 @@ def _line(a: dict, src: str, category: str, key: str, xlabel: str, path: Path,
     ax.set_xlabel(xlabel)
     ax.set_ylabel("F1 (95% CI)")
     ax.set_title(f"{category}: F1 against {key}, source: {src}")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_codebook(a: dict, src: str, path: Path) -> Path | None:
     rows = _by(a, "soft_codebook")
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for tau in sorted({r["config"]["tau"] for r in rows}):
         sub = sorted((r for r in rows if r["config"]["tau"] == tau), key=lambda r: r["config"]["size"])
@@ -137,14 +122,14 @@ def plot_codebook(a: dict, src: str, path: Path) -> Path | None:
     ax.set_ylabel("F1 (95% CI)")
     ax.legend(fontsize=8)
     ax.set_title(f"soft_codebook: size x tau, source: {src}")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_diagnostics(a: dict, src: str, path: Path) -> Path | None:
     rows = [r for r in a["ranked"] if "norm_ratio" in r["diagnostics"]]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, key, label in [(axes[0], "norm_ratio", "mean norm ratio out/in"),
                            (axes[1], "cosine_to_input", "mean cosine(out, in)")]:
@@ -159,7 +144,7 @@ def plot_diagnostics(a: dict, src: str, path: Path) -> Path | None:
     axes[0].set_ylabel("F1")
     axes[1].legend(fontsize=7)
     fig.suptitle(f"F1 against what each transform did, source: {src}")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def write_plots(insights: dict, output_dir: Path) -> list[Path]:
@@ -265,34 +250,3 @@ def write(insights: dict, summary: dict, output_dir: Path) -> list[Path]:
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         plots = []
     return plots + [write_html(insights, summary, plots, output_dir / "report.html")]
-
-
-def plot_training(run_dir: Path) -> list[Path]:
-    """A training run's loss per step and F1 per epoch against its references."""
-    import json
-
-    run_dir = Path(run_dir)
-    rows = [json.loads(line) for line in
-            (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    steps = [r for r in rows if r["type"] == "step"]
-    evals = [r for r in rows if r["type"] == "eval"]
-    refs = json.loads((run_dir / "references.json").read_text(encoding="utf-8"))
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, color="#1f77b4")
-    ax.set(xlabel="optimizer step", ylabel="training loss", title="Loss per step")
-    paths = [_save(fig, run_dir / "plots" / "loss.png")]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    if evals:
-        e = [r["epoch"] for r in evals]
-        ax.errorbar(e, [r["f1"] for r in evals],
-                    yerr=[[r["f1"] - r["ci"][0] for r in evals], [r["ci"][1] - r["f1"] for r in evals]],
-                    marker="o", capsize=3, color="#d62728", label="latents")
-    for key, label, colour in (("text", "text itself", "#444444"),
-                               ("question_only", "question only", "#8c564b")):
-        ax.axhline(refs[key]["f1"], ls="--", color=colour, label=f"{label} ({refs[key]['f1']:.3f})")
-    ax.set(xlabel="epoch", ylabel="evaluation F1", title="F1 per epoch against the references",
-           ylim=(0, 1))
-    ax.legend(fontsize=8)
-    paths.append(_save(fig, run_dir / "plots" / "f1.png"))
-    return paths

@@ -1,0 +1,48 @@
+"""Files every command writes: atomic JSON, tolerant reads, an output folder proved writable
+before the work starts, and names safe for a folder."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+from .errors import UsageError
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def write_json(path: Path, obj) -> None:
+    """Write, flush to disk, then rename: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    """The file's JSON, or None where it is missing or unreadable (a result to be redone)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def writable_dir(out: Path, flag: str) -> Path:
+    """Create the folder and prove it takes a file now, not after an hour of work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write to output dir {out} ({err.strerror or err}); "
+                         f"pass a writable {flag}")
+    return out
+
+
+def safe_name(text: str) -> str:
+    """A name (a source, a model) as a folder name."""
+    return _UNSAFE.sub("_", text)

@@ -1,0 +1,160 @@
+"""The training loop: for each epoch, for each batch, one optimizer step, its log line, and now
+and then a checkpoint; at the end of each epoch an evaluation. Data parallel under torchrun;
+resumable after SIGKILL, bitwise on CPU, from checkpoints/last.
+
+What the steps compute is in trainer.py; what the run writes about itself in summary.py.
+"""
+
+import sys
+import time
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..files import write_json
+from .options import TrainOptions, validate
+from .summary import MetricsLog, plot, render, summary, write_split
+from .trainer import NonFiniteLoss, State, Trainer
+
+
+def run(opts: TrainOptions, log=print, lm=None, on_epoch=None) -> int:
+    """Train (or resume) one run; returns the exit code: 0, or 1 when the loss went non-finite.
+    Bad input raises UsageError before the model loads. `on_epoch(entry)` is called after each
+    evaluation, once its checkpoints and summary are on disk (a screen reports to Tune there)."""
+    started = time.time()
+    out = validate(opts)
+    trainer = Trainer(opts, out, log, lm)
+    log = trainer.log  # silent on every rank but 0
+    main = trainer.rank == 0
+    state = trainer.restore() if opts.resume else State()
+    if main and not opts.resume:
+        write_json(out / "config.json", {"options": opts.identity(),
+                                         "provenance": trainer.provenance,
+                                         "split": trainer.split.describe(),
+                                         "compressor": trainer.spec})
+        write_split(trainer.split.eval, out / "eval_split.jsonl")
+    if opts.kd_weight > 0:
+        log("distillation: the frozen model reads the text of every training example once")
+        trainer.teacher = trainer.teacher_targets()
+    if main and state.references is None:
+        log(f"references on {len(trainer.eval_items)} entity-disjoint evaluation examples ...")
+        state.references = trainer.references()
+        r = state.references
+        log(f"  text F1 {r['text']['f1']:.3f}   question only F1 {r['question_only']['f1']:.3f}")
+        write_json(out / "references.json", r)
+    progress = Progress(trainer, state, log)
+    log(f"training {opts.encoder} ({sum(p.numel() for p in trainer.params):,} parameters) + "
+        f"{trainer.spec['transform']['name']} into {opts.model_id} on {trainer.device}: "
+        f"{len(trainer.train_items)} examples x {opts.epochs} epoch(s), {progress.total} steps "
+        f"of {opts.batch_size}, {trainer.world} process(es) -> {out}")
+
+    code = 0
+    try:
+        for epoch in range(state.epoch, opts.epochs):
+            for batch in trainer.batches(epoch)[state.batch:]:
+                t0 = time.time()
+                metrics = trainer.step(batch, state.step)
+                seconds = time.time() - t0
+                state.step, state.batch, state.elapsed = (state.step + 1, state.batch + 1,
+                                                          state.elapsed + seconds)
+                progress.step(state, metrics, len(batch), seconds)
+                if main and opts.save_every and state.step % opts.save_every == 0:
+                    trainer.save("last", state)
+            state.epoch, state.batch = epoch + 1, 0
+            if main:
+                end_of_epoch(trainer, state, progress, started, on_epoch)
+            if trainer.world > 1:
+                dist.barrier()
+    except NonFiniteLoss:
+        print(f"error: the loss became non-finite at step {state.step + 1} (epoch "
+              f"{state.epoch + 1}); stopped. checkpoints/last (step {state.step} or earlier) is "
+              "kept: lower --lr and start a new run (another --output_dir)", file=sys.stderr)
+        code = 1
+    finally:
+        progress.close()
+
+    if main:
+        final = summary(trainer, state, "failed" if code else "finished", time.time() - started)
+        write_json(out / "summary.json", final)
+        log(render(final))
+    if trainer.world > 1:
+        dist.destroy_process_group()
+    return code
+
+
+def end_of_epoch(trainer: Trainer, state: State, progress: "Progress", started: float,
+                 on_epoch) -> None:
+    """Evaluate, record the epoch, keep the best and the last checkpoints, and rewrite the
+    summary and plots: a run killed after this point loses nothing of the epoch."""
+    out = trainer.out
+    t0 = time.time()
+    result = trainer.evaluate()
+    loss, seconds = progress.end_epoch()
+    entry = {"epoch": state.epoch, "step": state.step, "train_loss": loss,
+             "eval_f1": result["f1"], "eval_em": result["em"], "eval_ci": result["ci"],
+             "seconds": round(seconds, 1), "eval_seconds": round(time.time() - t0, 1),
+             "eval": result}
+    state.epochs.append(entry)
+    write_json(out / "eval" / f"epoch{state.epoch}.json", result)
+    progress.evaluation(state, result)
+    if state.best is None or result["f1"] > state.best["f1"]:
+        state.best = {"epoch": state.epoch, "f1": result["f1"], "em": result["em"]}
+        trainer.save("best", state)
+    trainer.save("last", state)
+    write_json(out / "summary.json", summary(trainer, state, "running", time.time() - started))
+    plot(out)
+    trainer.log(f"epoch {state.epoch}/{trainer.opts.epochs}: train loss {loss:.3f}  "
+                f"eval F1 {result['f1']:.3f} [{result['ci'][0]:.3f}, {result['ci'][1]:.3f}]  "
+                f"EM {result['em']:.3f}  empty {result['empty_rate']:.0%}  "
+                f"({result['compression_ratio']:.1f}x fewer positions)")
+    if on_epoch is not None:
+        on_epoch(entry)
+
+
+class Progress:
+    """Where a run reports its steps, on rank 0: a line per step and per evaluation in
+    metrics.jsonl, and a progress bar on a terminal, else a line with the ETA ten times an
+    epoch. Also the epoch's mean training loss and its wall time."""
+
+    def __init__(self, trainer: Trainer, state: State, log):
+        main = trainer.rank == 0
+        per_epoch = len(trainer.batches(0))
+        self.total = per_epoch * trainer.opts.epochs
+        self.every = max(1, per_epoch // 10)
+        self.log = log
+        self.metrics = MetricsLog(trainer.out / "metrics.jsonl", state.step) if main else None
+        self.bar = (tqdm(total=self.total, initial=state.step, unit="step", dynamic_ncols=True)
+                    if main and sys.stderr.isatty() else None)
+        self.loss_sum, self.seen, self.epoch_started = 0.0, 0, time.time()
+
+    def step(self, state: State, m: dict, n: int, seconds: float) -> None:
+        self.loss_sum, self.seen = self.loss_sum + m["loss"] * n, self.seen + n
+        if self.metrics is None:
+            return
+        rate = n / max(seconds, 1e-9)
+        self.metrics.write({"type": "step", "step": state.step, "epoch": state.epoch + 1, **m,
+                            "examples_per_s": rate})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{rate:.1f}")
+            self.bar.update(1)
+        elif state.step % self.every == 0:
+            eta = (self.total - state.step) * state.elapsed / max(state.step, 1)
+            self.log(f"step {state.step}/{self.total}  epoch {state.epoch + 1}  loss "
+                     f"{m['loss']:.3f}  {rate:.1f} ex/s  eta {eta / 60:.1f} min")
+
+    def end_epoch(self) -> tuple[float | None, float]:
+        """(mean training loss, seconds) of the epoch that just ended; the next starts now."""
+        loss = self.loss_sum / self.seen if self.seen else None
+        seconds = time.time() - self.epoch_started
+        self.loss_sum, self.seen, self.epoch_started = 0.0, 0, time.time()
+        return loss, seconds
+
+    def evaluation(self, state: State, result: dict) -> None:
+        self.metrics.write({"type": "eval", "step": state.step, "epoch": state.epoch,
+                            **{k: v for k, v in result.items() if k != "predictions"}})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()

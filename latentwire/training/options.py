@@ -1,0 +1,215 @@
+"""What a training run is asked to do: its options, declared once with their help (the parsers
+of `train`, `study` and `screen` are built from them), every check that needs no model, and the
+`latentwire train` command line for a set of options or for one of the sweep's experiments."""
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .. import data, experiments, models, prompts
+from ..errors import UsageError
+from ..files import read_json, writable_dir
+from ..options import command_line, option
+from . import checkpoint
+from .encoders import ENCODERS
+
+# --embed_transform -> the sweep's transform registry entry
+TRANSFORMS = {"none": "identity", "rms_matching": "rms_matching",
+              "batch_distribution": "batch_distribution", "nearest_k": "nearest_k",
+              "anchor_offset": "anchor_offset", "soft_codebook": "soft_codebook"}
+SCHEDULES = ("constant", "cosine")
+
+TRANSFORM = "transform inside the training graph (the sweep's, by name)"
+ENCODER = "encoder"
+DATA = "data and model"
+OPTIMISATION = "optimisation"
+RUN = "run"
+
+
+@dataclass
+class TrainOptions:
+    embed_transform: str = option(
+        "none", group=TRANSFORM, choices=list(TRANSFORMS),
+        help="applied to the latents before the model reads them")
+    target_rms_scale: float = option(
+        1.0, group=TRANSFORM, metavar="S",
+        help="rms_matching: RMS as a multiple of the vocabulary's")
+    nearest_k: int = option(5, group=TRANSFORM, metavar="K",
+                            help="nearest_k: vocabulary neighbours mixed in")
+    nearest_alpha: float = option(0.5, group=TRANSFORM, metavar="A",
+                                  help="nearest_k: weight kept on the latent itself")
+    anchor_eps: float = option(0.1, group=TRANSFORM, metavar="E",
+                               help="anchor_offset: residual bound, x the anchor's norm")
+    codebook_size: int = option(512, group=TRANSFORM, metavar="N",
+                                help="soft_codebook: k-means codes")
+    codebook_tau: float = option(1.0, group=TRANSFORM, metavar="T",
+                                 help="soft_codebook: temperature")
+    codebook_trainable: bool = option(
+        True, group=TRANSFORM, help="soft_codebook: learn the codes, from the sweep's k-means "
+        "codes; --no_codebook_trainable keeps them fixed")
+    encoder: str = option(
+        "pool", group=ENCODER, choices=list(ENCODERS),
+        help="; ".join(f"{k}: {v.description}" for k, v in ENCODERS.items()))
+    compression: float | None = option(
+        4.0, group=ENCODER, metavar="R",
+        help="text positions per latent: M = ceil(N / R) per example")
+    latent_len: int | None = option(
+        None, group=ENCODER, metavar="M",
+        help="a fixed number of latents per example; replaces --compression")
+    keep_question: bool = option(
+        False, group=ENCODER,
+        help="compress only the context; the question follows the latents as text")
+    encoder_layer: int | None = option(
+        None, group=ENCODER, metavar="L",
+        help="lm: the layer (1 to the model's count) whose states the slots hand over; "
+             "None: the last")
+    encoder_lora: int = option(
+        0, group=ENCODER, metavar="R",
+        help="lm: rank-R LoRA adapters on the reader's own copy of the model, trained with it; "
+             "the model that answers stays frozen (0: none; needs peft: pip install "
+             "'latentwire[lora]')")
+    model_id: str = option(models.BUNDLED, group=DATA, metavar="ID",
+                           help="the frozen model, loaded as the sweep loads it")
+    dataset: str = option("builtin", group=DATA, metavar="SPEC",
+                          help="as the sweep's --dataset; split by entity or article")
+    samples: int = option(2000, group=DATA, metavar="N", help="training examples")
+    eval_samples: int = option(100, group=DATA, metavar="N",
+                               help="evaluation examples, whole entities")
+    prompt: str = option("auto", group=DATA, choices=list(prompts.FORMATS),
+                         help="prompt format, as the sweep's")
+    max_new_tokens: int = option(12, group=DATA, metavar="N",
+                                 help="greedy tokens per evaluated answer")
+    epochs: int = option(1, group=OPTIMISATION, metavar="N", help="passes over the training split")
+    batch_size: int = option(16, group=OPTIMISATION, metavar="N",
+                             help="global batch, over all processes")
+    grad_accum_steps: int = option(1, group=OPTIMISATION, metavar="N",
+                                   help="micro-batches per step on each process")
+    lr: float = option(1e-3, group=OPTIMISATION, help="AdamW learning rate")
+    schedule: str = option("constant", group=OPTIMISATION, choices=list(SCHEDULES),
+                           help="learning rate after warm-up: constant, or cosine to 0")
+    warmup_steps: int = option(0, group=OPTIMISATION, metavar="N",
+                               help="linear warm-up from 0 to --lr over N steps")
+    max_grad_norm: float = option(1.0, group=OPTIMISATION, metavar="X",
+                                  help="gradient clipping, 0 for none")
+    first_token_ce_weight: float = option(1.0, group=OPTIMISATION, metavar="W",
+                                          help="extra weight on the first answer token's loss")
+    kd_weight: float = option(0.0, group=OPTIMISATION, metavar="W",
+                              help="distillation from the model reading the text (0: off)")
+    kd_tau: float = option(1.0, group=OPTIMISATION, metavar="T", help="distillation temperature")
+    seed: int = option(42, group=OPTIMISATION, help="data order, split and init")
+    output_dir: str | None = option(None, group=RUN, metavar="DIR",
+                                    help="where the run goes; None: runs/train/<embed_transform>")
+    save_every: int = option(50, group=RUN, metavar="STEPS",
+                             help="write checkpoints/last every N steps, 0 for epoch ends only")
+    resume: bool = option(False, group=RUN, help="continue the run in --output_dir from "
+                                                 "checkpoints/last (same flags)")
+    device: str | None = option(None, group=RUN, choices=["cpu", "cuda"],
+                                help="None: CUDA when available (bf16 autocast), else CPU")
+    gradient_checkpointing: bool = option(
+        False, group=RUN, help="recompute the frozen model's activations in backward (always "
+                               "on on CUDA)")
+    trust_remote_code: bool = option(False, group=RUN, help="allow a hub model's own code to run")
+
+    def __post_init__(self):
+        if self.latent_len is not None:
+            self.compression = None  # a fixed count replaces the ratio
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/train/{self.embed_transform}")
+
+    def identity(self) -> dict:
+        """The flags a resumed run must share with the run it continues."""
+        return {k: v for k, v in asdict(self).items() if k not in ("resume", "device")}
+
+
+# The options that put a transform, with its config, into the graph: what a screen's candidate
+# sets, and what the command for an experiment always spells out.
+TRANSFORM_OPTIONS = ("embed_transform", "target_rms_scale", "nearest_k", "nearest_alpha",
+                     "anchor_eps", "codebook_size", "codebook_tau")
+
+
+def train_command(opts: TrainOptions, spelled: tuple = ()) -> str:
+    """The seed's training command (`python latentwire/train.py`, the same as `latentwire
+    train`) with these options: every flag that differs from its default, and the `spelled`
+    ones always."""
+    return command_line(["python", "latentwire/train.py"], opts, spelled=spelled,
+                        skip=("resume",))
+
+
+def experiment_command(exp: experiments.Experiment, **options) -> str:
+    """The command that trains with this experiment's transform inside the graph."""
+    settings = experiments.train_settings(exp)
+    return train_command(replace(TrainOptions(), **settings, **options),
+                         spelled=tuple(settings))
+
+
+def validate(opts: TrainOptions) -> Path:
+    """Every check that needs no model: a mistake costs a second, not a model load."""
+    def need(ok: bool, message: str):
+        if not ok:
+            raise UsageError(message)
+
+    need(opts.embed_transform in TRANSFORMS, f"unknown --embed_transform {opts.embed_transform!r};"
+         f" use one of: {', '.join(TRANSFORMS)}")
+    need(opts.encoder in ENCODERS, f"unknown --encoder {opts.encoder!r}; use one of: "
+         f"{', '.join(ENCODERS)}")
+    need(opts.latent_len is None or opts.latent_len >= 1,
+         f"--latent_len must be at least 1 (got {opts.latent_len})")
+    need(opts.latent_len is not None or (opts.compression or 0) >= 1,
+         f"--compression must be at least 1 (got {opts.compression}): it is text positions "
+         "per latent")
+    need(opts.encoder_lora >= 0, f"--encoder_lora must be >= 0, 0 for none (got {opts.encoder_lora})")
+    need(not opts.encoder_lora or opts.encoder == "lm", "--encoder_lora adapts the reader of "
+         f"--encoder lm; --encoder {opts.encoder} has none")
+    need(opts.target_rms_scale > 0, f"--target_rms_scale must be > 0 (got {opts.target_rms_scale})")
+    need(opts.nearest_k >= 1, f"--nearest_k must be at least 1 (got {opts.nearest_k})")
+    need(0 <= opts.nearest_alpha <= 1, f"--nearest_alpha must be in [0, 1] (got {opts.nearest_alpha})")
+    need(opts.anchor_eps >= 0, f"--anchor_eps must be >= 0 (got {opts.anchor_eps})")
+    need(opts.codebook_size >= 2, f"--codebook_size must be at least 2 (got {opts.codebook_size})")
+    need(opts.codebook_tau > 0, f"--codebook_tau must be > 0 (got {opts.codebook_tau})")
+    need(opts.samples >= 1, f"--samples must be at least 1 (got {opts.samples})")
+    need(opts.eval_samples >= 1, f"--eval_samples must be at least 1 (got {opts.eval_samples}); "
+         "every epoch ends with an evaluation")
+    need(opts.epochs >= 1, f"--epochs must be at least 1 (got {opts.epochs})")
+    need(opts.batch_size >= 1, f"--batch_size must be at least 1 (got {opts.batch_size})")
+    need(opts.samples >= opts.batch_size, f"--samples ({opts.samples}) is smaller than "
+         f"--batch_size ({opts.batch_size}); lower the batch or train on more samples")
+    need(1 <= opts.grad_accum_steps <= opts.batch_size, "--grad_accum_steps must be between 1 "
+         f"and --batch_size (got {opts.grad_accum_steps})")
+    need(opts.lr > 0 and math.isfinite(opts.lr), f"--lr must be a positive number (got {opts.lr})")
+    need(opts.schedule in SCHEDULES, f"unknown --schedule {opts.schedule!r}; use one of: "
+         f"{', '.join(SCHEDULES)}")
+    need(opts.warmup_steps >= 0, f"--warmup_steps must be >= 0 (got {opts.warmup_steps})")
+    need(opts.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, 0 for no clipping "
+         f"(got {opts.max_grad_norm})")
+    for name in ("first_token_ce_weight", "kd_weight"):
+        need(getattr(opts, name) >= 0, f"--{name} must be >= 0 (got {getattr(opts, name)})")
+    need(opts.kd_tau > 0, f"--kd_tau must be > 0 (got {opts.kd_tau})")
+    need(opts.save_every >= 0, f"--save_every must be >= 0, 0 for epoch ends only "
+         f"(got {opts.save_every})")
+    need(opts.max_new_tokens >= 1, f"--max_new_tokens must be at least 1 (got {opts.max_new_tokens})")
+    need(opts.prompt in prompts.FORMATS, f"unknown --prompt {opts.prompt!r}; use one of "
+         f"{', '.join(prompts.FORMATS)}")
+    data.check_spec(opts.dataset)
+    out = writable_dir(opts.run_dir(), "--output_dir")
+    last = checkpoint.existing(out / "checkpoints" / "last")
+    if opts.resume:
+        need(last is not None, f"--resume: {out} holds no checkpoint to resume "
+             f"(no checkpoints/last); drop --resume to start a new run")
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))["options"]
+        # A flag added after the run was made counts as its default there.
+        default = asdict(TrainOptions())
+        changed = sorted(k for k, v in opts.identity().items() if saved.get(k, default[k]) != v)
+        need(not changed, f"--resume: {out} was made with other flags ("
+             + ", ".join(f"--{k} {saved.get(k)} there, {getattr(opts, k)} now" for k in changed)
+             + "); resume with the same flags or pick another --output_dir")
+    else:
+        earlier = read_json(out / "summary.json") or {}
+        need(earlier.get("status") != "failed", f"{out} holds a run that failed (its loss became "
+             "non-finite); lower --lr and pick another --output_dir")
+        need(last is None and not (out / "summary.json").exists(),
+             f"{out} holds a run already; add --resume to continue it, or pick another "
+             "--output_dir")
+    return out
+

@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Write docs/reference/cli.md from the command's own parsers: every subcommand's --help, with
+the defaults the option fields declare. `--check` writes nothing and exits 1 when the page is
+out of date (the test suite runs it), so the reference can never drift from the code.
+
+    python scripts/cli_reference.py           # regenerate the page
+    python scripts/cli_reference.py --check   # is it current?
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PAGE = ROOT / "docs" / "reference" / "cli.md"
+WIDTH = "100"  # argparse wraps to $COLUMNS: fixed, so the page does not depend on the terminal
+
+
+def render() -> str:
+    os.environ["COLUMNS"] = WIDTH
+    from latentwire.cli import COMMANDS, parser
+
+    top = parser()
+    subparsers = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    parts = ["# Command reference\n",
+             "Generated from the parsers by `python scripts/cli_reference.py`; do not edit by "
+             "hand (the tests fail when it is out of date). Every `--flag_name` is also "
+             "accepted as `--flag-name`; a yes/no flag takes an optional value "
+             "(`--keep_question`, `--keep_question false`).\n",
+             "```text\n" + top.format_help() + "```\n"]
+    for name in COMMANDS:
+        parts.append(f"## latentwire {name}\n")
+        parts.append("```text\n" + subparsers.choices[name].format_help() + "```\n")
+    return "\n".join(parts)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if the page is out of date")
+    text = render()
+    if p.parse_args().check:
+        if not PAGE.exists() or PAGE.read_text(encoding="utf-8") != text:
+            print(f"{PAGE.relative_to(ROOT)} is out of date: run python scripts/cli_reference.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    PAGE.parent.mkdir(parents=True, exist_ok=True)
+    PAGE.write_text(text, encoding="utf-8")
+    print(f"wrote {PAGE.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
