@@ -35,5 +35,17 @@ bench: install
 second-model:
 	$(PYTHON) scripts/install_second_model.py
 
+# The manual: docs/ into site/ with MkDocs, failing on any broken link or anchor and on any page
+# missing from the nav in mkdocs.yml. The docs extra (mkdocs, pinned in constraints.txt) goes
+# into the same .venv, once.
+.PHONY: docs
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 clean:
 	rm -rf $(VENV) runs
