@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install sweep test bench clean second-model
+.PHONY: install sweep test bench clean second-model docs
 
 install: $(STAMP)
 
@@ -36,15 +36,15 @@ second-model:
 	$(PYTHON) scripts/install_second_model.py
 
 # The manual: docs/ into site/ with MkDocs, failing on any broken link or anchor and on any page
-# missing from the nav in mkdocs.yml. The docs extra (mkdocs, pinned in constraints.txt) goes
-# into the same .venv, once.
-.PHONY: docs
+# missing from the nav in mkdocs.yml, after writing the command reference from the parsers. The
+# docs extra (mkdocs, pinned in constraints.txt) goes into the same .venv, once.
 DOCS_STAMP := $(VENV)/.docs-installed
 $(DOCS_STAMP): $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[docs]'
 	touch $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP)
+	$(PY) scripts/cli_reference.py
 	$(VENV)/bin/mkdocs build --strict
 
 clean:

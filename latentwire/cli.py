@@ -19,7 +19,7 @@ from .analysis import insights
 from .errors import UsageError
 from .memory import keep_freed_memory
 from .options import from_args, is_option, option
-from .sweep import runner
+from .sweep import on_ray, runner
 from .sweep.options import SweepOptions, plan_models
 from .sweep.sources import SOURCES
 from .training import loop, screen, study
@@ -116,8 +116,6 @@ def run_sweep(opts: SweepOptions, log=print) -> tuple[dict, int]:
     if opts.ray is None:
         summaries, code = runner.run(runs, log)
     else:
-        from .sweep import on_ray  # imports nothing of Ray until it runs, but needs the extra
-
         summaries, code = on_ray.run(runs, opts.ray, log)
     return runner.finish(opts, runs, summaries, code)
 

@@ -7,6 +7,8 @@ out of date (the test suite runs it), so the reference can never drift from the 
     python scripts/cli_reference.py --check   # is it current?
 """
 import argparse
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -17,21 +19,29 @@ PAGE = ROOT / "docs" / "reference" / "cli.md"
 WIDTH = "100"  # argparse wraps to $COLUMNS: fixed, so the page does not depend on the terminal
 
 
+def help_text(*command: str) -> str:
+    """What `latentwire COMMAND --help` prints."""
+    from latentwire.cli import parser
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        parser().parse_args([*command, "--help"])
+    return out.getvalue()
+
+
 def render() -> str:
     os.environ["COLUMNS"] = WIDTH
-    from latentwire.cli import COMMANDS, parser
+    from latentwire.cli import COMMANDS
 
-    top = parser()
-    subparsers = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     parts = ["# Command reference\n",
              "Generated from the parsers by `python scripts/cli_reference.py`; do not edit by "
              "hand (the tests fail when it is out of date). Every `--flag_name` is also "
              "accepted as `--flag-name`; a yes/no flag takes an optional value "
              "(`--keep_question`, `--keep_question false`).\n",
-             "```text\n" + top.format_help() + "```\n"]
+             "```text\n" + help_text() + "```\n"]
     for name in COMMANDS:
         parts.append(f"## latentwire {name}\n")
-        parts.append("```text\n" + subparsers.choices[name].format_help() + "```\n")
+        parts.append("```text\n" + help_text(name) + "```\n")
     return "\n".join(parts)
 
 

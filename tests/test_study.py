@@ -8,7 +8,6 @@ import pytest
 from latentwire.training import study
 from latentwire.cli import main
 from latentwire.errors import UsageError
-from latentwire.training.options import TrainOptions
 
 
 def test_grid_always_holds_the_controls():

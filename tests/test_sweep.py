@@ -11,11 +11,10 @@ import time
 import pytest
 import torch
 
-from latentwire import embed_experiments
-from latentwire.cli import run_sweep
+from latentwire import cli, embed_experiments
+from latentwire.generation import generate, generate_reference
 from latentwire.sweep import runner
 from latentwire.sweep.options import SweepOptions, validate
-from latentwire.generation import generate, generate_reference
 
 from .conftest import ROOT
 
@@ -27,7 +26,7 @@ RESULT_FIELDS = {"experiment", "category", "description", "config", "f1", "em", 
 
 def run_sweep(tmp_path, experiment, samples=4, **kw):
     opts = SweepOptions(experiment=experiment, samples=samples, output_dir=str(tmp_path), **kw)
-    return run_sweep(opts, log=lambda *a: None)
+    return cli.run_sweep(opts, log=lambda *a: None)
 
 
 def test_single_experiment_writes_its_result_and_the_summary(tmp_path, bundled):
@@ -176,7 +175,7 @@ def test_rerun_keeps_unchanged_results_and_redoes_changed_or_forced_ones(tmp_pat
     def logged(**kw):
         lines = []
         opts = SweepOptions(experiment="baseline", samples=3, output_dir=str(tmp_path), **kw)
-        run_sweep(opts, log=lines.append)
+        cli.run_sweep(opts, log=lines.append)
         return "\n".join(lines)
 
     assert "kept from an earlier run" not in logged()

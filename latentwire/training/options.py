@@ -125,8 +125,9 @@ class TrainOptions:
 
 # The options that put a transform, with its config, into the graph: what a screen's candidate
 # sets, and what the command for an experiment always spells out.
-TRANSFORM_OPTIONS = ("embed_transform", "target_rms_scale", "nearest_k", "nearest_alpha",
-                     "anchor_eps", "codebook_size", "codebook_tau")
+TRANSFORM_OPTIONS = ("embed_transform", *dict.fromkeys(
+    flag.removeprefix("--") for _, flags in experiments.TRAIN_FLAGS.values()
+    for flag in flags.values()))
 
 
 def train_command(opts: TrainOptions, spelled: tuple = ()) -> str:
