@@ -33,6 +33,7 @@ GROUP_OF = {"baseline": "anchor_offset", "anchor_offset": "anchor_offset",
             "nearest_k": "nearest_k", "rms_matching": "rms_matching",
             "batch_distribution": "batch_distribution", "soft_codebook": "soft_codebook"}
 
+
 @dataclass(frozen=True)
 class Unit:
     model: int  # index into the sweep's models

@@ -23,6 +23,7 @@ from ..vocab import VocabSpace
 from . import sources
 from .options import Plan, SweepOptions, planned_runs, result_path
 
+
 class Sweep:
     """One run: the loaded model, the examples, and the state shared across experiments."""
 
@@ -64,13 +65,15 @@ class Sweep:
             self.provenance["model"]["config_sha256"])
         built = spec.build(inp)
         self.suffixes[spec.spec] = built.suffixes
-        return embed_experiments.TransformInputs(built.x, built.offsets, self.vocab), sources.effect(self.text, built.x)
+        return (embed_experiments.TransformInputs(built.x, built.offsets, self.vocab),
+                sources.effect(self.text, built.x))
 
     def fingerprint(self, spec, exp) -> str:
         return provenance.sha({"run": self.identity, "source": spec.config(),
-                     "source_code": sources.code_version(spec.source.name),
-                     "experiment": exp.name, "transform": exp.transform, "config": exp.config,
-                     "transform_code": embed_experiments.code_version(exp.transform)})
+                               "source_code": sources.code_version(spec.source.name),
+                               "experiment": exp.name, "transform": exp.transform,
+                               "config": exp.config,
+                               "transform_code": embed_experiments.code_version(exp.transform)})
 
     def run_experiment(self, spec, exp, inputs, source_effect) -> dict:
         start = time.time()

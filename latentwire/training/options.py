@@ -213,4 +213,3 @@ def validate(opts: TrainOptions) -> Path:
              f"{out} holds a run already; add --resume to continue it, or pick another "
              "--output_dir")
     return out
-

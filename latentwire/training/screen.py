@@ -13,7 +13,6 @@ ASHA decides on them as it would have live and nothing is trained twice. Ray is 
 inside functions.
 """
 
-import hashlib
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import experiments, models, raycluster, stats
+from .. import experiments, models, provenance, raycluster, stats
 from ..errors import UsageError
 from ..files import write_json
 from ..memory import keep_freed_memory
@@ -106,7 +105,7 @@ def tune_name(opts: ScreenOptions, trials) -> str:
     key = {"verify": opts.verify, "reduction_factor": opts.reduction_factor,
            "trials": {exp.name: {k: v for k, v in o.identity().items() if k != "output_dir"}
                       for exp, o in trials}}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    digest = provenance.sha(key)[:10]
     return f"{'verify' if opts.verify else 'asha'}-{digest}"
 
 
