@@ -250,14 +250,17 @@ def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
 class Split:
     train: list[Example]
     eval: list[Example]
+    by: str = "entity or article (Example.group): no context or name is in both splits"
 
     def describe(self) -> dict:
         train_groups = {e.group for e in self.train}
         eval_groups = {e.group for e in self.eval}
-        return {"by": "entity or article (Example.group): no context or name is in both splits",
+        return {"by": self.by,
                 "train_examples": len(self.train), "eval_examples": len(self.eval),
                 "train_groups": len(train_groups), "eval_groups": len(eval_groups),
-                "shared_groups": len(train_groups & eval_groups)}
+                "shared_groups": len(train_groups & eval_groups),
+                "shared_contexts": len({e.context for e in self.train}
+                                       & {e.context for e in self.eval})}
 
 
 def split(examples: list[Example], n_train: int, n_eval: int, seed: int) -> Split:
@@ -278,3 +281,19 @@ def split(examples: list[Example], n_train: int, n_eval: int, seed: int) -> Spli
         raise UsageError(f"no example is left for training after {len(held)} evaluation "
                          "examples; lower --eval_samples or use a larger --dataset")
     return Split(sample(rest, n_train, seed), held)
+
+
+def split_apart(train: list[Example], evaluation: list[Example], n_train: int, n_eval: int,
+                seed: int) -> Split:
+    """Training from one dataset, evaluation from another (--eval_dataset): refused when the two
+    share an article or a context. The evaluation is a seeded sample of n_eval questions drawn
+    across all of its articles, not whole articles: one article is one topic."""
+    shared = sorted({e.group for e in train} & {e.group for e in evaluation})
+    contexts = {e.context for e in train} & {e.context for e in evaluation}
+    if shared or contexts:
+        example = f" (e.g. {shared[0]!r})" if shared else ""
+        raise UsageError(f"--eval_dataset shares {len(shared)} article(s){example} and "
+                         f"{len(contexts)} context(s) with --dataset; evaluate on articles the "
+                         "run never trains on")
+    return Split(sample(train, n_train, seed), sample(evaluation, n_eval, seed),
+                 by="two datasets (--dataset, --eval_dataset): no article or context in both")

@@ -174,7 +174,8 @@ def test_a_run_trains_only_the_compressor_and_writes_every_output(tmp_path):
     counts = {k: v for k, v in config["provenance"].items() if "samples" in k}
     assert counts == {"train_samples": 12, "eval_samples": summary["split"]["eval_examples"]}
     assert summary["split"]["train_examples"] == 12 and summary["split"]["eval_examples"] >= 4
-    assert set(config["provenance"]["dataset"]) == {"spec", "train_examples_sha256",
+    assert config["provenance"]["dataset"]["eval_spec"] is None
+    assert set(config["provenance"]["dataset"]) == {"spec", "eval_spec", "train_examples_sha256",
                                                    "eval_examples_sha256"}
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["type"] == "step"] == list(range(1, 7))
@@ -439,3 +440,50 @@ def test_the_compression_ratio_counts_the_question_on_both_sides_or_neither(tmp_
     expected = sum((len(i.span) + n) / (m + n) for i, m, n in zip(items, counts, q)) / len(items)
     assert result["compression_ratio"] == pytest.approx(expected)
     assert result["latents_per_example"] == pytest.approx(sum(counts) / len(items))
+
+
+def qa_file(path, titles, per_title=4):
+    """A .jsonl dataset in the tiny vocabulary: `per_title` questions on each title's context
+    (a title's context is the same in every file)."""
+    rows = [{"id": f"{t}-{q}", "title": t, "context": f"w{100 + len(t)} w{ord(t[0])} w40 w41 w42",
+             "question": f"w{50 + q} w{ord(t[0])}", "answers": [f"w{40 + q % 3}"]}
+            for t in titles for q in range(per_title)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_eval_dataset_evaluates_on_another_dataset_drawn_across_its_articles(tmp_path):
+    lm = tiny_lm()
+    train = qa_file(tmp_path / "train.jsonl", ["alpha", "beta", "gamma"])
+    held = qa_file(tmp_path / "held.jsonl", ["delta", "epsilon", "zeta"])
+    opts = options(tmp_path, dataset=train, eval_dataset=held, samples=8, eval_samples=6)
+    assert run(opts, quiet, lm) == 0
+    out = Path(opts.output_dir)
+    split = json.loads((out / "summary.json").read_text())["split"]
+    assert split["shared_groups"] == 0 and split["shared_contexts"] == 0
+    assert (split["train_examples"], split["eval_examples"]) == (8, 6)
+    evaluated = data.load_all(str(out / "eval_split.jsonl"))
+    assert {e.id for e in evaluated} <= {e.id for e in data.load_all(held)}
+    # Six questions over three articles (seeded), not the first article whole.
+    assert len({e.group for e in evaluated}) > 1
+    assert [e.id for e in evaluated] == [e.id for e in data.sample(data.load_all(held), 6, 42)]
+    config = json.loads((out / "config.json").read_text())
+    assert config["provenance"]["dataset"]["eval_spec"] == held
+
+
+def test_eval_dataset_that_shares_an_article_or_a_context_is_refused(tmp_path):
+    train = qa_file(tmp_path / "train.jsonl", ["alpha", "beta", "gamma"])
+    overlap = qa_file(tmp_path / "overlap.jsonl", ["gamma", "delta"])
+    with pytest.raises(UsageError, match=r"shares 1 article\(s\) \(e.g. 'gamma'\)"):
+        data.split_apart(data.load_all(train), data.load_all(overlap), 8, 4, 42)
+    renamed = tmp_path / "renamed.jsonl"  # the same paragraphs under other titles
+    renamed.write_text(Path(train).read_text().replace('"title": "', '"title": "other-'))
+    with pytest.raises(UsageError, match=r"0 article\(s\) and 3 context\(s\)"):
+        data.split_apart(data.load_all(train), data.load_all(str(renamed)), 8, 4, 42)
+    # From the command: one line, exit 2, before the model (here, none) is loaded.
+    r = subprocess.run([sys.executable, str(ROOT / "latentwire" / "train.py"), "--model_id",
+                        str(tmp_path / "no-model"), "--dataset", train, "--eval_dataset", overlap,
+                        "--samples", "8", "--batch_size", "4", "--output_dir",
+                        str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: --eval_dataset shares 1 article")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -75,7 +75,12 @@ class TrainOptions:
                           help="as the sweep's --dataset; split by entity or article")
     samples: int = option(2000, group=DATA, metavar="N", help="training examples")
     eval_samples: int = option(100, group=DATA, metavar="N",
-                               help="evaluation examples, whole entities")
+                               help="evaluation examples: whole entities or articles of "
+                                    "--dataset, or questions across all of --eval_dataset")
+    eval_dataset: str | None = option(
+        None, group=DATA, metavar="SPEC",
+        help="evaluate on this dataset (same forms as --dataset) instead of a held-out part of "
+             "--dataset; refused when the two share an article or a context")
     prompt: str = option("auto", group=DATA, choices=list(prompts.FORMATS),
                          help="prompt format, as the sweep's")
     max_new_tokens: int = option(12, group=DATA, metavar="N",
@@ -193,6 +198,8 @@ def validate(opts: TrainOptions) -> Path:
     need(opts.prompt in prompts.FORMATS, f"unknown --prompt {opts.prompt!r}; use one of "
          f"{', '.join(prompts.FORMATS)}")
     data.check_spec(opts.dataset)
+    if opts.eval_dataset is not None:
+        data.check_spec(opts.eval_dataset)
     out = writable_dir(opts.run_dir(), "--output_dir")
     last = checkpoint.existing(out / "checkpoints" / "last")
     if opts.resume:

@@ -106,8 +106,13 @@ class Trainer:
         self.opts, self.out = opts, out
         self.rank, self.world = distributed()
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
-        examples = data.load_all(opts.dataset, at_least=opts.samples + opts.eval_samples)
-        self.split = data.split(examples, opts.samples, opts.eval_samples, opts.seed)
+        if opts.eval_dataset is None:
+            examples = data.load_all(opts.dataset, at_least=opts.samples + opts.eval_samples)
+            self.split = data.split(examples, opts.samples, opts.eval_samples, opts.seed)
+        else:
+            self.split = data.split_apart(data.load_all(opts.dataset, at_least=opts.samples),
+                                          data.load_all(opts.eval_dataset), opts.samples,
+                                          opts.eval_samples, opts.seed)
         if len(self.split.train) < opts.batch_size:
             raise UsageError(f"the training split holds {len(self.split.train)} examples, fewer "
                              f"than --batch_size {opts.batch_size}; lower the batch or use more data")
@@ -148,7 +153,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr)
         self.provenance = provenance.describe(
             opts.model_id, self.lm, self.fmt, self.vocab,
-            {"spec": opts.dataset,
+            {"spec": opts.dataset, "eval_spec": opts.eval_dataset,
              "train_examples_sha256": provenance.examples_sha(self.split.train),
              "eval_examples_sha256": provenance.examples_sha(self.split.eval)},
             {"train_samples": len(self.split.train), "eval_samples": len(self.split.eval)},
