@@ -2,6 +2,7 @@
 else, the transform is the sweep's, the loss is what a direct computation gives, the outputs,
 resume after SIGKILL, and torchrun with two processes."""
 
+import copy
 import json
 import math
 import os
@@ -410,6 +411,35 @@ def test_the_lm_encoder_can_read_out_a_middle_layer(tmp_path):
     assert float(middle.compressor.encoder.slots.grad.abs().sum()) > 0
     with pytest.raises(UsageError, match="--encoder_layer must be between 1 and 2"):
         trainer(tmp_path / "bad", lm, encoder="lm", encoder_layer=3)
+
+
+def test_a_lora_reader_of_a_middle_layer_runs_only_the_layers_up_to_it(tmp_path):
+    peft = pytest.importorskip("peft")
+    lm = tiny_lm()
+    t = trainer(tmp_path, lm, encoder="lm", encoder_layer=1, encoder_lora=2)
+    encoder = t.compressor.encoder
+    assert len(encoder.reader[0].base_model.layers) == 1 and len(lm.model.model.layers) == 2
+    assert encoder.lora and all(k.startswith("model__layers__0__")
+                                for k in encoder.lora.keys())
+    for step in range(2):  # moves the adapters off their zero start
+        t.step(list(range(4)), step)
+    items = t.eval_items[:3]
+    lengths = [len(i.span) for i in items]
+    spans = t.embed_ids([tok for i in items for tok in i.span]).float()
+    layout = Layout.of(lengths, t.compressor.counts(lengths))
+    with torch.no_grad():
+        got = encoder.states(spans, layout)
+        # Directly: the whole adapted model over each example alone, the state after layer 1.
+        whole = copy.deepcopy(lm.model)
+        peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=2, lora_dropout=0.0), whole)
+        whole.load_state_dict({k.replace("__", "."): v for k, v in encoder.lora.items()},
+                              strict=False)
+        want = []
+        for span, m in zip(spans.split(lengths), layout.counts.tolist()):
+            row = torch.cat([span, encoder.slots[:m]])[None]
+            states = whole.model(inputs_embeds=row, output_hidden_states=True).hidden_states[1]
+            want.append(states[0, len(span):])
+    assert torch.allclose(got, torch.cat(want), atol=1e-5, rtol=1e-4)
 
 
 def test_a_model_reused_by_another_run_is_wrapped_for_recomputation_once():

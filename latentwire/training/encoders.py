@@ -179,6 +179,10 @@ class ModelReader(nn.Module):
                              f"layers (got {layer})")
         self.layer = None if layer in (None, layers) else layer
         reader = _lora_copy(model, lora) if lora else model
+        if lora and self.layer is not None and _keep_first_layers(reader, self.layer):
+            # The copy now ends at that layer, with no final norm: its last state is the state
+            # the full model hands over there, and the layers above it are never run.
+            self.layer = None
         # A plain attribute, not a submodule: the reader's weights are the frozen model's and
         # belong to no checkpoint; only its adapters do, registered below.
         self.reader = (reader,)
@@ -263,6 +267,23 @@ class ModelReader(nn.Module):
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         z = (self.states(x, layout) - self.center) / self.spread
         return self.vocab_mean + self.vocab_std * self.proj(z)
+
+
+def _keep_first_layers(reader, layer: int) -> bool:
+    """Cut the reader's own copy down to its first `layer` decoder layers and drop the final
+    norm, where the architecture keeps them as `layers` and `norm` (Llama, Qwen2 and most
+    decoders do); False, leaving the copy whole, where it does not. With --encoder_layer the
+    layers above that one cost a forward and backward pass and change nothing the encoder
+    reads."""
+    base = reader.base_model
+    if not isinstance(getattr(base, "layers", None), nn.ModuleList) or not hasattr(base, "norm"):
+        return False
+    base.layers = base.layers[:layer]
+    base.norm = nn.Identity()
+    reader.config.num_hidden_layers = layer
+    if getattr(reader.config, "layer_types", None):
+        reader.config.layer_types = reader.config.layer_types[:layer]
+    return True
 
 
 def _lora_copy(model, rank: int):
