@@ -8,6 +8,7 @@ import pytest
 from latentwire.training import study
 from latentwire.cli import main
 from latentwire.errors import UsageError
+from latentwire.training.options import TrainOptions, validate
 
 
 def test_grid_always_holds_the_controls():
@@ -19,6 +20,17 @@ def test_grid_always_holds_the_controls():
         study.cells(study.StudyOptions(encoders="mlp"))
     with pytest.raises(UsageError, match="unknown setting"):
         study.cells(study.StudyOptions(settings="aware,both"))
+
+
+def test_the_readers_options_go_to_the_lm_cells_only(tmp_path):
+    opts = study.StudyOptions(encoders="lm", compressions="4", settings="agnostic",
+                              output_dir=str(tmp_path),
+                              base=TrainOptions(encoder_lora=8, encoder_layer=15))
+    cells = {c.encoder: study._options(opts, c, False) for c in study.cells(opts)}
+    assert (cells["lm"].encoder_lora, cells["lm"].encoder_layer) == (8, 15)
+    for control in ("constant", "pool"):
+        assert (cells[control].encoder_lora, cells[control].encoder_layer) == (0, None)
+        validate(cells[control])  # refused before: --encoder_lora on an encoder with no reader
 
 
 def test_a_study_writes_its_table_and_plot_and_a_rerun_keeps_every_run(tmp_path, tiny_model_dir,

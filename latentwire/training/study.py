@@ -84,9 +84,14 @@ def cells(opts: StudyOptions) -> list[Cell]:
 
 
 def _options(opts: StudyOptions, cell: Cell, resume: bool) -> TrainOptions:
+    # --encoder_lora and --encoder_layer describe the lm encoder's reader: the controls and the
+    # other encoders of the same study have none, and train as they would alone.
+    reads = getattr(ENCODERS[cell.encoder], "needs_model", False)
     return replace(opts.base, encoder=cell.encoder, compression=cell.compression, latent_len=None,
                    keep_question=SETTINGS[cell.setting], resume=resume,
-                   output_dir=str(Path(opts.output_dir) / cell.name))
+                   output_dir=str(Path(opts.output_dir) / cell.name),
+                   encoder_lora=opts.base.encoder_lora if reads else 0,
+                   encoder_layer=opts.base.encoder_layer if reads else None)
 
 
 def _status(path: Path) -> str:
