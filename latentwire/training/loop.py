@@ -37,7 +37,8 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None) -> int:
         log("distillation: the frozen model reads the text of every training example once")
         trainer.teacher = trainer.teacher_targets()
     if main and state.references is None:
-        log(f"references on {len(trainer.eval_items)} entity-disjoint evaluation examples ...")
+        log(f"references on {len(trainer.eval_items)} held-out evaluation examples "
+            "(no entity or article of them in training) ...")
         state.references = trainer.references()
         r = state.references
         log(f"  text F1 {r['text']['f1']:.3f}   question only F1 {r['question_only']['f1']:.3f}")
