@@ -52,6 +52,10 @@ def test_a_study_writes_its_table_and_plot_and_a_rerun_keeps_every_run(tmp_path,
     assert rows[1]["measured_compression"] > 3
     assert (tmp_path / "plots" / "study.png").stat().st_size > 0
     assert "| aware | pool |" in (tmp_path / "study.md").read_text()
+    # The first cell computes the references; every other cell takes over the same ones.
+    assert capsys.readouterr().out.count("references: those of") == 7
+    refs = {p.read_text() for p in tmp_path.glob("*/*/references.json")}
+    assert len(refs) == 1
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().out.count("kept from an earlier run") == 8

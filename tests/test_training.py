@@ -482,6 +482,33 @@ def qa_file(path, titles, per_title=4):
     return str(path)
 
 
+def test_a_run_takes_over_an_earlier_runs_references_only_when_they_are_its_own(tmp_path):
+    lm = tiny_lm()
+    lines = []
+
+    def log(*args, **kwargs):
+        lines.append(" ".join(map(str, args)))
+
+    first = options(tmp_path / "a", encoder="pool", output_dir=str(tmp_path / "a"))
+    assert run(first, quiet, lm) == 0
+    # Another encoder and compression, the same model and evaluation examples: taken over.
+    same = options(tmp_path, encoder="constant", compression=2.0, output_dir=str(tmp_path / "b"))
+    assert run(same, log, lm, references_from=tmp_path / "a") == 0
+    assert any(line.startswith("references: those of") for line in lines)
+    # ... and they are what the run would have computed itself.
+    own = options(tmp_path, encoder="constant", compression=2.0, output_dir=str(tmp_path / "c"))
+    assert run(own, quiet, lm) == 0
+    refs = [json.loads((tmp_path / n / "references.json").read_text()) for n in "abc"]
+    assert refs[0] == refs[1] == refs[2]
+    # Other evaluation examples, or another answer length: computed afresh.
+    for n, changed in [("d", {"eval_samples": 3}), ("e", {"max_new_tokens": 3})]:
+        lines.clear()
+        other = options(tmp_path, output_dir=str(tmp_path / n), **changed)
+        assert run(other, log, lm, references_from=tmp_path / "a") == 0
+        assert not any(line.startswith("references: those of") for line in lines)
+        assert any(line.startswith("references on") for line in lines)
+
+
 def test_eval_dataset_evaluates_on_another_dataset_drawn_across_its_articles(tmp_path):
     lm = tiny_lm()
     train = qa_file(tmp_path / "train.jsonl", ["alpha", "beta", "gamma"])

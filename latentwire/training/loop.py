@@ -7,20 +7,23 @@ What the steps compute is in trainer.py; what the run writes about itself in sum
 
 import sys
 import time
+from pathlib import Path
 
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..files import write_json
+from ..files import read_json, write_json
 from .options import TrainOptions, validate
 from .summary import MetricsLog, plot, render, summary, write_split
 from .trainer import NonFiniteLoss, State, Trainer
 
 
-def run(opts: TrainOptions, log=print, lm=None, on_epoch=None) -> int:
+def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=None) -> int:
     """Train (or resume) one run; returns the exit code: 0, or 1 when the loss went non-finite.
     Bad input raises UsageError before the model loads. `on_epoch(entry)` is called after each
-    evaluation, once its checkpoints and summary are on disk (a screen reports to Tune there)."""
+    evaluation, once its checkpoints and summary are on disk (a screen reports to Tune there).
+    `references_from` is an earlier run's folder whose references this run takes over when they
+    are its own (see `earlier_references`)."""
     started = time.time()
     out = validate(opts)
     trainer = Trainer(opts, out, log, lm)
@@ -36,6 +39,12 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None) -> int:
     if opts.kd_weight > 0:
         log("distillation: the frozen model reads the text of every training example once")
         trainer.teacher = trainer.teacher_targets()
+    if main and state.references is None and references_from is not None:
+        state.references = earlier_references(trainer, Path(references_from))
+        if state.references is not None:
+            log(f"references: those of {references_from} (the same model, prompt and "
+                "evaluation examples)")
+            write_json(out / "references.json", state.references)
     if main and state.references is None:
         log(f"references on {len(trainer.eval_items)} held-out evaluation examples "
             "(no entity or article of them in training) ...")
@@ -81,6 +90,25 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None) -> int:
     if trainer.world > 1:
         dist.destroy_process_group()
     return code
+
+
+# What fixes a run's references: the answers of the untrained model to its evaluation examples.
+REFERENCE_KEYS = ("model", "prompt_format", "max_new_tokens", "vocabulary", "device", "versions")
+
+
+def earlier_references(trainer: Trainer, folder: Path) -> dict | None:
+    """The references an earlier run computed, where they are exactly this run's: the same
+    model, vocabulary, prompt format, answer length, device, versions and evaluation examples
+    (by digest), so the frozen model's answers are the same. None otherwise, and the run
+    computes its own."""
+    config, refs = read_json(folder / "config.json"), read_json(folder / "references.json")
+    if not config or not refs:
+        return None
+    theirs, ours = config.get("provenance", {}), trainer.provenance
+    same = all(theirs.get(k) == ours[k] for k in REFERENCE_KEYS) and (
+        theirs.get("dataset", {}).get("eval_examples_sha256")
+        == ours["dataset"]["eval_examples_sha256"])
+    return refs if same else None
 
 
 def end_of_epoch(trainer: Trainer, state: State, progress: "Progress", started: float,

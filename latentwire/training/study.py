@@ -115,7 +115,10 @@ def run(opts: StudyOptions, log=print) -> int:
             continue
         log(f"[{n}/{len(plans)}] {cell.name}{' (resumed)' if o.resume else ''}")
         lm = lm or models.load(o.model_id, o.device, o.trust_remote_code)
-        code = train(o, log, lm)
+        # Every cell evaluates the same examples with the same frozen model: the references of
+        # a finished cell are every cell's (the trainer checks that they are).
+        finished = [p.output_dir for _, p in plans if _status(Path(p.output_dir)) == "finished"]
+        code = train(o, log, lm, references_from=finished[0] if finished else None)
         if code:
             return code
     rows = table(opts, todo)
