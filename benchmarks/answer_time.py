@@ -7,18 +7,24 @@ paragraph's cached latents, side by side in one run.
 
 The checkpoint must be query-agnostic (trained with --keep_question): its encoder never sees the
 question, so a paragraph's latents are made once and serve every question asked of it (SQuAD
-asks about five per paragraph). Over the questions of N paragraphs (a seeded draw):
+asks about five per paragraph). Over the questions of N paragraphs (a seeded draw), four arms,
+each through the sweep's engine with the instruction prefix cached once:
 
-- text: each question read with its whole paragraph, through the sweep's engine as it is (the
-  shared instruction prefix cached once, prompts batched by length);
-- latents: each paragraph tokenised and encoded once (timed, and counted against its
-  questions), then each question read after the paragraph's latents, through the same engine.
+- text: each question read with its whole paragraph, the engine as it is (prompts batched by
+  length across paragraphs);
+- latents: each paragraph encoded once (timed, its cost shared by its questions), then every
+  question read after its paragraph's latents, batched the same way;
+- latents_kv: as latents, and the keys and values of the paragraph's latents are computed once
+  too: each paragraph's questions are one batch behind the cached instruction + latents;
+- text_kv: the same for the text, each paragraph's keys and values cached once (its context
+  tokenised on its own, so its answers can differ slightly from the text arm's): what a server
+  that caches documents as text would do, for the fair comparison of time.
 
-Both passes tokenise what they read inside the timing. The passes alternate text, latents,
-latents, text (--repeats times), so drift on a shared machine falls on both; the figure is the
-ratio of the summed times. Also reported: key/value positions a paragraph holds in each form
-(what a cache of it costs), and F1/EM with 95% bootstrap CIs and the paired difference, from the
-first pass of each (greedy decoding gives the same answers every pass; checked).
+Every arm tokenises what it reads inside the timing. The arms run in order and then in reverse
+(--repeats times), so drift on a shared machine falls on all; each figure is a ratio of summed
+times. Also reported: key/value positions a paragraph holds in each form (what a cache of it
+costs), and F1/EM with 95% bootstrap CIs and the paired difference to the text, from the first
+pass of each arm (greedy decoding gives the same answers every pass; checked).
 """
 
 import argparse
@@ -105,32 +111,55 @@ def main() -> int:
     def ids(text):
         return tok(text, add_special_tokens=False).input_ids
 
-    def text_pass():
+    positions = {}
+
+    def encoded():
+        """Every paragraph's latents, the paragraphs encoded together in batches as a server
+        would encode the documents it holds."""
+        out = {}
+        for s in range(0, len(contexts), 16):
+            chunk = contexts[s:s + 16]
+            spans = [ids(fmt.context_text(c)) for c in chunk]
+            z, offsets, _ = compressor(embedded([t for span in spans for t in span]).float(),
+                                       [len(span) for span in spans])
+            for n, (c, span) in enumerate(zip(chunk, spans)):
+                out[c] = z[offsets[n]:offsets[n + 1]].to(embed.weight.dtype)
+                positions[c] = (len(span), out[c].shape[0])
+        return out
+
+    def question(e):
+        return torch.cat([embedded(ids(fmt.question_text(e.question))), anchor])
+
+    def text():
         rows = [torch.cat([embedded(prompts.encode_span(tok, fmt, e.context, e.question)[0]),
                            anchor]) for e in questions]
         return generate(model, tok, rows, stops, args.max_new_tokens, prefix=prefix)
 
-    positions = {}
-
-    def latent_pass():
-        rows = []
-        for c in contexts:
-            span = ids(fmt.context_text(c))
-            z, _, _ = compressor(embedded(span).float(), [len(span)])
-            positions[c] = (len(span), z.shape[0])
-            z = z.to(embed.weight.dtype)
-            rows += [torch.cat([z, embedded(ids(fmt.question_text(e.question))), anchor])
-                     for e in by_context[c]]
+    def latents():
+        z = encoded()
+        rows = [torch.cat([z[c], question(e)]) for c in contexts for e in by_context[c]]
         return generate(model, tok, rows, stops, args.max_new_tokens, prefix=prefix)
 
-    timings = {"text": [], "latents": []}
+    def per_paragraph(heads):
+        """Each paragraph's questions as one batch behind a cached prefix: the instruction and
+        the paragraph's head (its latents or its text), computed once for all of them."""
+        out = []
+        for c in contexts:
+            out += generate(model, tok, [question(e) for e in by_context[c]], stops,
+                            args.max_new_tokens, prefix=torch.cat([prefix, heads[c]]))
+        return out
+
+    arms = {"text": text, "latents": latents,
+            "latents_kv": lambda: per_paragraph(encoded()),
+            "text_kv": lambda: per_paragraph(
+                {c: embedded(ids(fmt.context_text(c))) for c in contexts})}
+    timings = {name: [] for name in arms}
     answers = {}
     with torch.no_grad():
         for _ in range(args.repeats):
-            for name, run in [("text", text_pass), ("latents", latent_pass),
-                              ("latents", latent_pass), ("text", text_pass)]:
+            for name in [*arms, *reversed(arms)]:  # each arm's drift cancels against the others'
                 start = time.perf_counter()
-                got = run()
+                got = arms[name]()
                 timings[name].append(time.perf_counter() - start)
                 if answers.setdefault(name, got) != got:
                     raise AssertionError(f"the {name} pass answered differently on a rerun")
@@ -140,7 +169,7 @@ def main() -> int:
         "paragraphs": len(contexts), "questions": len(questions),
         "torch_threads": torch.get_num_threads(), "seconds": timings}
     scores = {}
-    for name in ("text", "latents"):
+    for name in arms:
         predictions, means = score_answers(questions, answers[name])
         scores[name] = [p["f1"] for p in predictions]
         total = sum(timings[name])
@@ -148,25 +177,26 @@ def main() -> int:
                         "seconds_per_question": total / len(timings[name]) / len(questions)}
     text_kv = [n for n, _ in positions.values()]
     latent_kv = [m for _, m in positions.values()]
-    result["text"]["kv_positions_per_paragraph"] = sum(text_kv) / len(text_kv)
-    result["latents"]["kv_positions_per_paragraph"] = sum(latent_kv) / len(latent_kv)
+    for name in arms:
+        held = latent_kv if name.startswith("latents") else text_kv
+        result[name]["kv_positions_per_paragraph"] = sum(held) / len(held)
+        result[name]["time_over_text"] = sum(timings[name]) / sum(timings["text"])
+        result[name]["f1_minus_text"] = paired_comparison(scores[name], scores["text"])
     result["shared_prefix_positions"] = len(prefix_ids)
-    result["time_ratio_latents_over_text"] = sum(timings["latents"]) / sum(timings["text"])
-    result["f1_latents_minus_text"] = paired_comparison(scores["latents"], scores["text"])
     write_json(Path(args.out), result)
 
     print(f"{len(questions)} questions on {len(contexts)} paragraphs, {config['model']['id']}, "
-          f"{torch.get_num_threads()} thread(s), {len(timings['text'])} timed passes each")
-    print(f"{'':<8} {'s/question':>10} {'KV positions/paragraph':>23} {'F1 [95% CI]':>24} {'EM':>6}")
-    for name in ("text", "latents"):
+          f"{torch.get_num_threads()} thread(s), {len(timings['text'])} timed passes each; the "
+          f"{len(prefix_ids)}-position instruction prefix is cached once in every arm")
+    print(f"{'':<11} {'s/question':>10} {'x text':>7} {'KV/paragraph':>13} {'F1 [95% CI]':>22} "
+          f"{'EM':>6} {'F1 - text, paired':>26}")
+    for name in arms:
         r = result[name]
-        print(f"{name:<8} {r['seconds_per_question']:>10.4f} {r['kv_positions_per_paragraph']:>23.1f}"
-              f" {r['f1']:>8.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] {r['em']:>6.3f}")
-    diff = result["f1_latents_minus_text"]
-    print(f"time, latents / text: {result['time_ratio_latents_over_text']:.3f} "
-          f"(both with the {len(prefix_ids)}-position instruction prefix cached once)")
-    print(f"F1, latents - text (paired): {diff['diff']:+.3f} "
-          f"[{diff['diff_ci'][0]:+.3f}, {diff['diff_ci'][1]:+.3f}]")
+        d = r["f1_minus_text"]
+        print(f"{name:<11} {r['seconds_per_question']:>10.4f} {r['time_over_text']:>7.3f} "
+              f"{r['kv_positions_per_paragraph']:>13.1f} {r['f1']:>7.3f} [{r['ci'][0]:.3f}, "
+              f"{r['ci'][1]:.3f}] {r['em']:>6.3f} {d['diff']:>+8.3f} [{d['diff_ci'][0]:+.3f}, "
+              f"{d['diff_ci'][1]:+.3f}]")
     print(f"written: {args.out}")
     return 0
 
