@@ -88,7 +88,7 @@ def _options(opts: StudyOptions, cell: Cell, resume: bool) -> TrainOptions:
     # other encoders of the same study have none, and train as they would alone.
     reads = getattr(ENCODERS[cell.encoder], "needs_model", False)
     return replace(opts.base, encoder=cell.encoder, compression=cell.compression, latent_len=None,
-                   keep_question=SETTINGS[cell.setting], resume=resume,
+                   keep_question=SETTINGS[cell.setting], resume="yes" if resume else "no",
                    output_dir=str(Path(opts.output_dir) / cell.name),
                    encoder_lora=opts.base.encoder_lora if reads else 0,
                    encoder_layer=opts.base.encoder_layer if reads else None)
@@ -113,7 +113,7 @@ def run(opts: StudyOptions, log=print) -> int:
         if _status(Path(o.output_dir)) == "finished":
             log(f"[{n}/{len(plans)}] {cell.name}: kept from an earlier run")
             continue
-        log(f"[{n}/{len(plans)}] {cell.name}{' (resumed)' if o.resume else ''}")
+        log(f"[{n}/{len(plans)}] {cell.name}{' (resumed)' if o.resume == 'yes' else ''}")
         lm = lm or models.load(o.model_id, o.device, o.trust_remote_code)
         # Every cell evaluates the same examples with the same frozen model: the references of
         # a finished cell are every cell's (the trainer checks that they are).
