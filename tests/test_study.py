@@ -2,6 +2,7 @@
 rerun that keeps what is done."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -96,3 +97,33 @@ def test_the_table_pairs_each_cell_with_its_own_control_and_reference(tmp_path):
         assert row["share_of_uncompressed"] == pytest.approx(sum(f1s[name]) / 4 / reference)
     assert rows["agnostic/pool_x4"]["vs_constant"]["label"] == "indistinguishable"
     assert rows["aware/pool_x4"]["vs_constant"]["diff"] == pytest.approx(0.5)
+
+
+def test_a_failed_cell_is_recorded_and_the_others_finish(tmp_path, tiny_model_dir, capsys,
+                                                          monkeypatch):
+    """One cell's loss is made to diverge (a huge learning rate, no clipping): the study goes
+    on, writes the table of the cells that finished, exits 1, and a rerun neither retrains
+    anything nor forgets the failure."""
+    real = study.train
+
+    def diverging_pool_x4(o, *args, **kwargs):
+        if o.output_dir.endswith("pool_x4"):
+            o = replace(o, lr=1e30, max_grad_norm=0.0)
+        return real(o, *args, **kwargs)
+
+    monkeypatch.setattr(study, "train", diverging_pool_x4)
+    args = ["study", "--model_id", str(tiny_model_dir), "--encoders", "pool",
+            "--compressions", "1,4", "--settings", "aware", "--samples", "8",
+            "--eval_samples", "3", "--batch_size", "4", "--max_new_tokens", "3",
+            "--output_dir", str(tmp_path)]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "aware/pool_x4: failed; the study goes on without it" in out
+    assert json.loads((tmp_path / "aware/pool_x4/summary.json").read_text())["status"] == "failed"
+    rows = json.loads((tmp_path / "study.json").read_text())["rows"]
+    assert [(r["encoder"], r["compression"]) for r in rows] == [
+        ("pool", 1.0), ("constant", 1.0), ("constant", 4.0)]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert out.count("kept from an earlier run") == 3
+    assert "aware/pool_x4: failed in an earlier run" in out

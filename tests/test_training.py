@@ -27,7 +27,8 @@ from latentwire.training import checkpoint
 from latentwire.training.encoders import Compressor, Layout
 from latentwire.training.loop import run
 from latentwire.options import from_args
-from latentwire.training.options import TRANSFORM_OPTIONS, TRANSFORMS, TrainOptions, validate
+from latentwire.training.options import (RESTARTS, TRANSFORM_OPTIONS, TRANSFORMS, TrainOptions,
+                                         resume_mode, validate)
 from latentwire.training.summary import render
 from latentwire.training.trainer import CALIBRATION_EXAMPLES, Trainer, recompute_layers
 from latentwire.vocab import VocabSpace
@@ -217,10 +218,41 @@ def test_resume_refuses_other_flags_and_a_run_is_not_overwritten(tmp_path, capsy
     lm = tiny_lm()
     assert run(options(tmp_path), quiet, lm) == 0
     with pytest.raises(UsageError, match="--lr 0.01 there, 0.5 now"):
-        validate(options(tmp_path, lr=0.5, resume=True))
+        validate(options(tmp_path, lr=0.5, resume="yes"))
     with pytest.raises(UsageError, match="holds a run already; add --resume"):
         validate(options(tmp_path))
-    validate(options(tmp_path, resume=True))
+    validate(options(tmp_path, resume="yes"))
+
+
+def test_resume_auto_starts_continues_or_refuses(tmp_path, monkeypatch):
+    lm = tiny_lm()
+    monkeypatch.delenv(RESTARTS, raising=False)
+    assert resume_mode(options(tmp_path, resume="auto")).resume == "no"  # nothing there: start
+    assert run(options(tmp_path, resume="auto"), quiet, lm) == 0
+    folder = Path(options(tmp_path).output_dir)
+    assert resume_mode(options(tmp_path, resume="auto")).resume == "yes"  # its checkpoint
+    validate(options(tmp_path, resume="auto"))
+    with pytest.raises(UsageError, match="--lr 0.01 there, 0.5 now"):
+        validate(options(tmp_path, lr=0.5, resume="auto"))
+    # A start killed before its first checkpoint left only config.json: the same run starts
+    # again; another run's folder is refused.
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "config.json").write_bytes((folder / "config.json").read_bytes())
+    moved = options(tmp_path, resume="auto", output_dir=str(early))
+    early_config = json.loads((early / "config.json").read_text())
+    early_config["options"]["output_dir"] = str(early)
+    (early / "config.json").write_text(json.dumps(early_config))
+    assert resume_mode(moved).resume == "no"
+    validate(moved)
+    with pytest.raises(UsageError, match="--resume auto: .* holds another run"):
+        validate(options(tmp_path, resume="auto", output_dir=str(early), seed=7))
+    # torchrun restarts every process with the first command: that is --resume auto.
+    monkeypatch.setenv(RESTARTS, "1")
+    assert resume_mode(options(tmp_path)).resume == "yes"
+    monkeypatch.setenv(RESTARTS, "0")
+    with pytest.raises(UsageError, match="holds a run already"):
+        validate(options(tmp_path))
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
@@ -308,6 +340,40 @@ def test_two_processes_under_torchrun_reach_the_weights_of_one(tmp_path, tiny_mo
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_finishes_as_if_never_killed(
+        tmp_path, tiny_model_dir):
+    """Elastic training: torchrun --max-restarts 1 starts both processes again with the first
+    command after one is SIGKILLed mid-epoch; they continue from checkpoints/last (a restart is
+    --resume auto) and reach the weights of an uninterrupted run."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(_command(tiny_model_dir, tmp_path / "one"), capture_output=True,
+                         text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    out = tmp_path / "elastic"
+    cmd = _command(tiny_model_dir, out)
+    job = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2",
+                            "--max-restarts", "1", *cmd[1:]], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and job.poll() is None:  # killed in the second epoch
+        if metrics.exists() and metrics.read_text().count('"type": "step"') >= 8:
+            break
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True,
+                             text=True).stdout.split()
+    assert workers and job.poll() is None
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-3000:]
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    a, b = _weights(tmp_path / "one"), _weights(out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if '"type": "step"' in line]
+    assert steps == list(range(1, 13))
 
 
 def test_learning_rate_warms_up_then_follows_its_schedule(tmp_path):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..files import read_json, write_json
-from .options import TrainOptions, validate
+from .options import TrainOptions, resume_mode, validate
 from .summary import MetricsLog, plot, render, summary, write_split
 from .trainer import NonFiniteLoss, State, Trainer
 
@@ -25,12 +25,13 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
     `references_from` is an earlier run's folder whose references this run takes over when they
     are its own (see `earlier_references`)."""
     started = time.time()
+    opts = resume_mode(opts)
     out = validate(opts)
     trainer = Trainer(opts, out, log, lm)
     log = trainer.log  # silent on every rank but 0
     main = trainer.rank == 0
-    state = trainer.restore() if opts.resume else State()
-    if main and not opts.resume:
+    state = trainer.restore() if opts.resume == "yes" else State()
+    if main and opts.resume != "yes":
         write_json(out / "config.json", {"options": opts.identity(),
                                          "provenance": trainer.provenance,
                                          "split": trainer.split.describe(),

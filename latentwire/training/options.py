@@ -4,6 +4,7 @@ of `train`, `study` and `screen` are built from them), every check that needs no
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -19,6 +20,9 @@ TRANSFORMS = {"none": "identity", "rms_matching": "rms_matching",
               "batch_distribution": "batch_distribution", "nearest_k": "nearest_k",
               "anchor_offset": "anchor_offset", "soft_codebook": "soft_codebook"}
 SCHEDULES = ("constant", "cosine")
+RESUME = ("no", "yes", "auto")
+# torchrun sets it in every process it starts: 0 at first, then the number of restarts.
+RESTARTS = "TORCHELASTIC_RESTART_COUNT"
 
 TRANSFORM = "transform inside the training graph (the sweep's, by name)"
 ENCODER = "encoder"
@@ -107,8 +111,12 @@ class TrainOptions:
                                     help="where the run goes; None: runs/train/<embed_transform>")
     save_every: int = option(50, group=RUN, metavar="STEPS",
                              help="write checkpoints/last every N steps, 0 for epoch ends only")
-    resume: bool = option(False, group=RUN, help="continue the run in --output_dir from "
-                                                 "checkpoints/last (same flags)")
+    resume: str = option(
+        "no", group=RUN, choices=RESUME, nargs="?", const="yes", metavar="WHEN",
+        help="yes (also a bare --resume): continue the run in --output_dir from "
+             "checkpoints/last, with the same flags; auto: continue it when there is one, "
+             "start when the folder holds none, refuse a folder holding another run (what a "
+             "torchrun restart does)")
     device: str | None = option(None, group=RUN, choices=["cpu", "cuda"],
                                 help="None: CUDA when available (bf16 autocast), else CPU")
     gradient_checkpointing: bool = option(
@@ -148,6 +156,37 @@ def experiment_command(exp: experiments.Experiment, **options) -> str:
     settings = experiments.train_settings(exp)
     return train_command(replace(TrainOptions(), **settings, **options),
                          spelled=tuple(settings))
+
+
+def _changed(opts: TrainOptions, config: dict) -> list[tuple[str, object]]:
+    """(flag, its value there) for each flag that differs from the run a config.json records.
+    A flag added after that run was made counts as its default there."""
+    saved, default = config.get("options", {}), asdict(TrainOptions())
+    return sorted((k, saved.get(k, default[k])) for k, v in opts.identity().items()
+                  if saved.get(k, default[k]) != v)
+
+
+def resume_mode(opts: TrainOptions) -> TrainOptions:
+    """--resume auto as yes or no for this folder, and a torchrun restart as auto: torchrun
+    starts every process again with the first command, which must then continue the run."""
+    mode = opts.resume
+    if mode == "no" and int(os.environ.get(RESTARTS, "0") or 0) > 0:
+        mode = "auto"
+    if mode != "auto":
+        return opts
+    out = opts.run_dir()
+    if checkpoint.existing(out / "checkpoints" / "last") is not None:
+        return replace(opts, resume="yes")  # validate refuses it if it is another run's
+    # No checkpoint yet: start, unless the folder holds another run (a start of this one,
+    # killed before its first checkpoint, is simply started again).
+    saved = read_json(out / "config.json")
+    changed = _changed(opts, saved) if saved is not None else []
+    if changed:
+        raise UsageError(f"--resume auto: {out} holds another run ("
+                         + ", ".join(f"--{k} {there} there, {getattr(opts, k)} now"
+                                     for k, there in changed)
+                         + "); pick another --output_dir")
+    return replace(opts, resume="no")
 
 
 def validate(opts: TrainOptions) -> Path:
@@ -200,17 +239,16 @@ def validate(opts: TrainOptions) -> Path:
     data.check_spec(opts.dataset)
     if opts.eval_dataset is not None:
         data.check_spec(opts.eval_dataset)
+    need(opts.resume in RESUME, f"--resume takes one of {', '.join(RESUME)} (got {opts.resume!r})")
+    opts = resume_mode(opts)
     out = writable_dir(opts.run_dir(), "--output_dir")
     last = checkpoint.existing(out / "checkpoints" / "last")
-    if opts.resume:
+    if opts.resume == "yes":
         need(last is not None, f"--resume: {out} holds no checkpoint to resume "
              f"(no checkpoints/last); drop --resume to start a new run")
-        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))["options"]
-        # A flag added after the run was made counts as its default there.
-        default = asdict(TrainOptions())
-        changed = sorted(k for k, v in opts.identity().items() if saved.get(k, default[k]) != v)
+        changed = _changed(opts, json.loads((out / "config.json").read_text(encoding="utf-8")))
         need(not changed, f"--resume: {out} was made with other flags ("
-             + ", ".join(f"--{k} {saved.get(k)} there, {getattr(opts, k)} now" for k in changed)
+             + ", ".join(f"--{k} {there} there, {getattr(opts, k)} now" for k, there in changed)
              + "); resume with the same flags or pick another --output_dir")
     else:
         earlier = read_json(out / "summary.json") or {}

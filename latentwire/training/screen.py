@@ -83,7 +83,7 @@ def plan(opts: ScreenOptions) -> list[tuple[experiments.Experiment, TrainOptions
     for exp in experiments.select(opts.experiment):
         folder = Path(opts.output_dir).resolve() / "trials" / exp.name
         o = replace(opts.base, **experiments.train_settings(exp), epochs=opts.max_epochs,
-                    output_dir=str(folder), resume=_last(folder) is not None)
+                    output_dir=str(folder), resume="yes" if _last(folder) else "no")
         if (_summary(folder) or {}).get("status") not in ("finished", "failed"):
             validate(o)  # a trial that ended will not run again
         trials.append((exp, o))
@@ -152,7 +152,7 @@ def _trial(config: dict, setup: dict) -> None:
     if key not in _LOADED:
         _LOADED.clear()
         _LOADED[key] = models.load(*key)
-    code = train(replace(opts, resume=_last(folder) is not None), log, _LOADED[key],
+    code = train(replace(opts, resume="yes" if _last(folder) else "no"), log, _LOADED[key],
                         on_epoch=report_before_the_last)
     if code == 0:
         report(_summary(folder)["epochs"][-1])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import models, stats
 from ..errors import UsageError
-from ..files import write_json
+from ..files import read_json, write_json
 from ..options import option
 from ..plots import pyplot, save
 from . import checkpoint
@@ -88,16 +88,16 @@ def _options(opts: StudyOptions, cell: Cell, resume: bool) -> TrainOptions:
     # other encoders of the same study have none, and train as they would alone.
     reads = getattr(ENCODERS[cell.encoder], "needs_model", False)
     return replace(opts.base, encoder=cell.encoder, compression=cell.compression, latent_len=None,
-                   keep_question=SETTINGS[cell.setting], resume=resume,
+                   keep_question=SETTINGS[cell.setting], resume="yes" if resume else "no",
                    output_dir=str(Path(opts.output_dir) / cell.name),
                    encoder_lora=opts.base.encoder_lora if reads else 0,
                    encoder_layer=opts.base.encoder_layer if reads else None)
 
 
 def _status(path: Path) -> str:
-    summary = path / "summary.json"
-    if summary.exists() and json.loads(summary.read_text())["status"] == "finished":
-        return "finished"
+    status = (read_json(path / "summary.json") or {}).get("status")
+    if status in ("finished", "failed"):
+        return status
     return "resume" if checkpoint.existing(path / "checkpoints" / "last") else "new"
 
 
@@ -106,30 +106,40 @@ def run(opts: StudyOptions, log=print) -> int:
     plans = [(c, _options(opts, c, _status(Path(opts.output_dir) / c.name) == "resume"))
              for c in todo]
     for cell, o in plans:  # every cell's flags checked before the model loads
-        if _status(Path(o.output_dir)) != "finished":
+        if _status(Path(o.output_dir)) not in ("finished", "failed"):
             validate(o)
-    lm = None
+    lm, failed = None, []
     for n, (cell, o) in enumerate(plans, 1):
-        if _status(Path(o.output_dir)) == "finished":
+        status = _status(Path(o.output_dir))
+        if status == "finished":
             log(f"[{n}/{len(plans)}] {cell.name}: kept from an earlier run")
             continue
-        log(f"[{n}/{len(plans)}] {cell.name}{' (resumed)' if o.resume else ''}")
+        if status == "failed":  # not retried: the same flags would fail the same way
+            log(f"[{n}/{len(plans)}] {cell.name}: failed in an earlier run (see its summary.json)")
+            failed.append(cell.name)
+            continue
+        log(f"[{n}/{len(plans)}] {cell.name}{' (resumed)' if o.resume == 'yes' else ''}")
         lm = lm or models.load(o.model_id, o.device, o.trust_remote_code)
         # Every cell evaluates the same examples with the same frozen model: the references of
         # a finished cell are every cell's (the trainer checks that they are).
         finished = [p.output_dir for _, p in plans if _status(Path(p.output_dir)) == "finished"]
-        code = train(o, log, lm, references_from=finished[0] if finished else None)
-        if code:
-            return code
+        if train(o, log, lm, references_from=finished[0] if finished else None):
+            # Its summary says failed and why; the cells after it do not depend on it.
+            log(f"[{n}/{len(plans)}] {cell.name}: failed; the study goes on without it")
+            failed.append(cell.name)
     rows = table(opts, todo)
-    _write(opts, rows)
-    log("\n" + render(rows))
-    return 0
+    if rows:
+        _write(opts, rows)
+        log("\n" + render(rows))
+    if failed:
+        log(f"failed cells: {', '.join(failed)} (not in the table)")
+    return 1 if failed else 0
 
 
 def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
-    """One row per cell: F1/EM with CIs, the paired difference to the constant control at the
-    same compression and setting, and the share of the uncompressed trained reference."""
+    """One row per finished cell: F1/EM with CIs, the paired difference to the constant control
+    at the same compression and setting, and the share of the uncompressed trained reference
+    (each where that cell finished too)."""
     def load(cell):
         path = Path(opts.output_dir) / cell.name
         summary = json.loads((path / "summary.json").read_text())
@@ -137,9 +147,9 @@ def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
         preds = json.loads((path / "eval" / f"epoch{epoch}.json").read_text())["predictions"]
         return summary, [p["f1"] for p in preds]
 
-    loaded = {c: load(c) for c in todo}
+    loaded = {c: load(c) for c in todo if _status(Path(opts.output_dir) / c.name) == "finished"}
     rows = []
-    for c in todo:
+    for c in loaded:
         summary, f1s = loaded[c]
         control = loaded.get(Cell(c.setting, "constant", c.compression))
         reference = loaded.get(Cell(c.setting, "pool", 1.0))
