@@ -16,7 +16,7 @@ from transformers import HfArgumentParser
 
 from . import data, experiments, raycluster
 from .analysis import insights
-from .errors import UsageError
+from .errors import StorageError, UsageError
 from .memory import keep_freed_memory
 from .options import from_args, is_option, option
 from .sweep import on_ray, runner
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except UsageError as err:
+    except (UsageError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # outside the sweep loop (loading): nothing computed yet

@@ -4,22 +4,53 @@ before the work starts, and names safe for a folder."""
 import json
 import os
 import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import StorageError, UsageError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
+@contextmanager
+def writing(path: Path, tmp: Path | None = None):
+    """A failed write inside becomes StorageError naming `path`; the half-written `tmp` beside
+    it is removed (on a full disk it holds the space the next try needs)."""
+    try:
+        yield
+    except OSError as err:
+        if tmp is not None:
+            try:
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise StorageError(path, err) from None
+
+
 def write_json(path: Path, obj) -> None:
-    """Write, flush to disk, then rename: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write, flush to disk, then rename: a reader never sees a half-written file, and a
+    failed write leaves the previous file as it was."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """write_json's guarantees for a text file (a table, a report)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
 
 
 def read_json(path: Path):

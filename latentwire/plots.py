@@ -1,7 +1,10 @@
 """Matplotlib without a display, and one way to save a figure: every command that draws (the
 sweep's report, a training run, a study, a screen) stands on this."""
 
+import os
 from pathlib import Path
+
+from .files import writing
 
 
 def pyplot():
@@ -15,8 +18,13 @@ def pyplot():
 
 
 def save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        with writing(path, tmp):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.tight_layout()
+            fig.savefig(tmp, dpi=110)
+            os.replace(tmp, path)
+    finally:
+        pyplot().close(fig)
     return path

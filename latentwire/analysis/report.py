@@ -9,7 +9,7 @@ import html
 import math
 from pathlib import Path
 
-from ..files import safe_name
+from ..files import safe_name, write_text
 from ..plots import pyplot, save
 from .formatting import number, render_text
 
@@ -234,7 +234,7 @@ def write_html(insights: dict, summary: dict, plots: list[Path], path: Path) -> 
         data = base64.b64encode(p.read_bytes()).decode()
         parts.append(f"<h3>{html.escape(str(p.relative_to(path.parent)))}</h3>"
                      f"<img alt='{html.escape(p.name)}' src='data:image/png;base64,{data}'>")
-    path.write_text("\n".join(parts), encoding="utf-8")
+    write_text(path, "\n".join(parts))
     return path
 
 

@@ -14,14 +14,25 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialised
 
 from ..errors import UsageError
+from ..files import writing
 
 FORMAT = "latentwire-checkpoint"
 VERSION = 1
 WEIGHTS, CONFIG = "encoder.safetensors", "config.json"
 OPTIMIZER, STATE = "optimizer.safetensors", "trainer_state.json"
+
+
+def _tensors(path: Path, tensors: dict) -> None:
+    """Serialised in memory, then written by Python: a full disk is an OSError (safetensors'
+    own writer reports it as an error of its own)."""
+    with open(path, "wb") as fh:
+        fh.write(serialised(tensors))
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _json(path: Path, obj) -> None:
@@ -37,14 +48,16 @@ def save(folder, weights: dict, config: dict, optimizer: dict | None = None,
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
-    _json(tmp / CONFIG, {"format": FORMAT, "version": VERSION, **config})
-    if optimizer is not None:
-        tensors, groups = flatten_optimizer(optimizer)
-        save_file(tensors, tmp / OPTIMIZER)
-        _json(tmp / STATE, {**(state or {}), "optimizer_param_groups": groups})
+    # A failure before the renames leaves the previous checkpoint untouched.
+    with writing(folder, tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _tensors(tmp / WEIGHTS, {k: v.detach().contiguous().cpu() for k, v in weights.items()})
+        _json(tmp / CONFIG, {"format": FORMAT, "version": VERSION, **config})
+        if optimizer is not None:
+            tensors, groups = flatten_optimizer(optimizer)
+            _tensors(tmp / OPTIMIZER, tensors)
+            _json(tmp / STATE, {**(state or {}), "optimizer_param_groups": groups})
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import experiments, models, provenance, raycluster, stats
 from ..errors import UsageError
-from ..files import write_json
+from ..files import write_json, write_text
 from ..memory import keep_freed_memory
 from ..options import option
 from ..plots import pyplot, save
@@ -359,9 +359,9 @@ def render(result: dict) -> str:
 def write(result: dict, out: Path) -> None:
     """screen.json, screen.md and plots/screen.png (F1 per epoch of every trial)."""
     write_json(out / "screen.json", result)
-    (out / "screen.md").write_text(
-        f"# Screen: {len(result['trials'])} candidates, up to {result['max_epochs']} epochs\n\n"
-        + render(result) + "\n\n![F1 per epoch](plots/screen.png)\n", encoding="utf-8")
+    write_text(out / "screen.md",
+               f"# Screen: {len(result['trials'])} candidates, up to {result['max_epochs']} "
+               f"epochs\n\n" + render(result) + "\n\n![F1 per epoch](plots/screen.png)\n")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
     for r in result["trials"]:

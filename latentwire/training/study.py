@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import models, stats
 from ..errors import UsageError
-from ..files import read_json, write_json
+from ..files import read_json, write_json, write_text
 from ..options import option
 from ..plots import pyplot, save
 from . import checkpoint
@@ -186,7 +186,7 @@ def render(rows: list[dict]) -> str:
 def _write(opts: StudyOptions, rows: list[dict]) -> None:
     out = Path(opts.output_dir)
     write_json(out / "study.json", {"rows": rows})
-    (out / "study.md").write_text(render(rows) + "\n", encoding="utf-8")
+    write_text(out / "study.md", render(rows) + "\n")
     plt = pyplot()
     settings = sorted({r["setting"] for r in rows}, key=list(SETTINGS).index)
     fig, axes = plt.subplots(1, len(settings), figsize=(6.4 * len(settings), 4), squeeze=False)

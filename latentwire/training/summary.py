@@ -5,17 +5,16 @@ import json
 import os
 from pathlib import Path
 
+from ..files import write_text, writing
 from ..plots import pyplot, save
 
 
 def write_split(examples, path: Path) -> None:
     """The evaluation split as a dataset file: sweeping a checkpoint on it (`--dataset`) measures
     the latents on entities the encoder never trained on, as the run's own evaluation does."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({"id": e.id, "title": e.group, "context": e.context,
-                                       "question": e.question, "answers": list(e.answers)}) + "\n"
-                           for e in examples), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps({"id": e.id, "title": e.group, "context": e.context,
+                                         "question": e.question, "answers": list(e.answers)})
+                             + "\n" for e in examples))
 
 
 class MetricsLog:
@@ -24,6 +23,12 @@ class MetricsLog:
     are about to run again) or cut off by a kill."""
 
     def __init__(self, path: Path, keep_until_step: int):
+        self.path = path
+        with writing(path):
+            self.fh = self._open(path, keep_until_step)
+
+    @staticmethod
+    def _open(path: Path, keep_until_step: int):
         if path.exists():
             kept = []
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -37,15 +42,20 @@ class MetricsLog:
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
             os.replace(tmp, path)
-        self.fh = open(path, "a", encoding="utf-8")
+        return open(path, "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
-        self.fh.write(json.dumps(row) + "\n")
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
+        # A line cut short by a full disk is dropped when the run is resumed (see _open).
+        with writing(self.path):
+            self.fh.write(json.dumps(row) + "\n")
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
 
     def close(self) -> None:
-        self.fh.close()
+        try:
+            self.fh.close()
+        except OSError:  # the flush of a line write() already reported as not written
+            pass
 
 
 def summary(trainer, state, status: str, wall: float) -> dict:
