@@ -66,10 +66,17 @@ class NonFiniteLoss(Exception):
 
 def distributed():
     """(rank, world size), joining torchrun's process group when there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", "0")), world
+        store, _, _ = next(dist.rendezvous("env://"))
+        # After a torchrun restart the processes meet in the store of the round before, where
+        # the killed ones left their addresses: a key per restart keeps a restarted process
+        # from dialling a process that is gone.
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                store=dist.PrefixStore(f"latentwire-restart-{restart}/", store),
+                                rank=rank, world_size=world)
+    return rank, world
 
 
 def recompute_layers(model) -> None:
