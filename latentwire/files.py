@@ -31,18 +31,11 @@ def writing(path: Path, tmp: Path | None = None):
 def write_json(path: Path, obj) -> None:
     """Write, flush to disk, then rename: a reader never sees a half-written file, and a
     failed write leaves the previous file as it was."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with writing(path, tmp):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def write_text(path: Path, text: str) -> None:
-    """write_json's guarantees for a text file (a table, a report)."""
+    """Beside the target, flushed to disk, then renamed into place (see write_json)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with writing(path, tmp):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -166,6 +166,10 @@ def _changed(opts: TrainOptions, config: dict) -> list[tuple[str, object]]:
                   if saved.get(k, default[k]) != v)
 
 
+def _listed(opts: TrainOptions, changed) -> str:
+    return ", ".join(f"--{k} {there} there, {getattr(opts, k)} now" for k, there in changed)
+
+
 def resume_mode(opts: TrainOptions) -> TrainOptions:
     """--resume auto as yes or no for this folder, and a torchrun restart as auto: torchrun
     starts every process again with the first command, which must then continue the run."""
@@ -182,10 +186,8 @@ def resume_mode(opts: TrainOptions) -> TrainOptions:
     saved = read_json(out / "config.json")
     changed = _changed(opts, saved) if saved is not None else []
     if changed:
-        raise UsageError(f"--resume auto: {out} holds another run ("
-                         + ", ".join(f"--{k} {there} there, {getattr(opts, k)} now"
-                                     for k, there in changed)
-                         + "); pick another --output_dir")
+        raise UsageError(f"--resume auto: {out} holds another run ({_listed(opts, changed)}); "
+                         "pick another --output_dir")
     return replace(opts, resume="no")
 
 
@@ -247,9 +249,8 @@ def validate(opts: TrainOptions) -> Path:
         need(last is not None, f"--resume: {out} holds no checkpoint to resume "
              f"(no checkpoints/last); drop --resume to start a new run")
         changed = _changed(opts, json.loads((out / "config.json").read_text(encoding="utf-8")))
-        need(not changed, f"--resume: {out} was made with other flags ("
-             + ", ".join(f"--{k} {there} there, {getattr(opts, k)} now" for k, there in changed)
-             + "); resume with the same flags or pick another --output_dir")
+        need(not changed, f"--resume: {out} was made with other flags ({_listed(opts, changed)});"
+             " resume with the same flags or pick another --output_dir")
     else:
         earlier = read_json(out / "summary.json") or {}
         need(earlier.get("status") != "failed", f"{out} holds a run that failed (its loss became "
