@@ -2,7 +2,8 @@
 and then a checkpoint; at the end of each epoch an evaluation. Data parallel under torchrun;
 resumable after SIGKILL, bitwise on CPU, from checkpoints/last.
 
-What the steps compute is in trainer.py; what the run writes about itself in summary.py.
+What the steps compute is in trainer.py; what the run writes about itself in summary.py, and
+what it also sends to TensorBoard, MLflow or W&B (--report_to) in tracking.py.
 """
 
 import sys
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..files import read_json, write_json
+from . import tracking
 from .options import TrainOptions, resume_mode, validate
 from .summary import MetricsLog, plot, render, summary, write_split
 from .trainer import NonFiniteLoss, State, Trainer
@@ -53,13 +55,34 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
         r = state.references
         log(f"  text F1 {r['text']['f1']:.3f}   question only F1 {r['question_only']['f1']:.3f}")
         write_json(out / "references.json", r)
-    progress = Progress(trainer, state, log)
+    trackers = tracking.Trackers(tracking.chosen(opts.report_to) if main else [], out,
+                                 opts.identity(), state.step, log)
+    progress = Progress(trainer, state, log, trackers)
     log(f"training {opts.encoder} ({sum(p.numel() for p in trainer.params):,} parameters) + "
         f"{trainer.spec['transform']['name']} into {opts.model_id} on {trainer.device}: "
         f"{len(trainer.train_items)} examples x {opts.epochs} epoch(s), {progress.total} steps "
         f"of {opts.batch_size}, {trainer.world} process(es) -> {out}")
 
-    code = 0
+    ended = "killed"  # what the trackers are told unless the run gets to its summary
+    try:
+        code = train_epochs(trainer, state, progress, started, on_epoch)
+        if main:
+            final = summary(trainer, state, "failed" if code else "finished", time.time() - started)
+            write_json(out / "summary.json", final)
+            trackers.files([out / "summary.json"], state.step)
+            ended = final["status"]
+            log(render(final))
+    finally:
+        trackers.close(ended)
+    if trainer.world > 1:
+        dist.destroy_process_group()
+    return code
+
+
+def train_epochs(trainer: Trainer, state: State, progress: "Progress", started: float,
+                 on_epoch) -> int:
+    """The epochs from where `state` stands; 0, or 1 when the loss went non-finite."""
+    opts, main = trainer.opts, trainer.rank == 0
     try:
         for epoch in range(state.epoch, opts.epochs):
             for batch in trainer.batches(epoch)[state.batch:]:
@@ -80,17 +103,10 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
         print(f"error: the loss became non-finite at step {state.step + 1} (epoch "
               f"{state.epoch + 1}); stopped. checkpoints/last (step {state.step} or earlier) is "
               "kept: lower --lr and start a new run (another --output_dir)", file=sys.stderr)
-        code = 1
+        return 1
     finally:
         progress.close()
-
-    if main:
-        final = summary(trainer, state, "failed" if code else "finished", time.time() - started)
-        write_json(out / "summary.json", final)
-        log(render(final))
-    if trainer.world > 1:
-        dist.destroy_process_group()
-    return code
+    return 0
 
 
 # What fixes a run's references: the answers of the untrained model to its evaluation examples.
@@ -132,7 +148,7 @@ def end_of_epoch(trainer: Trainer, state: State, progress: "Progress", started: 
         trainer.save("best", state)
     trainer.save("last", state)
     write_json(out / "summary.json", summary(trainer, state, "running", time.time() - started))
-    plot(out)
+    progress.trackers.files([out / "summary.json", *plot(out)], state.step)
     trainer.log(f"epoch {state.epoch}/{trainer.opts.epochs}: train loss {loss:.3f}  "
                 f"eval F1 {result['f1']:.3f} [{result['ci'][0]:.3f}, {result['ci'][1]:.3f}]  "
                 f"EM {result['em']:.3f}  empty {result['empty_rate']:.0%}  "
@@ -143,11 +159,12 @@ def end_of_epoch(trainer: Trainer, state: State, progress: "Progress", started: 
 
 class Progress:
     """Where a run reports its steps, on rank 0: a line per step and per evaluation in
-    metrics.jsonl, and a progress bar on a terminal, else a line with the ETA ten times an
-    epoch. Also the epoch's mean training loss and its wall time."""
+    metrics.jsonl and to the trackers of --report_to, and a progress bar on a terminal, else a
+    line with the ETA ten times an epoch. Also the epoch's mean training loss and its wall time."""
 
-    def __init__(self, trainer: Trainer, state: State, log):
+    def __init__(self, trainer: Trainer, state: State, log, trackers: tracking.Trackers):
         main = trainer.rank == 0
+        self.trackers = trackers
         per_epoch = len(trainer.batches(0))
         self.total = per_epoch * trainer.opts.epochs
         self.every = max(1, per_epoch // 10)
@@ -162,8 +179,10 @@ class Progress:
         if self.metrics is None:
             return
         rate = n / max(seconds, 1e-9)
-        self.metrics.write({"type": "step", "step": state.step, "epoch": state.epoch + 1, **m,
-                            "examples_per_s": rate})
+        row = {"type": "step", "step": state.step, "epoch": state.epoch + 1, **m,
+               "examples_per_s": rate}
+        self.metrics.write(row)
+        self.trackers.step(row)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{rate:.1f}")
             self.bar.update(1)
@@ -180,8 +199,10 @@ class Progress:
         return loss, seconds
 
     def evaluation(self, state: State, result: dict) -> None:
-        self.metrics.write({"type": "eval", "step": state.step, "epoch": state.epoch,
-                            **{k: v for k, v in result.items() if k != "predictions"}})
+        row = {"type": "eval", "step": state.step, "epoch": state.epoch,
+               **{k: v for k, v in result.items() if k != "predictions"}}
+        self.metrics.write(row)
+        self.trackers.evaluation(row, state.references)
 
     def close(self) -> None:
         if self.bar is not None:

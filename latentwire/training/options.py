@@ -12,7 +12,7 @@ from .. import data, experiments, models, prompts
 from ..errors import UsageError
 from ..files import read_json, writable_dir
 from ..options import command_line, option
-from . import checkpoint
+from . import checkpoint, tracking
 from .encoders import ENCODERS
 
 # --embed_transform -> the sweep's transform registry entry
@@ -123,6 +123,12 @@ class TrainOptions:
         False, group=RUN, help="recompute the frozen model's activations in backward (always "
                                "on on CUDA)")
     trust_remote_code: bool = option(False, group=RUN, help="allow a hub model's own code to run")
+    report_to: str = option(
+        "none", group=RUN, metavar="TRACKERS",
+        help="also send every step and evaluation, the config, the plots and summary.json to "
+             "these trackers, comma-separated: tensorboard, mlflow, wandb (each needs its extra, "
+             "e.g. pip install 'latentwire[wandb]'; WANDB_MODE=offline without network); none: "
+             "only the run's own files")
 
     def __post_init__(self):
         if self.latent_len is not None:
@@ -132,8 +138,10 @@ class TrainOptions:
         return Path(self.output_dir or f"runs/train/{self.embed_transform}")
 
     def identity(self) -> dict:
-        """The flags a resumed run must share with the run it continues."""
-        return {k: v for k, v in asdict(self).items() if k not in ("resume", "device")}
+        """The flags a resumed run must share with the run it continues. Where its metrics are
+        also sent is not one of them: a tracker can be added when resuming."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("resume", "device", "report_to")}
 
 
 # The options that put a transform, with its config, into the graph: what a screen's candidate
@@ -238,6 +246,7 @@ def validate(opts: TrainOptions) -> Path:
     need(opts.max_new_tokens >= 1, f"--max_new_tokens must be at least 1 (got {opts.max_new_tokens})")
     need(opts.prompt in prompts.FORMATS, f"unknown --prompt {opts.prompt!r}; use one of "
          f"{', '.join(prompts.FORMATS)}")
+    tracking.chosen(opts.report_to)
     data.check_spec(opts.dataset)
     if opts.eval_dataset is not None:
         data.check_spec(opts.eval_dataset)
