@@ -1,10 +1,14 @@
-"""Joining a Ray cluster and sizing its workers: shared by `sweep --ray` and `screen`, which
-each decide what a worker does. Ray is imported only inside functions, so that nothing needs it
-until a command asks for it."""
+"""Joining a Ray cluster, sizing its workers and watching that it stays: shared by `sweep --ray`,
+`study --ray` and `screen`, which each decide what a worker does. Ray is imported only inside
+functions, so that nothing needs it until a command asks for it."""
 
 import logging
 import os
 import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -16,6 +20,13 @@ GROUP = "Ray (pip install 'latentwire[ray]')"
 # what it was running is reported as not run, and a rerun resumes it.
 MAX_RESTARTS = 3
 
+# A cluster that looks gone for this long is taken as gone for good. Long enough to ride out a
+# head that restarts or a node that is replaced; short of the minute after which Ray itself ends
+# a driver whose head stopped answering, with a fatal log instead of a line that says what to do.
+GRACE_S = 20.0
+POLL_S = 2.0
+AGAIN = "run the same command again, on a cluster or without --ray here, to continue from it"
+
 
 @dataclass
 class WorkerShape:
@@ -25,6 +36,15 @@ class WorkerShape:
         help="GPUs per worker, fractions allowed; None: 1 where the cluster has GPUs, else 0")
     ray_cpus_per_worker: float = option(1.0, group=GROUP, metavar="N",
                                         help="CPUs per worker, also its torch threads")
+
+
+def check(shape: WorkerShape, on_ray: bool) -> None:
+    """The worker flags, before anything starts: they need a cluster to size."""
+    if not on_ray and (shape.ray_gpus_per_worker is not None or shape.ray_cpus_per_worker != 1.0):
+        raise UsageError("--ray_gpus_per_worker and --ray_cpus_per_worker need --ray")
+    if shape.ray_cpus_per_worker <= 0 or (shape.ray_gpus_per_worker or 0) < 0:
+        raise UsageError("--ray_cpus_per_worker must be above 0 and --ray_gpus_per_worker at "
+                         "least 0")
 
 
 def require_ray():
@@ -61,6 +81,20 @@ def connect(address: str) -> bool:
     return True
 
 
+def workers_on(nodes: list, cpus: float, gpus: float) -> int:
+    """How many workers of this shape the live ones of `nodes` (ray.nodes()) hold at once."""
+    capacity = 0
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        fit = int(have.get("CPU", 0) // cpus)
+        if gpus:
+            fit = min(fit, int(have.get("GPU", 0) // gpus))
+        capacity += fit
+    return capacity
+
+
 def worker_shape(opts: WorkerShape) -> tuple[float, float, int]:
     """(CPUs, GPUs) per worker and how many workers the cluster holds at once."""
     ray = require_ray()
@@ -69,18 +103,71 @@ def worker_shape(opts: WorkerShape) -> tuple[float, float, int]:
     if gpus is None:
         gpus = 1.0 if total.get("GPU", 0) >= 1 else 0.0
     cpus = opts.ray_cpus_per_worker
-    capacity = 0
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        have = node.get("Resources", {})
-        fit = int(have.get("CPU", 0) // cpus)
-        if gpus:
-            fit = min(fit, int(have.get("GPU", 0) // gpus))
-        capacity += fit
+    capacity = workers_on(ray.nodes(), cpus, gpus)
     if capacity < 1:
         raise UsageError(f"no node of the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs for a "
                          f"worker (the cluster has {total.get('CPU', 0):g} CPUs, "
                          f"{total.get('GPU', 0):g} GPUs); lower --ray_cpus_per_worker / "
                          "--ray_gpus_per_worker")
     return cpus, gpus, capacity
+
+
+@contextmanager
+def session(address: str, shape: WorkerShape, where: str, again: str = AGAIN):
+    """On the cluster (see `connect`) for the block, which gets (CPUs, GPUs, workers at once) as
+    `worker_shape` gives them, while a watcher ends the command should the cluster go away (see
+    `watch`; `where` is the output folder and `again` how to continue, for its one line). A
+    connection this call started is ended after the block."""
+    started = connect(address)
+    try:
+        cpus, gpus, capacity = worker_shape(shape)
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch, args=(cpus, gpus, f"{where}: {again}", stop), daemon=True,
+                                   name="latentwire-ray-watch")
+        watcher.start()
+        try:
+            yield cpus, gpus, capacity
+        finally:
+            stop.set()
+            watcher.join()
+    finally:
+        if started:
+            require_ray().shutdown()
+
+
+def lost(head: str, cpus: float, gpus: float) -> str | None:
+    """What is missing of the cluster, or None while its head answers and a live node can hold
+    a worker. The head is probed over TCP first: every Ray call blocks while it is away."""
+    host, _, port = head.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=POLL_S).close()
+    except OSError as err:
+        return f"its head at {head} stopped answering ({err.strerror or err})"
+    nodes = require_ray().nodes()
+    if workers_on(nodes, cpus, gpus) < 1:
+        dead = sum(not n.get("Alive") for n in nodes)
+        return (f"no live node can run a worker of {cpus:g} CPUs and {gpus:g} GPUs ({dead} of "
+                f"{len(nodes)} nodes lost)")
+    return None
+
+
+def watch(cpus: float, gpus: float, kept: str, stop: threading.Event) -> None:
+    """Until `stop`: every POLL_S, whether the cluster is still there. Gone for GRACE_S, the
+    command ends here with exit 1 and one line (`kept`: where its results are, and how to go
+    on). It cannot be ended from the command's own
+    thread: that one waits in Ray (ray.wait, or Tune's loop), whose calls and clean-up block on
+    a lost head, and so would Ray's own exit handlers. Every result is already on disk (each is
+    written whole, then renamed), so ending the process loses none of them."""
+    head = require_ray().get_runtime_context().gcs_address
+    since = None
+    while not stop.wait(POLL_S):
+        problem = lost(head, cpus, gpus)
+        if problem is None:
+            since = None
+            continue
+        since = since or time.monotonic()
+        if time.monotonic() - since >= GRACE_S and not stop.is_set():
+            sys.stdout.flush()
+            print(f"error: lost the Ray cluster: {problem}, for {GRACE_S:.0f} s. Everything "
+                  f"finished before is kept in {kept}", file=sys.stderr, flush=True)
+            os._exit(1)

@@ -64,3 +64,23 @@ def script_f1() -> None:
         return (total * float("nan") if script(self) == "diverge" else total), parts
 
     Trainer.evaluate, Trainer.loss = evaluate, loss
+
+
+SLOW = "LATENTWIRE_TEST_SLOW_S"
+
+
+def slow_down() -> None:
+    """For tests/test_cluster.py: every experiment takes $LATENTWIRE_TEST_SLOW_S seconds longer,
+    so that a sweep is still running when the test kills its cluster."""
+    import time
+
+    from latentwire.sweep import runner
+
+    original = runner.run_one
+
+    def run_one_slowly(*args):
+        result = original(*args)
+        time.sleep(float(os.environ[SLOW]))
+        return result
+
+    runner.run_one = run_one_slowly

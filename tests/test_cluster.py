@@ -4,7 +4,14 @@ one sweep with the cross-model analysis. Tiny in-process models only."""
 
 import json
 import logging
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +192,85 @@ def test_bad_ray_and_model_flags_are_one_line_errors(local_ray, tiny_model_dir, 
     twin.mkdir(parents=True)
     with pytest.raises(UsageError, match="would share the folder"):
         run_sweep(options(tmp_path, f"{tiny_model_dir},{twin}"))
+
+
+# The sweep's driver in a process of its own, run in the repository's root and joined to the
+# cluster at argv[1] with the hook that slows every experiment down; the rest of argv is the
+# command.
+DRIVER = """
+import logging, os, sys
+import ray
+ray.init(address=sys.argv[1], logging_level=logging.WARNING, runtime_env={
+    "worker_process_setup_hook": "tests.ray_hooks.slow_down",
+    "env_vars": {"LATENTWIRE_TEST_SLOW_S": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}})
+from latentwire.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def node_processes(marker: str) -> list[int]:
+    """The pids of every process of the Ray node whose files are under `marker`: its head, its
+    raylet, its workers and helpers all name their session folder on their command line."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_text(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return [p for p in pids if p != os.getpid()]
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_sweep_whose_cluster_dies_exits_1_in_a_minute_and_a_local_rerun_finishes_it(
+        tiny_model_dir, tmp_path):
+    """A real head node started with `ray start`, killed whole (head, raylet, workers) under a
+    running `sweep --ray`: the driver says so in one line and exits 1 well within a minute, the
+    results its workers wrote stay, and the same command without --ray completes from them."""
+    ray_dir = Path(tempfile.mkdtemp(prefix="lw-ray-", dir="/tmp"))  # short: Ray's sockets live there
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = Path(sys.executable).with_name("ray")
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model_id", str(tiny_model_dir), "--experiment",
+            "baseline,rms_scale*,batch_dist,nearest_k5*", "--source", "text", "--samples", "4",
+            "--device", "cpu", "--output_dir", str(out), "--no-analysis"]
+    try:
+        subprocess.run([str(ray_cli), "start", "--head", "--port", str(port), "--num-cpus", "2",
+                        "--temp-dir", str(ray_dir), "--include-dashboard", "false"],
+                       env=env, check=True, capture_output=True, timeout=120)
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", *args,
+                                   "--ray", f"127.0.0.1:{port}"], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 180
+        while not list(out.glob("*.json")) and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert driver.poll() is None, driver.communicate()
+        killed = time.time()
+        kill_all(node_processes(str(ray_dir)))
+        stdout, err = driver.communicate(timeout=120)
+        took = time.time() - killed
+    finally:
+        kill_all(node_processes(str(ray_dir)))
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert driver.returncode == 1, (stdout[-2000:], err[-2000:])
+    last = err.strip().splitlines()[-1]
+    assert took < 60, took
+    assert last.startswith("error: lost the Ray cluster: its head at ") and str(out) in last, last
+    assert "Traceback" not in err
+    written = stamps(out)
+    assert written  # the test killed it after the first result
+    summary, code = run_sweep(options(out, tiny_model_dir, experiment=args[4], source="text"),
+                              log=lambda *a: None)
+    assert code == 0 and summary["successful"] == summary["total_experiments"] == 8
+    assert {k: v for k, v in stamps(out).items() if k in written} == written

@@ -20,6 +20,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 from .. import raycluster
 from ..errors import UsageError
@@ -88,20 +89,17 @@ class Worker:
 def run(runs, address: str, log=print) -> tuple[list[dict], int]:
     """Every model's sweep on Ray; one summary per model (written to its folder, as a local
     run writes it) and the exit code of a local run."""
-    started = raycluster.connect(address)
-    try:
-        return _run(runs, log)
-    finally:
-        if started:
-            raycluster.require_ray().shutdown()
+    opts = runs[0][0]
+    where = opts.output_dir if len(runs) == 1 else str(Path(opts.output_dir).parent)
+    with raycluster.session(address, opts, where) as shape:
+        return _run(runs, shape, log)
 
 
-def _run(runs, log) -> tuple[list[dict], int]:
+def _run(runs, shape, log) -> tuple[list[dict], int]:
     ray = raycluster.require_ray()
     from ray.exceptions import RayActorError, RayTaskError
 
-    opts = runs[0][0]
-    cpus, gpus, capacity = raycluster.worker_shape(opts)
+    cpus, gpus, capacity = shape
     todo = units(runs)
     queues = [deque(u for u in todo if u.model == m) for m in range(len(runs))]
     remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_RESTARTS,

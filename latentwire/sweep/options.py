@@ -95,11 +95,7 @@ def model_dirname(model_id: str) -> str:
 def plan_models(opts: SweepOptions) -> list[tuple[SweepOptions, Plan]]:
     """One (options, plan) per model, all validated before any model loads. A single model keeps
     the layout of a one-model sweep; several get OUTPUT_DIR/<model>/ each."""
-    if opts.ray is None and (opts.ray_gpus_per_worker is not None or opts.ray_cpus_per_worker != 1.0):
-        raise UsageError("--ray_gpus_per_worker and --ray_cpus_per_worker need --ray")
-    if opts.ray_cpus_per_worker <= 0 or (opts.ray_gpus_per_worker or 0) < 0:
-        raise UsageError("--ray_cpus_per_worker must be above 0 and --ray_gpus_per_worker at "
-                         "least 0")
+    raycluster.check(opts, opts.ray is not None)
     ids = model_ids(opts.model_id)
     if len(ids) == 1:
         one = replace(opts, model_id=ids[0])

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -77,8 +78,7 @@ def plan(opts: ScreenOptions) -> list[tuple[experiments.Experiment, TrainOptions
     need(opts.max_epochs >= 1, f"--max_epochs must be at least 1 (got {opts.max_epochs})")
     need(opts.reduction_factor > 1, f"--reduction_factor must be above 1 (got "
          f"{opts.reduction_factor:g}): ASHA keeps the top 1/R at each rung")
-    need(opts.ray_cpus_per_worker > 0 and (opts.ray_gpus_per_worker or 0) >= 0,
-         "--ray_cpus_per_worker must be above 0 and --ray_gpus_per_worker at least 0")
+    raycluster.check(opts, on_ray=True)
     trials = []
     for exp in experiments.select(opts.experiment):
         folder = Path(opts.output_dir).resolve() / "trials" / exp.name
@@ -124,8 +124,10 @@ def _trial(config: dict, setup: dict) -> None:
 
     keep_freed_memory()  # the command's allocator tuning, as the sweep's Ray workers have it
     torch.set_num_threads(setup["threads"])
-    # Tune starts every trial in a folder of its own; the flags' relative paths are the driver's.
+    # Tune starts every trial in a folder of its own; the flags' relative paths are the driver's,
+    # and so is the command line the run's provenance records (the worker's own is Ray's).
     os.chdir(setup["cwd"])
+    sys.argv = setup["argv"]
     name = config["experiment"]
     opts = TrainOptions(**setup["trials"][name])
     folder = Path(opts.output_dir)
@@ -163,12 +165,10 @@ def run(opts: ScreenOptions, log=print) -> int:
     failed (the others are still ranked); 130 when interrupted (rerun to continue)."""
     started = time.time()
     trials = plan(opts)
-    connected = raycluster.connect(opts.ray)
-    try:
-        errors, complete = _tune(opts, trials, log)
-    finally:
-        if connected:
-            raycluster.require_ray().shutdown()
+    # A screen always runs on Ray: without an address, on a local one, which a rerun also is.
+    with raycluster.session(opts.ray, opts, opts.output_dir,
+                            again="run the same command again to continue it") as shape:
+        errors, complete = _tune(opts, trials, shape, log)
     if not complete:
         log(f"interrupted: finished trials are kept in {opts.output_dir}/trials; rerun the same "
             "command to continue the screen")
@@ -179,7 +179,7 @@ def run(opts: ScreenOptions, log=print) -> int:
     return 1 if any(t["status"] in ("failed", "error") for t in result["trials"]) else 0
 
 
-def _tune(opts: ScreenOptions, trials, log) -> tuple[dict, bool]:
+def _tune(opts: ScreenOptions, trials, shape, log) -> tuple[dict, bool]:
     """Run (or restore) the Tune experiment; the message of each trial that raised, and whether
     every trial ended (False when interrupted)."""
     from ray import tune
@@ -188,8 +188,8 @@ def _tune(opts: ScreenOptions, trials, log) -> tuple[dict, bool]:
     # Its warning lists the trials with no results yet (every one, on a restore): nothing a
     # screen's reader needs, the table says what each trial did.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    cpus, gpus, capacity = raycluster.worker_shape(opts)
-    setup = {"cwd": os.getcwd(), "threads": max(1, int(cpus)),
+    cpus, gpus, capacity = shape
+    setup = {"cwd": os.getcwd(), "argv": sys.argv, "threads": max(1, int(cpus)),
              "trials": {exp.name: asdict(o) for exp, o in trials}}
     trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup),
                                     {"cpu": cpus, "gpu": gpus})
