@@ -1,15 +1,22 @@
-"""The compression study on a tiny model: its grid with the controls, one table and plot, and a
-rerun that keeps what is done."""
+"""The compression study on a tiny model: its grid with the controls, one table and plot, a
+rerun that keeps what is done, and the same on a local Ray (2 CPUs, started for the tests that
+ask for it), where the cells are Ray tasks."""
 
 import json
+import logging
+import sys
 from dataclasses import replace
 
 import pytest
+import torch
 
 from latentwire.training import study
 from latentwire.cli import main
 from latentwire.errors import UsageError
 from latentwire.training.options import TrainOptions, validate
+
+from .conftest import ROOT
+from .ray_hooks import F1_SCRIPT
 
 
 def test_grid_always_holds_the_controls():
@@ -127,3 +134,60 @@ def test_a_failed_cell_is_recorded_and_the_others_finish(tmp_path, tiny_model_di
     out = capsys.readouterr().out
     assert out.count("kept from an earlier run") == 3
     assert "aware/pool_x4: failed in an earlier run" in out
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """A local Ray whose workers make the pool_x4 cell's loss diverge (tests/ray_hooks.py)."""
+    ray = pytest.importorskip("ray")
+    script = tmp_path_factory.mktemp("script") / "f1.json"
+    script.write_text(json.dumps({"pool_x4": "diverge"}))
+    ray.init(num_cpus=2, logging_level=logging.WARNING, runtime_env={
+        "worker_process_setup_hook": "tests.ray_hooks.script_f1",
+        "env_vars": {F1_SCRIPT: str(script), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}})
+    yield ray
+    ray.shutdown()
+
+
+def stamps(folder):
+    """Every file of every cell's run, with its bytes and mtime: what retraining would change."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.glob("aware/*/**/*")) if p.is_file()}
+
+
+@pytest.mark.ray
+def test_a_study_on_ray_runs_its_cells_as_tasks_and_goes_on_past_a_failed_one(
+        local_ray, tmp_path, tiny_model_dir, capsys):
+    args = ["study", "--model_id", str(tiny_model_dir), "--encoders", "pool",
+            "--compressions", "1,4", "--settings", "aware", "--samples", "8",
+            "--eval_samples", "3", "--batch_size", "4", "--max_new_tokens", "3",
+            "--output_dir", str(tmp_path), "--ray"]
+    assert main(args) == 1  # pool_x4 diverged
+    out = capsys.readouterr().out
+    assert "Ray: 4 cells as tasks, at most 2 at once (1 CPU, 0 GPU each)" in out
+    assert "aware/pool_x4: failed (a non-finite loss); the study goes on without it" in out
+    assert out.count(": finished") == 3
+    assert json.loads((tmp_path / "aware/pool_x4/summary.json").read_text())["status"] == "failed"
+    rows = json.loads((tmp_path / "study.json").read_text())["rows"]
+    assert [(r["encoder"], r["compression"]) for r in rows] == [
+        ("pool", 1.0), ("constant", 1.0), ("constant", 4.0)]
+    for cell in ("pool_x1", "constant_x1", "constant_x4"):
+        config = json.loads((tmp_path / "aware" / cell / "config.json").read_text())
+        # Trained in a Ray worker: with one thread, as its one CPU (this process has 2), and
+        # under the driver's command line.
+        assert torch.get_num_threads() == 2 and config["provenance"]["torch_threads"] == 1
+        assert config["provenance"]["command"] == sys.argv
+
+    before = stamps(tmp_path)
+    assert main(args) == 1  # a rerun trains nothing and still reports the failed cell
+    out = capsys.readouterr().out
+    assert out.count("kept from an earlier run") == 3
+    assert "aware/pool_x4: failed in an earlier run" in out and "started on Ray" not in out
+    assert stamps(tmp_path) == before
+
+
+def test_the_ray_worker_flags_need_ray(tmp_path):
+    opts = study.StudyOptions(encoders="pool", compressions="1", settings="aware",
+                              output_dir=str(tmp_path), ray_cpus_per_worker=2)
+    with pytest.raises(UsageError, match="need --ray"):
+        study.run(opts)

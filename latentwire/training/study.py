@@ -2,19 +2,24 @@
 controls, in one table and one plot.
 
 Every cell is one training run in OUTPUT_DIR/<setting>/<encoder>_x<R>/. Finished runs are read,
-interrupted ones resumed, so the same command continues a killed study. The controls are always
+interrupted ones resumed, so the same command continues a killed study. Cells run one after
+another here, or with --ray side by side as Ray tasks, each the same run folder. The controls are always
 in the grid: the `constant` encoder at every compression (a learned prefix that never sees the
 context) and `pool` at 1x (the text itself, trained the same way: the uncompressed reference);
 the zero-shot text and the question alone are every run's references.
 """
 
 import json
+import os
+import sys
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .. import models, stats
-from ..errors import UsageError
+from .. import models, raycluster, stats
+from ..errors import StorageError, UsageError
 from ..files import read_json, write_json, write_text
+from ..memory import keep_freed_memory
 from ..options import option
 from ..plots import pyplot, save
 from . import checkpoint
@@ -29,7 +34,7 @@ GRID = "the grid: every encoder x compression x setting"
 
 
 @dataclass
-class StudyOptions:
+class StudyOptions(raycluster.WorkerShape):
     encoders: str = option(
         "pool,attn,lm", group=GRID, metavar="NAMES",
         help=f"comma-separated, of: {', '.join(ENCODERS)}; constant at every compression and "
@@ -40,6 +45,11 @@ class StudyOptions:
                            help=f"comma-separated, of: {', '.join(SETTINGS)}")
     output_dir: str = option("runs/study", group="run", metavar="DIR",
                              help="where the cells' runs go; a rerun continues the study")
+    ray: str | None = option(
+        None, group=raycluster.GROUP, metavar="ADDRESS", nargs="?", const="",
+        help="run the cells as Ray tasks, side by side: on the cluster at ADDRESS, else at "
+             "$RAY_ADDRESS, else on a new local Ray (a bare --ray); the folder must be on "
+             "storage every node shares")
     base: TrainOptions = field(default_factory=TrainOptions)
 
 
@@ -102,31 +112,27 @@ def _status(path: Path) -> str:
 
 
 def run(opts: StudyOptions, log=print) -> int:
+    """Train every cell that has not ended, here or on Ray; write the table of the finished
+    ones. Exit code: 0, or 1 when a cell failed (the table holds the others)."""
+    raycluster.check(opts, opts.ray is not None)
     todo = cells(opts)
     plans = [(c, _options(opts, c, _status(Path(opts.output_dir) / c.name) == "resume"))
              for c in todo]
     for cell, o in plans:  # every cell's flags checked before the model loads
         if _status(Path(o.output_dir)) not in ("finished", "failed"):
             validate(o)
-    lm, failed = None, []
+    failed, left = [], []
     for n, (cell, o) in enumerate(plans, 1):
         status = _status(Path(o.output_dir))
         if status == "finished":
             log(f"[{n}/{len(plans)}] {cell.name}: kept from an earlier run")
-            continue
-        if status == "failed":  # not retried: the same flags would fail the same way
+        elif status == "failed":  # not retried: the same flags would fail the same way
             log(f"[{n}/{len(plans)}] {cell.name}: failed in an earlier run (see its summary.json)")
             failed.append(cell.name)
-            continue
-        log(f"[{n}/{len(plans)}] {cell.name}{' (resumed)' if o.resume == 'yes' else ''}")
-        lm = lm or models.load(o.model_id, o.device, o.trust_remote_code)
-        # Every cell evaluates the same examples with the same frozen model: the references of
-        # a finished cell are every cell's (the trainer checks that they are).
-        finished = [p.output_dir for _, p in plans if _status(Path(p.output_dir)) == "finished"]
-        if train(o, log, lm, references_from=finished[0] if finished else None):
-            # Its summary says failed and why; the cells after it do not depend on it.
-            log(f"[{n}/{len(plans)}] {cell.name}: failed; the study goes on without it")
-            failed.append(cell.name)
+        else:
+            left.append((n, cell, o))
+    if left:
+        failed += (_here if opts.ray is None else _on_ray)(opts, left, len(plans), log)
     rows = table(opts, todo)
     if rows:
         _write(opts, rows)
@@ -134,6 +140,107 @@ def run(opts: StudyOptions, log=print) -> int:
     if failed:
         log(f"failed cells: {', '.join(failed)} (not in the table)")
     return 1 if failed else 0
+
+
+def _finished(opts: StudyOptions) -> str | None:
+    """A finished cell's folder, whose references the next cell takes over: every cell
+    evaluates the same examples with the same frozen model (the trainer checks that they do)."""
+    done = [Path(opts.output_dir) / c.name for c in cells(opts)]
+    return next((str(p) for p in done if _status(p) == "finished"), None)
+
+
+def _here(opts: StudyOptions, left: list, total: int, log) -> list[str]:
+    """The cells one after another in this process, sharing one load of the model; the names
+    of those that failed."""
+    lm, failed = None, []
+    for n, cell, o in left:
+        log(f"[{n}/{total}] {cell.name}{' (resumed)' if o.resume == 'yes' else ''}")
+        lm = lm or models.load(o.model_id, o.device, o.trust_remote_code)
+        if train(o, log, lm, references_from=_finished(opts)):
+            # Its summary says failed and why; the cells after it do not depend on it.
+            log(f"[{n}/{total}] {cell.name}: failed; the study goes on without it")
+            failed.append(cell.name)
+    return failed
+
+
+# The model a Ray worker process loaded, kept for the next cell it runs (Ray reuses workers).
+LOADED: dict = {}
+
+
+def train_cell(o: TrainOptions, driver: dict, references_from: str | None) -> int:
+    """One cell as a Ray task: its training run, in the driver's working directory (the flags'
+    relative paths are the driver's) and under its command line (what the run's provenance
+    records; the worker's own is Ray's). A task that Ray retries after its worker died
+    continues from the checkpoint the dead one left."""
+    import torch
+
+    keep_freed_memory()  # the command's allocator tuning, as the sweep's Ray workers have it
+    torch.set_num_threads(driver["threads"])
+    os.chdir(driver["cwd"])
+    sys.argv = driver["argv"]
+    name = str(Path(o.output_dir).relative_to(Path(o.output_dir).parents[1]))
+
+    def log(text: str) -> None:
+        # Every line tagged with its cell: Ray's log deduplication would merge untagged ones.
+        print("\n".join(f"[{name}] {line}" for line in text.splitlines()), flush=True)
+
+    key = (o.model_id, o.device, o.trust_remote_code)
+    if key not in LOADED:
+        LOADED.clear()
+        LOADED[key] = models.load(*key)
+    resume = "yes" if _status(Path(o.output_dir)) == "resume" else "no"
+    return train(replace(o, resume=resume), log, LOADED[key], references_from=references_from)
+
+
+def _on_ray(opts: StudyOptions, left: list, total: int, log) -> list[str]:
+    """The cells as Ray tasks, as many at once as the cluster holds; each is started with the
+    references of a cell finished by then. The names of the cells that failed: a non-finite
+    loss, an error inside the run, or a worker that died on every retry (a rerun tries those
+    again)."""
+    ray = raycluster.require_ray()
+    from ray.exceptions import RayError, RayTaskError
+
+    failed = []
+    with raycluster.session(opts.ray, opts, opts.output_dir) as (cpus, gpus, capacity):
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus,
+                          max_retries=raycluster.MAX_RESTARTS)(train_cell)
+        queue, pending = deque(left), {}
+        driver = {"cwd": os.getcwd(), "argv": sys.argv, "threads": max(1, int(cpus))}
+
+        def launch() -> None:
+            n, cell, o = queue.popleft()
+            log(f"[{n}/{total}] {cell.name}: started on Ray")
+            o = replace(o, output_dir=str(Path(o.output_dir).resolve()))
+            pending[task.remote(o, driver, _finished(opts))] = (n, cell)
+
+        log(f"Ray: {len(left)} cells as tasks, at most {capacity} at once ({cpus:g} CPU, "
+            f"{gpus:g} GPU each)")
+        while queue and len(pending) < capacity:
+            launch()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            n, cell = pending.pop(ready[0])
+            try:
+                why = "a non-finite loss" if ray.get(ready[0]) else None
+            except RayTaskError as err:
+                if isinstance(err.cause, (UsageError, StorageError)):
+                    raise err.cause from None  # a run's own one line: it stops the study
+                lines = str(err.cause or err).strip().splitlines()
+                why = lines[-1] if lines else type(err).__name__
+            except RayError as err:
+                why = (f"its worker died {raycluster.MAX_RESTARTS + 1} times "
+                       f"({type(err).__name__}); a rerun tries it again")
+            if why is None and _status(Path(opts.output_dir) / cell.name) != "finished":
+                raise UsageError(f"a Ray worker trained {cell.name} where this machine cannot "
+                                 "see it: --output_dir must be on storage every node shares")
+            if why:
+                log(f"[{n}/{total}] {cell.name}: failed ({why}); the study goes on without it")
+                failed.append(cell.name)
+            else:
+                log(f"[{n}/{total}] {cell.name}: finished")
+            if queue:
+                launch()
+    return failed
 
 
 def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
