@@ -46,6 +46,8 @@ TRAIN_EXAMPLES = """examples:
   latentwire train --encoder constant --compression 4 --output_dir runs/train/constant4  # control
   latentwire train --encoder pool --compression 1 --output_dir runs/train/text1  # no compression
   latentwire train --output_dir runs/train/attn4 --encoder attn --resume   # after a kill
+  latentwire train --encoder attn --output_dir runs/train/attn4 --report_to tensorboard,mlflow
+  WANDB_MODE=offline latentwire train --report_to wandb   # W&B without network
   torchrun --nproc_per_node 2 latentwire/train.py --batch_size 16   # data parallel
   latentwire sweep --source text,adapter:runs/train/attn4/checkpoints/best
 """
@@ -53,6 +55,8 @@ TRAIN_EXAMPLES = """examples:
 STUDY_EXAMPLES = """examples:
   latentwire study --encoders pool,lm --compressions 1,4,8,16
   latentwire study --encoders lm --compressions 4 --settings aware --samples 500
+  latentwire study --encoders pool,lm --ray                # cells as tasks on a new local Ray
+  latentwire study --encoders lm --ray 10.0.0.5:6379 --ray_gpus_per_worker 1 --output_dir /shared/study
 """
 
 SCREEN_EXAMPLES = """examples:
