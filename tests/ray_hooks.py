@@ -59,8 +59,8 @@ def script_f1() -> None:
             result["ci"] = [result["f1"], result["f1"]]
         return result
 
-    def loss(self, items, teacher=None):
-        total, parts = loss_(self, items, teacher)
+    def loss(self, rows):
+        total, parts = loss_(self, rows)
         return (total * float("nan") if script(self) == "diverge" else total), parts
 
     Trainer.evaluate, Trainer.loss = evaluate, loss

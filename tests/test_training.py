@@ -55,7 +55,7 @@ def trainer(tmp_path, lm=None, **kw):
 def test_every_transform_passes_a_finite_nonzero_gradient_to_the_encoder_only(tmp_path, transform):
     lm = tiny_lm()
     t = trainer(tmp_path, lm, embed_transform=transform)
-    loss, _ = t.loss(t.train_items[:4])
+    loss, _ = t.loss(range(4))
     loss.backward()
     grads = [p.grad for p in t.compressor.encoder.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -90,16 +90,17 @@ def test_loss_equals_the_answer_cross_entropy_computed_row_by_row(tmp_path, keep
     lm = tiny_lm()
     t = trainer(tmp_path, lm, keep_question=keep_question, first_token_ce_weight=0.5,
                 kd_weight=0.3, kd_tau=2.0, embed_transform="rms_matching")
-    items = t.train_items[:3]
-    teacher = t.teacher_targets()[:3]
-    loss, _ = t.loss(items, teacher)
-    assert t.prefix_cache(1) is not None and len(t.prefix) > 0  # the cached path is the one tested
-    z, offsets, _ = t.latents(items)
+    items = t.reader.train_items[:3]
+    t.distil()
+    teacher = t.reader.teacher[:3]
+    loss, _ = t.loss(range(3))
+    assert t.reader.prefix_cache(1) is not None and len(t.reader.prefix) > 0  # the cached path is the one tested
+    ((z, offsets, _),) = t.latents(range(3))
     expected = 0.0
     for n, item in enumerate(items):
-        question = t.embed_ids(item.question) if item.question else t.anchor[:0]
-        row = torch.cat([t.prefix, z[offsets[n]:offsets[n + 1]], question, t.anchor,
-                         t.embed_ids(item.answer[:-1])])
+        question = t.reader.embed_ids(item.question) if item.question else t.reader.anchor[:0]
+        row = torch.cat([t.reader.prefix, z[offsets[n]:offsets[n + 1]], question, t.reader.anchor,
+                         t.reader.embed_ids(item.answer[:-1])])
         logits = lm.model(inputs_embeds=row[None]).logits[0]
         first = row.shape[0] - len(item.answer)
         answer_logits = logits[first:first + len(item.answer)]
@@ -109,9 +110,9 @@ def test_loss_equals_the_answer_cross_entropy_computed_row_by_row(tmp_path, keep
         kd = -(p * torch.log_softmax(answer_logits / 2.0, -1).gather(1, ids)).sum(-1) * 4.0
         expected = expected + ce.mean() + 0.5 * ce[0] + 0.3 * kd.mean()
         # The teacher is the model reading the text itself, at the same answer positions.
-        text = torch.cat([t.prefix, t.embed_ids(prompts.encode_span(
-            lm.tokenizer, t.fmt, item.example.context, item.example.question)[0]), t.anchor,
-            t.embed_ids(item.answer[:-1])])
+        text = torch.cat([t.reader.prefix, t.reader.embed_ids(prompts.encode_span(
+            lm.tokenizer, t.reader.fmt, item.example.context, item.example.question)[0]), t.reader.anchor,
+            t.reader.embed_ids(item.answer[:-1])])
         top = lm.model(inputs_embeds=text[None]).logits[0, -len(item.answer):].topk(ids.shape[1])
         assert torch.allclose(top.values, values, atol=1e-5)
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
@@ -136,12 +137,12 @@ def test_the_training_transform_is_the_sweep_experiment_the_analysis_names(tmp_p
         opts = options(tmp_path, **{k: getattr(parsed, k) for k in TRANSFORM_OPTIONS})
         t = Trainer(opts, validate(opts), quiet, lm)
         assert t.spec["transform"] == {"name": exp.transform, "config": exp.config}, exp.name
-        items = t.eval_items
-        spans = t.embed_ids([x for i in items for x in i.span]).float()
+        items = t.reader.eval_items
+        spans = t.reader.embed_ids([x for i in items for x in i.span]).float()
         lengths = [len(i.span) for i in items]
         z = t.compressor.encoder(spans, Layout.of(lengths, t.compressor.counts(lengths)))
         ours, offsets, _ = t.compressor(spans, lengths)
-        theirs, _ = embed_experiments.apply(exp.transform, TransformInputs(z, offsets, t.vocab),
+        theirs, _ = embed_experiments.apply(exp.transform, TransformInputs(z, offsets, t.reader.vocab),
                                             exp.config)
         assert torch.equal(ours, theirs), exp.name
         checked.add(exp.category)
@@ -168,7 +169,7 @@ def test_a_run_trains_only_the_compressor_and_writes_every_output(tmp_path):
     assert summary["split"]["shared_groups"] == 0
     held_out = data.load_all(str(out / "eval_split.jsonl"))
     assert [e.id for e in held_out] == [i.example.id for i in Trainer(
-        options(tmp_path / "again"), validate(options(tmp_path / "again")), quiet, lm).eval_items]
+        options(tmp_path / "again"), validate(options(tmp_path / "again")), quiet, lm).reader.eval_items]
     config = json.loads((out / "config.json").read_text())
     assert config["options"]["embed_transform"] == "soft_codebook"
     assert config["provenance"]["model"]["class"] == "LlamaForCausalLM"
@@ -284,7 +285,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     grads = []
     for on in (False, True):
         t = trainer(tmp_path / str(on), tiny_lm(), gradient_checkpointing=on)
-        loss, _ = t.loss(t.train_items[:4])
+        loss, _ = t.loss(range(4))
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in t.params]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -390,17 +391,17 @@ def test_learning_rate_warms_up_then_follows_its_schedule(tmp_path):
 
 def test_the_lm_reader_starts_on_the_vocabularys_distribution_per_dimension(tmp_path):
     t = trainer(tmp_path, tiny_lm(), encoder="lm", samples=40, eval_samples=4)
-    items = t.train_items[:CALIBRATION_EXAMPLES]
+    items = t.reader.train_items[:CALIBRATION_EXAMPLES]
     with torch.no_grad():
-        z, _, _ = t.latents(items)
+        ((z, _, _),) = t.latents(range(len(items)))
     # Directly: over the calibration spans, each dimension has the vocabulary's mean and spread.
-    assert torch.allclose(z.mean(0), t.vocab.mean, atol=1e-4)
-    assert torch.allclose(z.std(0), t.vocab.std, rtol=1e-3, atol=1e-5)
+    assert torch.allclose(z.mean(0), t.reader.vocab.mean, atol=1e-4)
+    assert torch.allclose(z.std(0), t.reader.vocab.std, rtol=1e-3, atol=1e-5)
     # ... and the calibration is saved: a reloaded compressor gives the same latents.
-    again = Compressor(t.spec, t.vocab, t.lm.model)
+    again = Compressor(t.spec, t.reader.vocab, t.reader.lm.model)
     again.load_state_dict(t.compressor.state_dict())
     with torch.no_grad():
-        z_again, _, _ = again(t.embed_ids([tok for i in items for tok in i.span]),
+        z_again, _, _ = again(t.reader.embed_ids([tok for i in items for tok in i.span]),
                               [len(i.span) for i in items])
     assert torch.equal(z, z_again)
 
@@ -409,9 +410,9 @@ def test_the_lm_reader_starts_on_the_vocabularys_distribution_per_dimension(tmp_
 def test_the_lm_reader_reading_the_span_once_without_a_graph_gives_the_same_states(tmp_path, layer):
     t = trainer(tmp_path, tiny_lm(), encoder="lm", encoder_layer=layer)
     encoder = t.compressor.encoder
-    items = t.train_items[:4]
+    items = t.reader.train_items[:4]
     assert len({len(i.span) for i in items}) > 1  # padding is exercised
-    spans = t.embed_ids([tok for i in items for tok in i.span]).float()
+    spans = t.reader.embed_ids([tok for i in items for tok in i.span]).float()
     layout = Layout.of([len(i.span) for i in items],
                        t.compressor.counts([len(i.span) for i in items]))
     split = encoder._states_after_span(spans, layout)
@@ -451,10 +452,10 @@ def test_lora_trains_the_readers_copy_and_the_answering_model_stays_the_original
     weights = t.compressor.state_dict()
     assert any(".lora." in k for k in weights)
     assert sum(v.numel() for v in weights.values()) < 0.5 * sum(v.numel() for v in before.values())
-    again = Compressor(t.spec, t.vocab, lm.model)
+    again = Compressor(t.spec, t.reader.vocab, lm.model)
     again.load_state_dict(weights)
-    items = t.eval_items[:2]
-    spans = t.embed_ids([tok for i in items for tok in i.span]).float()
+    items = t.reader.eval_items[:2]
+    spans = t.reader.embed_ids([tok for i in items for tok in i.span]).float()
     t.compressor.eval()
     with torch.no_grad():
         z, _, _ = t.compressor(spans, [len(i.span) for i in items])
@@ -468,11 +469,11 @@ def test_the_lm_encoder_can_read_out_a_middle_layer(tmp_path):
     lm = tiny_lm()
     last = trainer(tmp_path / "last", lm, encoder="lm")
     middle = trainer(tmp_path / "middle", lm, encoder="lm", encoder_layer=1)
-    items = last.eval_items[:2]
-    z_last, _, _ = last.latents(items)
-    z_middle, _, _ = middle.latents(items)
+    items = last.reader.eval_items[:2]
+    ((z_last, _, _),) = last.latents(range(2), evaluating=True)
+    ((z_middle, _, _),) = middle.latents(range(2), evaluating=True)
     assert z_last.shape == z_middle.shape and not torch.allclose(z_last, z_middle)
-    loss, _ = middle.loss(items)
+    loss, _ = middle.loss(range(2))
     loss.backward()
     assert float(middle.compressor.encoder.slots.grad.abs().sum()) > 0
     with pytest.raises(UsageError, match="--encoder_layer must be between 1 and 2"):
@@ -489,9 +490,9 @@ def test_a_lora_reader_of_a_middle_layer_runs_only_the_layers_up_to_it(tmp_path)
                                 for k in encoder.lora.keys())
     for step in range(2):  # moves the adapters off their zero start
         t.step(list(range(4)), step)
-    items = t.eval_items[:3]
+    items = t.reader.eval_items[:3]
     lengths = [len(i.span) for i in items]
-    spans = t.embed_ids([tok for i in items for tok in i.span]).float()
+    spans = t.reader.embed_ids([tok for i in items for tok in i.span]).float()
     layout = Layout.of(lengths, t.compressor.counts(lengths))
     with torch.no_grad():
         got = encoder.states(spans, layout)
@@ -529,7 +530,7 @@ def test_the_summary_points_other_encoders_at_the_control_and_the_control_at_its
 def test_the_compression_ratio_counts_the_question_on_both_sides_or_neither(tmp_path, keep_question):
     t = trainer(tmp_path, tiny_lm(), keep_question=keep_question, compression=4)
     result = t.evaluate()
-    items = t.eval_items
+    items = t.reader.eval_items
     counts = t.compressor.counts([len(i.span) for i in items])
     q = [len(i.question) for i in items]
     assert (sum(q) > 0) == keep_question

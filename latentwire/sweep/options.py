@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .. import data, experiments, models, prompts, raycluster
 from ..errors import UsageError
-from ..files import safe_name, writable_dir
+from ..files import writable_dir
+from ..models import model_dirname
 from ..options import option
 from . import sources
 
@@ -81,15 +82,6 @@ def model_ids(spec: str) -> list[str]:
     if not ids:
         raise UsageError("--model_id is empty; pass a model, or several as --model_id A,B")
     return ids
-
-
-def model_dirname(model_id: str) -> str:
-    """A model's folder in a sweep over several: a local directory or file by its own name, a
-    hub id with its organisation (Qwen/Qwen2.5-0.5B -> Qwen__Qwen2.5-0.5B)."""
-    path = Path(model_id)
-    if path.exists():
-        return safe_name(path.stem if path.suffix == ".gguf" else path.resolve().name)
-    return safe_name(model_id.replace("/", "__"))
 
 
 def plan_models(opts: SweepOptions) -> list[tuple[SweepOptions, Plan]]:

@@ -19,10 +19,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import prompts
+from .. import models, prompts, provenance
 from ..errors import UsageError
 from ..training import checkpoint
-from ..training.encoders import Compressor
+from ..training.encoders import build
+from ..vocab import VocabSpace
 
 
 @dataclass
@@ -117,34 +118,88 @@ def _rotated(inp: SourceInputs, _):
 # training: the encoder's output after the run's own transform, M rows per example, fewer than
 # the text's; the sweep's experiments then transform those rows again.
 
+#
+# A checkpoint of an encoder shared by several models holds an adapter per model: each model
+# is given the latents through its own, and the text is read as in training, by the reader's
+# tokenizer, prompt format and model (loaded here when it is not the model swept).
+
+@dataclass
+class _Reader:
+    model: object
+    tokenizer: object
+    fmt: object
+    embed: object
+    vocab: object
+    swept: bool  # the model swept reads the text itself: its own embeddings are the spans
+
+
+def _which_adapter(inp: SourceInputs, path: str, config: dict) -> int:
+    """The adapter of the model swept, refused in one line when the checkpoint has none."""
+    entries = checkpoint.answerers(config)
+    if "answerers" not in config:
+        width = config["compressor"]["d_model"]
+        if width != inp.text.shape[1]:
+            raise UsageError(f"checkpoint {path} writes latents of width {width} but the model "
+                             f"reads width {inp.text.shape[1]}: it was trained for another model "
+                             f"({config['model']['id']}); pass that --model_id")
+        if inp.model_sha and config["model"]["config_sha256"] != inp.model_sha:
+            raise UsageError(f"checkpoint {path} was trained for model {config['model']['id']} "
+                             "(another configuration than the model loaded); pass that --model_id")
+        return 0
+    widths = [a["d_model"] for a in config["compressor"]["adapters"]]
+    mine = [i for i, (e, w) in enumerate(zip(entries, widths))
+            if (e["model"]["config_sha256"] == inp.model_sha if inp.model_sha
+                else w == inp.text.shape[1])]
+    if not mine:
+        raise UsageError(f"checkpoint {path} has no adapter for the model loaded; it has one "
+                         f"for each of {', '.join(e['model']['id'] for e in entries)}: pass one of "
+                         "those --model_id")
+    return mine[0]
+
+
+def _reader(inp: SourceInputs, path: str, config: dict) -> _Reader:
+    """The model that reads the text for the encoder: the one swept, or the checkpoint's
+    reader, loaded on the same device."""
+    there = checkpoint.reader(config)
+    if "reader" not in config or there["model"]["config_sha256"] == inp.model_sha:
+        return _Reader(inp.model, inp.tokenizer, inp.fmt, inp.embed, inp.vocab, True)
+    lm = models.load(there["model"]["id"], inp.text.device.type)
+    if provenance.sha(lm.model.config.to_dict())[:16] != there["model"]["config_sha256"]:
+        raise UsageError(f"checkpoint {path} reads the text with {there['model']['id']}, which "
+                         "now loads another configuration; the checkpoint cannot be replayed")
+    fmt = prompts.make_format(lm.tokenizer, there["prompt_format"]["name"])
+    return _Reader(lm.model, lm.tokenizer, fmt, lm.model.get_input_embeddings(),
+                   VocabSpace.from_model(lm.model, len(lm.tokenizer)), False)
+
+
 def _adapter(inp: SourceInputs, path: str) -> "Latents":
     weights, config = checkpoint.load(path)
-    width = config["compressor"]["d_model"]
-    if width != inp.text.shape[1]:
-        raise UsageError(f"checkpoint {path} writes latents of width {width} but the model reads "
-                         f"width {inp.text.shape[1]}: it was trained for another model "
-                         f"({config['model']['id']}); pass that --model_id")
-    if inp.model_sha and config["model"]["config_sha256"] != inp.model_sha:
-        raise UsageError(f"checkpoint {path} was trained for model {config['model']['id']} "
-                         "(another configuration than the model loaded); pass that --model_id")
-    if inp.fmt is not None and config["prompt_format"] != inp.fmt.describe():
-        raise UsageError(f"checkpoint {path} was trained with the {config['prompt_format']['name']}"
-                         f" prompt format; pass --prompt {config['prompt_format']['name']}")
-    compressor = Compressor(config["compressor"], inp.vocab, inp.model)
-    compressor.load_state_dict(weights)
+    index = _which_adapter(inp, path, config)
+    fmt = checkpoint.answerers(config)[index]["prompt_format"]
+    if inp.fmt is not None and fmt != inp.fmt.describe():
+        raise UsageError(f"checkpoint {path} was trained with the {fmt['name']}"
+                         f" prompt format; pass --prompt {fmt['name']}")
+    reader = _reader(inp, path, config)
+    spec = config["compressor"]
+    compressor = build(spec, reader.vocab, reader.model, {index: inp.vocab})
+    # Only the swept model's adapter is built: the others' weights are not its business.
+    compressor.load_state_dict({k: v for k, v in weights.items() if not k.startswith("adapters.")
+                                or k.startswith(f"adapters.{index}.")})
     compressor.to(inp.text.device).eval()
-    keep_question = config["compressor"]["keep_question"]
+    keep_question = spec["keep_question"]
     x, lengths, suffixes = inp.text, (inp.offsets[1:] - inp.offsets[:-1]).tolist(), None
-    if keep_question:
-        parts = [prompts.encode_span(inp.tokenizer, inp.fmt, e.context, e.question, True)
-                 for e in inp.examples]
+    if keep_question or not reader.swept:
+        spans = [prompts.encode_span(reader.tokenizer, reader.fmt, e.context, e.question,
+                                     keep_question)[0] for e in inp.examples]
         with torch.no_grad():
-            embed = lambda ids: inp.embed(torch.tensor(ids, device=inp.text.device)).float()
-            x = embed([t for span, _ in parts for t in span])
-            suffixes = [embed(question) for _, question in parts]
-        lengths = [len(span) for span, _ in parts]
+            embed = lambda module, ids: module(torch.tensor(ids, device=inp.text.device)).float()
+            x = embed(reader.embed, [t for span in spans for t in span])
+            if keep_question:  # the question follows as text, in the swept model's own tokens
+                suffixes = [embed(inp.embed, prompts.encode_span(
+                    inp.tokenizer, inp.fmt, e.context, e.question, True)[1]) for e in inp.examples]
+        lengths = [len(span) for span in spans]
     with torch.no_grad():
-        z, offsets, _ = compressor(x, lengths)
+        ((z, offsets, _),) = compressor.per_model(x, lengths)
     return Latents(z, offsets, suffixes)
 
 

@@ -3,6 +3,10 @@
 A folder holds `encoder.safetensors` (the compressor's parameters) and `config.json` (what built
 it: encoder, transform, the model it was trained for, the prompt format). The training run's
 `last/` also holds `optimizer.safetensors` and `trainer_state.json`, what resuming needs.
+A checkpoint of a run over several models (an adapter per model) records, instead of one model
+and prompt format, `answerers` (each model's name, identity, prompt format and loss weight, in
+the order of its adapters) and `reader` (the model whose copy reads the text): `answerers()` and
+`reader()` read either kind.
 A folder is written beside its target and swapped in by renames, so a reader (or a resume after
 SIGKILL) sees the old folder or the new one, never half of one.
 """
@@ -90,6 +94,18 @@ def read_config(folder) -> dict:
     if not (folder / WEIGHTS).is_file():
         raise UsageError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete")
     return config
+
+
+def answerers(config: dict) -> list[dict]:
+    """Each model a checkpoint's latents are for: {model, prompt_format} and, for a shared
+    encoder, its name and weight; the one model of a one-model checkpoint."""
+    return config.get("answerers") or [{"model": config["model"],
+                                        "prompt_format": config["prompt_format"]}]
+
+
+def reader(config: dict) -> dict:
+    """The model whose copy reads the text: {model, prompt_format}."""
+    return config.get("reader") or answerers(config)[0]
 
 
 def load(folder) -> tuple[dict, dict]:

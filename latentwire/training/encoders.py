@@ -319,6 +319,35 @@ def transform_config(name: str, flags: dict) -> dict:
     return {key: flags[flag.lstrip("-")] for key, flag in keys.items()}
 
 
+def _encoder(spec: dict, vocab, model) -> nn.Module:
+    cls = ENCODERS[spec["encoder"]]
+    extra = ({"model": model, "vocab": vocab, "layer": spec.get("encoder_layer"),
+              "lora": spec.get("encoder_lora", 0)}
+             if getattr(cls, "needs_model", False) else {})
+    return cls(spec["d_model"], spec["max_latents"], spec["scale"], **extra)
+
+
+def _codebook(spec: dict, vocab) -> tuple[tuple | None, nn.Parameter | None]:
+    """(the cache key, the trainable codes) of a soft codebook that learns, else (None, None):
+    the codes start at the sweep's k-means codes of `vocab`, then learn with the encoder."""
+    t = spec["transform"]
+    if t["name"] != "soft_codebook" or not spec.get("codebook_trainable"):
+        return None, None
+    key = (t["config"]["size"], t["config"].get("seed", 0))
+    codes, _ = vocab.codebook(*key)
+    return key, nn.Parameter(codes.clone())
+
+
+def _transformed(spec: dict, vocab, codebook_key, codes, z: torch.Tensor, offsets: torch.Tensor):
+    """(latents, offsets, diagnostics) of the chosen transform of latents in one model's width,
+    with that model's vocabulary."""
+    t = spec["transform"]
+    codebooks = {codebook_key: codes} if codebook_key else None
+    y, diagnostics = embed_experiments.apply(
+        t["name"], TransformInputs(z, offsets, vocab, codebooks=codebooks), t["config"])
+    return y, offsets, diagnostics
+
+
 class Compressor(nn.Module):
     """Token embeddings of a span -> latents in the model's width -> the chosen transform.
 
@@ -330,18 +359,10 @@ class Compressor(nn.Module):
     def __init__(self, spec: dict, vocab, model=None):
         super().__init__()
         self.spec, self.vocab = spec, vocab
-        cls = ENCODERS[spec["encoder"]]
-        extra = ({"model": model, "vocab": vocab, "layer": spec.get("encoder_layer"),
-                  "lora": spec.get("encoder_lora", 0)}
-                 if getattr(cls, "needs_model", False) else {})
-        self.encoder = cls(spec["d_model"], spec["max_latents"], spec["scale"], **extra)
-        t = spec["transform"]
-        self.codebook_key = None
-        if t["name"] == "soft_codebook" and spec.get("codebook_trainable"):
-            self.codebook_key = (t["config"]["size"], t["config"].get("seed", 0))
-            codes, _ = vocab.codebook(*self.codebook_key)
-            # Starts at the sweep's k-means codes, then learns with the encoder.
-            self.codes = nn.Parameter(codes.clone())
+        self.encoder = _encoder(spec, vocab, model)
+        self.codebook_key, codes = _codebook(spec, vocab)
+        if codes is not None:
+            self.codes = codes
 
     def counts(self, lengths: list[int]) -> list[int]:
         s = self.spec
@@ -357,8 +378,106 @@ class Compressor(nn.Module):
         """(latents [M, d], offsets [E + 1], the transform's diagnostics) for packed spans."""
         layout = Layout.of(lengths, self.counts(lengths), x.device)
         z = self.encoder(x.float(), layout)
-        t = self.spec["transform"]
-        codebooks = {self.codebook_key: self.codes} if self.codebook_key else None
-        inputs = TransformInputs(z, layout.offsets, self.vocab, codebooks=codebooks)
-        y, diagnostics = embed_experiments.apply(t["name"], inputs, t["config"])
-        return y, layout.offsets, diagnostics
+        return _transformed(self.spec, self.vocab, self.codebook_key,
+                            getattr(self, "codes", None), z, layout.offsets)
+
+    def per_model(self, x: torch.Tensor, lengths: list[int]) -> list[tuple]:
+        """The latents of the one model that reads them, as a list like SharedCompressor's."""
+        return [self(x, lengths)]
+
+
+class Adapter(nn.Module):
+    """The shared latents into one answering model's input width, then that model's transform
+    (with its own vocabulary, and its own codes for a soft codebook that learns).
+
+    It starts where its model can read it, as the lm encoder's projection does: `calibrate`
+    measures each output dimension's mean and spread over the latents of a batch of real
+    spans, and the adapter starts as that standardisation followed by its own vocabulary's mean
+    and spread per dimension. The map is the identity where the widths agree, else a
+    semi-orthogonal one (every output dimension a unit mix of the latent's).
+    """
+
+    def __init__(self, latent_dim: int, spec: dict, vocab):
+        super().__init__()
+        self.spec, self.vocab = spec, vocab
+        width = vocab.mean.shape[0]
+        self.proj = nn.Linear(latent_dim, width)
+        (nn.init.eye_ if latent_dim == width else nn.init.orthogonal_)(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.register_buffer("center", torch.zeros(width))
+        self.register_buffer("spread", torch.ones(width))
+        self.register_buffer("vocab_mean", vocab.mean.clone(), persistent=False)
+        self.register_buffer("vocab_std", vocab.std.clone(), persistent=False)
+        self.codebook_key, codes = _codebook(spec, vocab)
+        if codes is not None:
+            self.codes = codes
+
+    @torch.no_grad()
+    def calibrate(self, z: torch.Tensor) -> None:
+        h = self.proj(z)
+        self.center.copy_(h.mean(0))
+        self.spread.copy_(h.std(0).clamp_min(1e-6) if len(h) > 1 else h.new_ones(h.shape[1]))
+
+    def forward(self, z: torch.Tensor, offsets: torch.Tensor):
+        y = self.vocab_mean + self.vocab_std * (self.proj(z) - self.center) / self.spread
+        return _transformed(self.spec, self.vocab, self.codebook_key,
+                            getattr(self, "codes", None), y, offsets)
+
+
+class SharedCompressor(nn.Module):
+    """One encoder, one latent sequence per example, an adapter per answering model.
+
+    The encoder reads the reader's token embeddings as a Compressor's does (M follows the
+    reader's token count); where `latent_dim` is not the reader's width, a linear map
+    (semi-orthogonal at start) takes its output to that width: the latents every model is
+    given. Adapter i maps them into answering model i's width. `spec` is a Compressor's plus
+    latent_dim and adapters (one {d_model} per answering model, in --model_id's order).
+    `vocabs` maps an answering model's index to its vocabulary: only those adapters are built
+    (a sweep replays the one for the model it loaded).
+    """
+
+    def __init__(self, spec: dict, vocab, model=None, vocabs: dict | None = None):
+        super().__init__()
+        self.spec = spec
+        self.encoder = _encoder(spec, vocab, model)
+        width, latent_dim = spec["d_model"], spec["latent_dim"]
+        if latent_dim != width:
+            self.latent = nn.Linear(width, latent_dim)
+            nn.init.orthogonal_(self.latent.weight)
+            nn.init.zeros_(self.latent.bias)
+        self.adapters = nn.ModuleDict({str(i): Adapter(latent_dim, spec, v)
+                                       for i, v in (vocabs or {}).items()})
+
+    def counts(self, lengths: list[int]) -> list[int]:
+        s = self.spec
+        return latent_counts(lengths, s.get("compression"), s.get("latent_len"), s["max_latents"])
+
+    def shared(self, x: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, Layout]:
+        """(the latents every model is given [M, latent_dim], their layout)."""
+        layout = Layout.of(lengths, self.counts(lengths), x.device)
+        z = self.encoder(x.float(), layout)
+        return (self.latent(z) if hasattr(self, "latent") else z), layout
+
+    def calibrate(self, x: torch.Tensor, lengths: list[int], encoder: bool = True) -> None:
+        """The encoder measures the spans as a Compressor's does (not an encoder loaded from
+        another run: it keeps its own start), then each adapter measures the latents."""
+        if encoder and hasattr(self.encoder, "calibrate"):
+            self.encoder.calibrate(x.float(), Layout.of(lengths, self.counts(lengths), x.device))
+        with torch.no_grad():
+            z, _ = self.shared(x, lengths)
+        for adapter in self.adapters.values():
+            adapter.calibrate(z)
+
+    def forward(self, x: torch.Tensor, lengths: list[int]) -> list[tuple]:
+        """Per adapter built, in order: (latents [M, d_i], offsets [E + 1], diagnostics)."""
+        z, layout = self.shared(x, lengths)
+        return [adapter(z, layout.offsets) for adapter in self.adapters.values()]
+
+    per_model = forward
+
+
+def build(spec: dict, vocab, model=None, vocabs: dict | None = None) -> nn.Module:
+    """The compressor a spec describes: a SharedCompressor where it has adapters."""
+    if "adapters" in spec:
+        return SharedCompressor(spec, vocab, model, vocabs)
+    return Compressor(spec, vocab, model)

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from ..files import read_json, write_json
 from . import tracking
 from .options import TrainOptions, resume_mode, validate
-from .summary import MetricsLog, plot, render, summary, write_split
+from .summary import (MetricsLog, model_lines, plot, reference_lines, render, summary,
+                      without_predictions, write_split)
 from .trainer import NonFiniteLoss, State, Trainer
 
 
@@ -41,7 +42,7 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
         write_split(trainer.split.eval, out / "eval_split.jsonl")
     if opts.kd_weight > 0:
         log("distillation: the frozen model reads the text of every training example once")
-        trainer.teacher = trainer.teacher_targets()
+        trainer.distil()
     if main and state.references is None and references_from is not None:
         state.references = earlier_references(trainer, Path(references_from))
         if state.references is not None:
@@ -49,18 +50,17 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
                 "evaluation examples)")
             write_json(out / "references.json", state.references)
     if main and state.references is None:
-        log(f"references on {len(trainer.eval_items)} held-out evaluation examples "
+        log(f"references on {len(trainer.split.eval)} held-out evaluation examples "
             "(no entity or article of them in training) ...")
         state.references = trainer.references()
-        r = state.references
-        log(f"  text F1 {r['text']['f1']:.3f}   question only F1 {r['question_only']['f1']:.3f}")
-        write_json(out / "references.json", r)
+        log(reference_lines(state.references))
+        write_json(out / "references.json", state.references)
     trackers = tracking.Trackers(tracking.chosen(opts.report_to) if main else [], out,
                                  opts.identity(), state.step, log)
     progress = Progress(trainer, state, log, trackers)
     log(f"training {opts.encoder} ({sum(p.numel() for p in trainer.params):,} parameters) + "
         f"{trainer.spec['transform']['name']} into {opts.model_id} on {trainer.device}: "
-        f"{len(trainer.train_items)} examples x {opts.epochs} epoch(s), {progress.total} steps "
+        f"{len(trainer.split.train)} examples x {opts.epochs} epoch(s), {progress.total} steps "
         f"of {opts.batch_size}, {trainer.world} process(es) -> {out}")
 
     ended = "killed"  # what the trackers are told unless the run gets to its summary
@@ -110,7 +110,9 @@ def train_epochs(trainer: Trainer, state: State, progress: "Progress", started: 
 
 
 # What fixes a run's references: the answers of the untrained model to its evaluation examples.
-REFERENCE_KEYS = ("model", "prompt_format", "max_new_tokens", "vocabulary", "device", "versions")
+# (With several models, each one's and the reader's record too.)
+REFERENCE_KEYS = ("model", "prompt_format", "max_new_tokens", "vocabulary", "device", "versions",
+                  "answerers", "reader")
 
 
 def earlier_references(trainer: Trainer, folder: Path) -> dict | None:
@@ -122,7 +124,7 @@ def earlier_references(trainer: Trainer, folder: Path) -> dict | None:
     if not config or not refs:
         return None
     theirs, ours = config.get("provenance", {}), trainer.provenance
-    same = all(theirs.get(k) == ours[k] for k in REFERENCE_KEYS) and (
+    same = all(theirs.get(k) == ours.get(k) for k in REFERENCE_KEYS) and (
         theirs.get("dataset", {}).get("eval_examples_sha256")
         == ours["dataset"]["eval_examples_sha256"])
     return refs if same else None
@@ -153,6 +155,8 @@ def end_of_epoch(trainer: Trainer, state: State, progress: "Progress", started: 
                 f"eval F1 {result['f1']:.3f} [{result['ci'][0]:.3f}, {result['ci'][1]:.3f}]  "
                 f"EM {result['em']:.3f}  empty {result['empty_rate']:.0%}  "
                 f"({result['compression_ratio']:.1f}x fewer positions)")
+    for line in model_lines(result):
+        trainer.log(line)
     if on_epoch is not None:
         on_epoch(entry)
 
@@ -200,7 +204,7 @@ class Progress:
 
     def evaluation(self, state: State, result: dict) -> None:
         row = {"type": "eval", "step": state.step, "epoch": state.epoch,
-               **{k: v for k, v in result.items() if k != "predictions"}}
+               **without_predictions(result)}
         self.metrics.write(row)
         self.trackers.evaluation(row, state.references)
 

@@ -73,8 +73,28 @@ class TrainOptions:
         help="lm: rank-R LoRA adapters on the reader's own copy of the model, trained with it; "
              "the model that answers stays frozen (0: none; needs peft: pip install "
              "'latentwire[lora]')")
-    model_id: str = option(models.BUNDLED, group=DATA, metavar="ID",
-                           help="the frozen model, loaded as the sweep loads it")
+    latent_dim: int | None = option(
+        None, group=ENCODER, metavar="D",
+        help="the width of the latents every model is given, each through its own adapter; "
+             "None: the reader's width (a run over one model read by itself has no adapter)")
+    freeze_encoder: str | None = option(
+        None, group=ENCODER, metavar="PATH",
+        help="a checkpoint folder whose encoder is loaded and kept fixed: only the adapters of "
+             "--model_id train (a latent made for one model, read by another); its reader must "
+             "be this run's (--encoder_model), its encoder flags the same")
+    model_id: str = option(
+        models.BUNDLED, group=DATA, metavar="ID",
+        help="the frozen model, loaded as the sweep loads it; several as A,B: one encoder, an "
+             "adapter per model into its own width, and every model answers from the same "
+             "latents (the loss: the weighted sum of their answer losses)")
+    model_weights: str = option(
+        "", group=DATA, metavar="W",
+        help="with several --model_id: each model's weight on its answer loss, comma-separated "
+             "in the same order (empty: 1 each)")
+    encoder_model: str | None = option(
+        None, group=DATA, metavar="ID",
+        help="the model whose copy reads the text (its tokens, embeddings and, for lm, its "
+             "layers), if not the first --model_id; it need not answer")
     dataset: str = option("builtin", group=DATA, metavar="SPEC",
                           help="as the sweep's --dataset; split by entity or article")
     samples: int = option(2000, group=DATA, metavar="N", help="training examples")
@@ -133,6 +153,29 @@ class TrainOptions:
     def __post_init__(self):
         if self.latent_len is not None:
             self.compression = None  # a fixed count replaces the ratio
+
+    def model_ids(self) -> list[str]:
+        """The models that answer, in the order given, each once."""
+        return list(dict.fromkeys(m.strip() for m in self.model_id.split(",") if m.strip()))
+
+    def reader_id(self) -> str:
+        return self.encoder_model or self.model_ids()[0]
+
+    def needed_models(self) -> list[str]:
+        """Every model the run loads: those that answer, and the reader."""
+        return list(dict.fromkeys([*self.model_ids(), self.reader_id()]))
+
+    def weights(self) -> list[float]:
+        """Each answering model's weight on its loss (validate checks the flag)."""
+        given = [float(w) for w in self.model_weights.split(",") if w.strip()]
+        return given or [1.0] * len(self.model_ids())
+
+    def shared(self) -> bool:
+        """Whether the latents go through an adapter per model: several models, another
+        reader, a latent width or a frozen encoder. One model read by itself has none, and
+        trains, saves and replays exactly as it always has."""
+        return (len(self.model_ids()) > 1 or self.reader_id() != self.model_ids()[0]
+                or self.latent_dim is not None or self.freeze_encoder is not None)
 
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/train/{self.embed_transform}")
@@ -214,6 +257,18 @@ def validate(opts: TrainOptions) -> Path:
     need(opts.latent_len is not None or (opts.compression or 0) >= 1,
          f"--compression must be at least 1 (got {opts.compression}): it is text positions "
          "per latent")
+    need(bool(opts.model_ids()), "--model_id is empty; pass a model, or several as --model_id A,B")
+    try:
+        weights = opts.weights()
+    except ValueError:
+        weights = []
+    need(len(weights) == len(opts.model_ids()) and all(w >= 0 for w in weights) and any(weights),
+         f"--model_weights takes one weight >= 0 per --model_id, comma-separated, not all 0 "
+         f"(got {opts.model_weights!r} for {len(opts.model_ids())} model(s))")
+    need(opts.latent_dim is None or opts.latent_dim >= 1,
+         f"--latent_dim must be at least 1 (got {opts.latent_dim})")
+    if opts.freeze_encoder is not None:
+        checkpoint.read_config(opts.freeze_encoder)
     need(opts.encoder_lora >= 0, f"--encoder_lora must be >= 0, 0 for none (got {opts.encoder_lora})")
     need(not opts.encoder_lora or opts.encoder == "lm", "--encoder_lora adapts the reader of "
          f"--encoder lm; --encoder {opts.encoder} has none")

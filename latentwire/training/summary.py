@@ -58,49 +58,105 @@ class MetricsLog:
             pass
 
 
+def without_predictions(result: dict) -> dict:
+    """An evaluation as metrics.jsonl and the trackers get it: every figure, no answers."""
+    out = {k: v for k, v in result.items() if k not in ("predictions", "models")}
+    if "models" in result:
+        out["models"] = {name: without_predictions(r) for name, r in result["models"].items()}
+    return out
+
+
+def _brief(r):
+    return {k: r[k] for k in ("f1", "em", "empty_rate", "ci")} if r else None
+
+
 def summary(trainer, state, status: str, wall: float) -> dict:
-    """summary.json: the last evaluation against the references, every epoch, the split."""
+    """summary.json: the last evaluation against the references, every epoch, the split; for a
+    run over several models, a section per model (its evaluation against its own references)
+    and the paired difference between them."""
     refs = state.references or {}
     last = state.epochs[-1]["eval"] if state.epochs else None
 
-    def brief(r):
-        return {k: r[k] for k in ("f1", "em", "empty_rate", "ci")} if r else None
+    def final(r):
+        return {**_brief(r), "latent_diagnostics": r["latent_diagnostics"]} if r else None
 
-    return {
+    def epoch(e):
+        row = {k: v for k, v in e.items() if k != "eval"}
+        if "models" in e["eval"]:
+            row["eval_f1_by_model"] = {n: r["f1"] for n, r in e["eval"]["models"].items()}
+        return row
+
+    out = {
         "status": status,
         "encoder": trainer.opts.encoder, "transform": trainer.spec["transform"],
         "compression_ratio": last["compression_ratio"] if last else None,
         "latents_per_example": last["latents_per_example"] if last else None,
         "keep_question": trainer.opts.keep_question,
-        "final": {**brief(last), "latent_diagnostics": last["latent_diagnostics"]} if last else None,
+        "final": final(last),
         "best": state.best,
-        "references": {k: brief(v) for k, v in refs.items()},
-        "epochs": [{k: v for k, v in e.items() if k != "eval"} for e in state.epochs],
+        # A run over several models has each model's references in its own section.
+        "references": {k: _brief(v) for k, v in refs.items()} if "text" in refs else {},
+        "epochs": [epoch(e) for e in state.epochs],
         "steps": state.step, "train_seconds": round(state.elapsed, 1), "wall_seconds": round(wall, 1),
         "trainable_parameters": sum(p.numel() for p in trainer.params),
         "split": trainer.split.describe(),
         "checkpoints": {"last": "checkpoints/last", "best": "checkpoints/best"},
     }
+    if len(trainer.answerers) > 1:
+        out["models"] = {a.name: model_section(a, last["models"][a.name] if last else None,
+                                               refs.get(a.name, {}), final)
+                         for a in trainer.answerers}
+        out["paired"] = last["paired"] if last else None
+    return out
+
+
+def model_section(answerer, result: dict | None, refs: dict, final) -> dict:
+    return {"model_id": answerer.model_id, "weight": answerer.weight,
+            "compression_ratio": result["compression_ratio"] if result else None,
+            "latents_per_example": result["latents_per_example"] if result else None,
+            "final": final(result), "references": {k: _brief(v) for k, v in refs.items()}}
+
+
+def _row(name, r):
+    if not r:
+        return f"  {name:<16} -"
+    return (f"  {name:<16} F1 {r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  "
+            f"EM {r['em']:.3f}")
+
+
+def _frame(final: dict | None, refs: dict, indent: str = "") -> list[str]:
+    """The latents against the text and the question alone, on the same examples."""
+    lines = [indent + _row("latents (final)", final), indent + _row("text itself", refs.get("text")),
+             indent + _row("question only", refs.get("question_only"))]
+    if final and refs.get("question_only"):
+        floor = refs["question_only"]["ci"][1]
+        if final["ci"][1] <= floor or final["f1"] <= refs["question_only"]["f1"]:
+            lines.append(f"{indent}  The latents do no better than the question alone: they "
+                         "carry no usable content from the context.")
+    return lines
 
 
 def render(s: dict) -> str:
-    """The run against its frame: the text and the question alone, on the same examples."""
-    def row(name, r):
-        if not r:
-            return f"  {name:<16} -"
-        return (f"  {name:<16} F1 {r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  "
-                f"EM {r['em']:.3f}")
+    """The run against its frame: the text and the question alone, on the same examples; for
+    several models, each against its own, and the two on the same questions."""
     shape = (f"{s['compression_ratio']:.2f}x fewer positions than the text" if s["final"]
              else "no epoch finished")
-    lines = [f"{s['encoder']} + {s['transform']['name']}, {shape}:",
-             row("latents (final)", s["final"]),
-             row("text itself", s["references"].get("text")),
-             row("question only", s["references"].get("question_only"))]
-    if s["final"] and s["references"].get("question_only"):
-        floor = s["references"]["question_only"]["ci"][1]
-        if s["final"]["ci"][1] <= floor or s["final"]["f1"] <= s["references"]["question_only"]["f1"]:
-            lines.append("  The latents do no better than the question alone: they carry no "
-                         "usable content from the context.")
+    if "models" in s:
+        lines = [f"{s['encoder']} + {s['transform']['name']}, one latent sequence read by "
+                 f"{len(s['models'])} models:"]
+        for name, m in s["models"].items():
+            ratio = (f"{m['compression_ratio']:.2f}x fewer positions than its text"
+                     if m["final"] else "no epoch finished")
+            lines += [f"  {name} ({m['model_id']}, weight {m['weight']:g}), {ratio}:",
+                      *_frame(m["final"], m["references"], "  ")]
+        p = s.get("paired")
+        if p:
+            lines.append(f"  paired, {p['a']} - {p['b']} on the same questions: F1 "
+                         f"{p['diff']:+.3f} [{p['diff_ci'][0]:+.3f}, {p['diff_ci'][1]:+.3f}] "
+                         f"({p['label']})")
+    else:
+        lines = [f"{s['encoder']} + {s['transform']['name']}, {shape}:",
+                 *_frame(s["final"], s["references"])]
     if s["encoder"] == "constant":
         lines.append("  This is the control: latents of other encoders count only where they "
                      "beat it at the same budget.")
@@ -110,9 +166,33 @@ def render(s: dict) -> str:
     return "\n".join(lines)
 
 
+def reference_lines(refs: dict) -> str:
+    """The references as the run prints them when it has computed them."""
+    def line(r, lead=""):
+        return f"  {lead}text F1 {r['text']['f1']:.3f}   question only F1 {r['question_only']['f1']:.3f}"
+    if "text" in refs:
+        return line(refs)
+    return "\n".join(line(r, f"{name}: ") for name, r in refs.items())
+
+
+def model_lines(result: dict) -> list[str]:
+    """Each model's line of an evaluation over several, and their paired difference."""
+    if "models" not in result:
+        return []
+    lines = [f"  {name}: F1 {r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  EM {r['em']:.3f}"
+             f"  empty {r['empty_rate']:.0%}  ({r['compression_ratio']:.1f}x fewer positions)"
+             for name, r in result["models"].items()]
+    p = result["paired"]
+    return lines + [f"  {p['a']} - {p['b']}: F1 {p['diff']:+.3f} [{p['diff_ci'][0]:+.3f}, "
+                    f"{p['diff_ci'][1]:+.3f}] {p['label']}"]
+
+
+COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")
+
+
 def plot(run_dir: Path) -> list[Path]:
     """plots/loss.png, the loss per step, and plots/f1.png, F1 per epoch against the
-    references."""
+    references: each model's against its own, for a run over several."""
     rows = [json.loads(line) for line in
             (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     steps = [r for r in rows if r["type"] == "step"]
@@ -124,14 +204,24 @@ def plot(run_dir: Path) -> list[Path]:
     ax.set(xlabel="optimizer step", ylabel="training loss", title="Loss per step")
     paths = [save(fig, run_dir / "plots" / "loss.png")]
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    if evals:
-        e = [r["epoch"] for r in evals]
-        ax.errorbar(e, [r["f1"] for r in evals],
-                    yerr=[[r["f1"] - r["ci"][0] for r in evals], [r["ci"][1] - r["f1"] for r in evals]],
-                    marker="o", capsize=3, color="#d62728", label="latents")
-    for key, label, colour in (("text", "text itself", "#444444"),
-                               ("question_only", "question only", "#8c564b")):
-        ax.axhline(refs[key]["f1"], ls="--", color=colour, label=f"{label} ({refs[key]['f1']:.3f})")
+    # One model: its curve and references, as (label, its evaluations, its references).
+    curves = ([("latents", evals, refs)] if "text" in refs else
+              [(name, [r["models"][name] | {"epoch": r["epoch"]} for r in evals], refs[name])
+               for name in refs])
+    for n, (label, points, own) in enumerate(curves):
+        colour = COLOURS[n % len(COLOURS)]
+        if points:
+            ax.errorbar([r["epoch"] for r in points], [r["f1"] for r in points],
+                        yerr=[[r["f1"] - r["ci"][0] for r in points],
+                              [r["ci"][1] - r["f1"] for r in points]],
+                        marker="o", capsize=3, color=colour, label=label)
+        # One model's references in their own colours; several models' in each model's.
+        lead = "" if len(curves) == 1 else f"{label}: "
+        for key, name, style, alone in (("text", "text itself", "--", "#444444"),
+                                        ("question_only", "question only", ":", "#8c564b")):
+            ax.axhline(own[key]["f1"], ls="--" if len(curves) == 1 else style,
+                       color=alone if len(curves) == 1 else colour,
+                       label=f"{lead}{name} ({own[key]['f1']:.3f})")
     ax.set(xlabel="epoch", ylabel="evaluation F1", title="F1 per epoch against the references",
            ylim=(0, 1))
     ax.legend(fontsize=8)

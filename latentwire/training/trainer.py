@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .. import data, models, prompts, provenance
+from .. import data, models, prompts, provenance, stats
 from ..embed_experiments import NonFiniteError
 from ..errors import UsageError
 from ..generation import StopTokens, cache_argument, generate, plain_kv, returned_cache
@@ -29,11 +30,14 @@ from ..scoring import score_answers
 from ..stats import bootstrap_ci
 from ..vocab import VocabSpace
 from . import checkpoint
-from .encoders import RECOMPUTES, Compressor, transform_config
+from .encoders import RECOMPUTES, build, transform_config
 from .options import TRANSFORMS, TrainOptions
 
 CALIBRATION_EXAMPLES = 32  # spans an encoder that starts from data measures before step 1
 KD_TOP = 32  # teacher logits kept per answer position: the distribution's head, a few MB in all
+# The flags that shape an encoder: --freeze_encoder takes one trained with the same ones.
+FROZEN_KEYS = ("encoder", "compression", "latent_len", "keep_question", "encoder_layer",
+               "encoder_lora")
 
 
 @dataclass
@@ -95,6 +99,15 @@ def recompute_layers(model) -> None:
                                                                  **k))(forward)
 
 
+def load_models(opts: TrainOptions, given=None) -> dict:
+    """Every model the run needs, by its id: those `given` (one loaded model for a run over one,
+    or a dict by id), the others loaded here."""
+    if not isinstance(given, dict):
+        given = {opts.model_ids()[0]: given} if given is not None else {}
+    return {m: given.get(m) or models.load(m, opts.device, opts.trust_remote_code)
+            for m in opts.needed_models()}
+
+
 @dataclass
 class State:
     """Where a run stands: saved in checkpoints/last/trainer_state.json."""
@@ -107,86 +120,49 @@ class State:
     references: dict | None = None
 
 
-class Trainer:
-    def __init__(self, opts: TrainOptions, out: Path, log=print, lm=None):
+class Answerer:
+    """One frozen model that answers from the latents, in its own tokenizer and prompt format:
+    its items (the question, the anchor and the answer in its own tokens), its prompt pieces,
+    its loss on given latents, its answers and its references. The model never changes and
+    stays in eval mode."""
 
-        self.opts, self.out = opts, out
-        self.rank, self.world = distributed()
-        self.log = log if self.rank == 0 else (lambda *a, **k: None)
-        if opts.eval_dataset is None:
-            examples = data.load_all(opts.dataset, at_least=opts.samples + opts.eval_samples)
-            self.split = data.split(examples, opts.samples, opts.eval_samples, opts.seed)
-        else:
-            self.split = data.split_apart(data.load_all(opts.dataset, at_least=opts.samples),
-                                          data.load_all(opts.eval_dataset), opts.samples,
-                                          opts.eval_samples, opts.seed)
-        if len(self.split.train) < opts.batch_size:
-            raise UsageError(f"the training split holds {len(self.split.train)} examples, fewer "
-                             f"than --batch_size {opts.batch_size}; lower the batch or use more data")
-        self.lm = lm or models.load(opts.model_id, opts.device, opts.trust_remote_code)
-        model, tok = self.lm.model, self.lm.tokenizer
+    def __init__(self, model_id: str, lm, opts: TrainOptions, split, checkpointing: bool,
+                 weight: float = 1.0):
+        self.lm, self.opts, self.weight, self.checkpointing = lm, opts, weight, checkpointing
+        self.model_id, self.name = model_id, models.model_dirname(model_id)
+        model, tok = lm.model, lm.tokenizer
         model.eval().requires_grad_(False)
         self.device = next(model.parameters()).device
-        # Recomputed layers would append to a cache twice: with checkpointing the prefix goes
-        # into every row instead of a shared cache.
-        self.checkpointing = opts.gradient_checkpointing or self.device.type == "cuda"
-        if self.checkpointing:
+        if checkpointing:
             recompute_layers(model)
         self.fmt = prompts.make_format(tok, opts.prompt)
         self.embed = model.get_input_embeddings()
         self.vocab = VocabSpace.from_model(model, len(tok))
         prefix, _, anchor = prompts.encode(tok, self.fmt, "", "")
         self.prefix, self.anchor = self.embed_ids(prefix), self.embed_ids(anchor)
-        self.train_items = encode_items(tok, self.fmt, self.split.train, opts.keep_question)
-        self.eval_items = encode_items(tok, self.fmt, self.split.eval, opts.keep_question)
+        self.train_items = encode_items(tok, self.fmt, split.train, opts.keep_question)
+        self.eval_items = encode_items(tok, self.fmt, split.eval, opts.keep_question)
         self.stops = StopTokens(tok, model, self.embed.weight.shape[0])
-        transform = TRANSFORMS[opts.embed_transform]
-        flags = asdict(opts)
-        self.spec = {
-            "encoder": opts.encoder, "d_model": self.embed.weight.shape[1],
-            "max_latents": max(len(i.span) for i in self.train_items + self.eval_items),
-            "scale": float(self.vocab.mean_rms), "compression": opts.compression,
-            "latent_len": opts.latent_len, "keep_question": opts.keep_question,
-            "encoder_layer": opts.encoder_layer, "encoder_lora": opts.encoder_lora,
-            "transform": {"name": transform, "config": transform_config(transform, flags)},
-            "codebook_trainable": opts.codebook_trainable}
-        torch.manual_seed(opts.seed)
-        self.compressor = Compressor(self.spec, self.vocab, model).to(self.device)
-        # The same first examples on every rank: each calibrates to identical statistics.
-        calibration = self.train_items[:CALIBRATION_EXAMPLES]
-        self.compressor.calibrate(self.embed_ids([t for i in calibration for t in i.span]),
-                                  [len(i.span) for i in calibration])
-        self.params = [p for p in self.compressor.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr)
-        self.provenance = provenance.describe(
-            opts.model_id, self.lm, self.fmt, self.vocab,
-            {"spec": opts.dataset, "eval_spec": opts.eval_dataset,
-             "train_examples_sha256": provenance.examples_sha(self.split.train),
-             "eval_examples_sha256": provenance.examples_sha(self.split.eval)},
-            {"train_samples": len(self.split.train), "eval_samples": len(self.split.eval)},
-            opts.seed, opts.max_new_tokens)
-        self.checkpoint_config = {
-            "model": self.provenance["model"], "prompt_format": self.fmt.describe(),
-            "compressor": self.spec, "trained_on": {"dataset": opts.dataset,
-                                                    "samples": len(self.split.train)}}
-        self.teacher = None
+        self.teacher = None  # teacher_targets(), once per run with --kd_weight
         self._prefix_kv = None
-
-    # -- the graph --------------------------------------------------------------------------
 
     def embed_ids(self, ids: list[int]):
         with torch.no_grad():
             return self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
 
-    def latents(self, items: list[Item]):
-        """(latents [M, d] float32, offsets, transform diagnostics) of the items' spans."""
-        spans = self.embed_ids([t for i in items for t in i.span]).float()
-        return self.compressor(spans, [len(i.span) for i in items])
+    def identity(self) -> dict:
+        """What a checkpoint records of the model: which one, the prompt it reads, its weight."""
+        model = provenance.describe(self.model_id, self.lm, self.fmt, self.vocab, {}, {},
+                                    self.opts.seed, self.opts.max_new_tokens)["model"]
+        return {"name": self.name, "model": model, "prompt_format": self.fmt.describe(),
+                "weight": self.weight}
 
-    def loss(self, items: list[Item], teacher: list | None = None):
-        """Sum over the items of each one's loss, and its parts, summed likewise."""
+    # -- the graph --------------------------------------------------------------------------
+
+    def loss(self, z: torch.Tensor, offsets, items: list[Item], teacher: list | None = None):
+        """Sum over the items of each one's loss on these latents, and its parts, summed
+        likewise."""
         o, dtype = self.opts, self.embed.weight.dtype
-        z, offsets, _ = self.latents(items)
         cache = self.prefix_cache(len(items))
         lead = self.prefix if cache is None else self.prefix[:0]
         rows, targets, starts = [], [], []
@@ -273,22 +249,21 @@ class Trainer:
         return generate(self.lm.model, self.lm.tokenizer, prompts_, self.stops,
                         self.opts.max_new_tokens, prefix=self.prefix)
 
-    def _score(self, items: list[Item], answers) -> dict:
-        predictions, means = score_answers([i.example for i in items], answers)
+    def _score(self, answers) -> dict:
+        predictions, means = score_answers([i.example for i in self.eval_items], answers)
         return {**means, "ci": list(bootstrap_ci([p["f1"] for p in predictions])),
                 "num_samples": len(predictions), "predictions": predictions}
 
-    def evaluate(self) -> dict:
-        """The latents' answers on the evaluation split, scored, with latent diagnostics."""
-        self.compressor.eval()
+    def evaluate(self, chunks: list[tuple]) -> dict:
+        """Its answers from the latents of the evaluation split, given in chunks of
+        (latents, offsets, diagnostics), scored, with latent diagnostics."""
         dtype = self.embed.weight.dtype
         prompts_, lat_rows, text_rows, diag, latents_total = [], [], [], [], 0
+        items = iter(self.eval_items)
         with torch.no_grad():
-            for s in range(0, len(self.eval_items), 64):
-                chunk = self.eval_items[s:s + 64]
-                z, offsets, d = self.latents(chunk)
-                diag.append(d)
-                for n, item in enumerate(chunk):
+            for z, offsets, d in chunks:
+                for n in range(len(offsets) - 1):
+                    item = next(items)
                     prompts_.append(torch.cat([z[offsets[n]:offsets[n + 1]].to(dtype),
                                                self.embed_ids(item.question), self.anchor]))
                     # Positions the model reads for the content, both ways: with
@@ -299,11 +274,10 @@ class Trainer:
                     text_rows.append(len(item.span) + len(item.question))
                 latent = z.float()
                 sims, _ = self.vocab.topk(latent, 1)
-                diag[-1] = {**d, "rms_over_vocab": float(
+                diag.append({**d, "rms_over_vocab": float(
                     latent.pow(2).mean(1).sqrt().mean() / self.vocab.mean_rms),
-                    "cosine_to_nearest_token": float(sims[:, 0].mean())}
-        self.compressor.train()
-        result = self._score(self.eval_items, self._answer(prompts_))
+                    "cosine_to_nearest_token": float(sims[:, 0].mean())})
+        result = self._score(self._answer(prompts_))
         keys = diag[0].keys()
         result["latent_diagnostics"] = {k: sum(d[k] for d in diag) / len(diag) for k in keys
                                         if isinstance(diag[0][k], (int, float))}
@@ -321,8 +295,189 @@ class Trainer:
             q = self.lm.tokenizer(self.fmt.question_text(e.question),
                                   add_special_tokens=False).input_ids
             question.append(torch.cat([self.embed_ids(q), self.anchor]))
-        return {"text": self._score(self.eval_items, self._answer(text)),
-                "question_only": self._score(self.eval_items, self._answer(question))}
+        return {"text": self._score(self._answer(text)),
+                "question_only": self._score(self._answer(question))}
+
+
+def paired(results: dict) -> dict:
+    """Every model's evaluation in one record: each model's own under its name, and the paired
+    difference between the first two on the same questions (F1 of the first minus the second).
+    Its f1, em, empty rate and compression are the means over the models, its interval that of
+    the per-question mean: what picks the best checkpoint of a run over several models."""
+    names = list(results)
+    per_question = [[p["f1"] for p in r["predictions"]] for r in results.values()]
+    mean = lambda key: sum(r[key] for r in results.values()) / len(results)
+    return {"f1": mean("f1"), "em": mean("em"), "empty_rate": mean("empty_rate"),
+            "ci": list(bootstrap_ci([sum(q) / len(q) for q in zip(*per_question)])),
+            "compression_ratio": mean("compression_ratio"),
+            "latents_per_example": mean("latents_per_example"),
+            "latent_diagnostics": {},
+            "models": results,
+            "paired": {"a": names[0], "b": names[1],
+                       **stats.paired_comparison(per_question[0], per_question[1])}}
+
+
+class Trainer:
+    def __init__(self, opts: TrainOptions, out: Path, log=print, lm=None):
+
+        self.opts, self.out = opts, out
+        self.rank, self.world = distributed()
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        if opts.eval_dataset is None:
+            examples = data.load_all(opts.dataset, at_least=opts.samples + opts.eval_samples)
+            self.split = data.split(examples, opts.samples, opts.eval_samples, opts.seed)
+        else:
+            self.split = data.split_apart(data.load_all(opts.dataset, at_least=opts.samples),
+                                          data.load_all(opts.eval_dataset), opts.samples,
+                                          opts.eval_samples, opts.seed)
+        if len(self.split.train) < opts.batch_size:
+            raise UsageError(f"the training split holds {len(self.split.train)} examples, fewer "
+                             f"than --batch_size {opts.batch_size}; lower the batch or use more data")
+        loaded = load_models(opts, lm)
+        self.device = next(loaded[opts.model_ids()[0]].model.parameters()).device
+        # Recomputed layers would append to a cache twice: with checkpointing the prefix goes
+        # into every row instead of a shared cache.
+        self.checkpointing = opts.gradient_checkpointing or self.device.type == "cuda"
+        self.answerers = [Answerer(m, loaded[m], opts, self.split, self.checkpointing, w)
+                          for m, w in zip(opts.model_ids(), opts.weights())]
+        names = [a.name for a in self.answerers]
+        if len(set(names)) < len(names):
+            raise UsageError(f"--model_id names two models {', '.join(names)} alike; pass them "
+                             "by paths with different final names")
+        # The model whose copy reads the text: one of those answering, or one that only reads.
+        self.reader = next((a for a in self.answerers if a.model_id == opts.reader_id()),
+                           None) or Answerer(opts.reader_id(), loaded[opts.reader_id()], opts,
+                                             self.split, self.checkpointing, 0.0)
+        self.spec, frozen = self.compressor_spec()
+        torch.manual_seed(opts.seed)
+        reader = self.reader
+        self.compressor = build(self.spec, reader.vocab, reader.lm.model, {
+            i: a.vocab for i, a in enumerate(self.answerers)} if "adapters" in self.spec
+            else None).to(self.device)
+        if frozen is not None:
+            self.compressor.load_state_dict(frozen, strict=False)
+            self.compressor.encoder.requires_grad_(False)
+            getattr(self.compressor, "latent", nn.Identity()).requires_grad_(False)
+        # The same first examples on every rank: each calibrates to identical statistics.
+        calibration = reader.train_items[:CALIBRATION_EXAMPLES]
+        spans = reader.embed_ids([t for i in calibration for t in i.span])
+        lengths = [len(i.span) for i in calibration]
+        if frozen is None:
+            self.compressor.calibrate(spans, lengths)
+        else:
+            self.compressor.calibrate(spans, lengths, encoder=False)
+        self.params = [p for p in self.compressor.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr)
+        first = self.answerers[0]
+        self.provenance = provenance.describe(
+            opts.model_id, first.lm, first.fmt, first.vocab,
+            {"spec": opts.dataset, "eval_spec": opts.eval_dataset,
+             "train_examples_sha256": provenance.examples_sha(self.split.train),
+             "eval_examples_sha256": provenance.examples_sha(self.split.eval)},
+            {"train_samples": len(self.split.train), "eval_samples": len(self.split.eval)},
+            opts.seed, opts.max_new_tokens)
+        trained_on = {"dataset": opts.dataset, "samples": len(self.split.train)}
+        if "adapters" in self.spec:
+            self.provenance["answerers"] = [a.identity() for a in self.answerers]
+            self.provenance["reader"] = reader.identity()
+            self.checkpoint_config = {
+                "answerers": self.provenance["answerers"], "reader": self.provenance["reader"],
+                "compressor": self.spec, "trained_on": trained_on}
+        else:
+            self.checkpoint_config = {
+                "model": self.provenance["model"], "prompt_format": first.fmt.describe(),
+                "compressor": self.spec, "trained_on": trained_on}
+
+    def compressor_spec(self) -> tuple[dict, dict | None]:
+        """(the compressor's spec, the weights of an encoder --freeze_encoder loads, or None).
+        One model read by its own copy is today's compressor; several, another reader, a
+        latent width or a frozen encoder make a shared one with an adapter per model."""
+        opts, reader = self.opts, self.reader
+        items = reader.train_items + reader.eval_items
+        transform = TRANSFORMS[opts.embed_transform]
+        spec = {
+            "encoder": opts.encoder, "d_model": reader.embed.weight.shape[1],
+            "max_latents": max(len(i.span) for i in items),
+            "scale": float(reader.vocab.mean_rms), "compression": opts.compression,
+            "latent_len": opts.latent_len, "keep_question": opts.keep_question,
+            "encoder_layer": opts.encoder_layer, "encoder_lora": opts.encoder_lora,
+            "transform": {"name": transform, "config": transform_config(transform, asdict(opts))},
+            "codebook_trainable": opts.codebook_trainable}
+        if not opts.shared():
+            return spec, None
+        spec["latent_dim"] = opts.latent_dim or spec["d_model"]
+        spec["adapters"] = [{"d_model": a.embed.weight.shape[1]} for a in self.answerers]
+        if opts.freeze_encoder is None:
+            return spec, None
+        weights, config = checkpoint.load(opts.freeze_encoder)
+        theirs = config["compressor"]
+        reader_there = checkpoint.reader(config)
+        if reader_there["model"]["config_sha256"] != reader.identity()["model"]["config_sha256"]:
+            raise UsageError(f"--freeze_encoder {opts.freeze_encoder}: its encoder reads with "
+                             f"{reader_there['model']['id']}, not {reader.model_id}; pass that "
+                             "model as --encoder_model")
+        # An encoder trained for one model alone gives latents in its reader's width.
+        theirs = {"latent_dim": theirs["d_model"], **theirs}
+        # Its slots and scale are the checkpoint's, whatever this run's data.
+        for key in ("d_model", "max_latents", "scale"):
+            spec[key] = theirs[key]
+        spec["latent_dim"] = opts.latent_dim or theirs["latent_dim"]
+        changed = [k for k in ("latent_dim", *FROZEN_KEYS) if theirs.get(k) != spec[k]]
+        if changed:
+            raise UsageError(f"--freeze_encoder {opts.freeze_encoder} was trained with other "
+                             "encoder flags (" + ", ".join(
+                                 f"--{k} {theirs.get(k)} there, {spec[k]} now" for k in changed)
+                             + "); pass the same ones")
+        return spec, {k: v for k, v in weights.items() if k.startswith(("encoder.", "latent."))}
+
+    # -- the graph --------------------------------------------------------------------------
+
+    def latents(self, rows, evaluating: bool = False) -> list[tuple]:
+        """Per answering model: (latents [M, d] float32, offsets, transform diagnostics) of these
+        examples (indices into the training or evaluation split), all from one encoding of the
+        reader's spans."""
+        items = self.reader.eval_items if evaluating else self.reader.train_items
+        spans = [items[r].span for r in rows]
+        return self.compressor.per_model(self.reader.embed_ids([t for s in spans for t in s]).float(),
+                                         [len(s) for s in spans])
+
+    def loss(self, rows: list[int]):
+        """The weighted sum over the answering models of each one's answer loss on these
+        training examples, and the parts (per model, under its name, where there are several)."""
+        total, parts = 0.0, {}
+        several = len(self.answerers) > 1
+        for a, (z, offsets, _) in zip(self.answerers, self.latents(rows)):
+            teacher = [a.teacher[r] for r in rows] if a.teacher else None
+            loss, mine = a.loss(z, offsets, [a.train_items[r] for r in rows], teacher)
+            total = total + a.weight * loss
+            parts.update({f"{k}/{a.name}" if several else k: v for k, v in mine.items()})
+        return total, parts
+
+    def distil(self) -> None:
+        """Every answering model's teacher: itself reading the text of every training example."""
+        for a in self.answerers:
+            a.teacher = a.teacher_targets()
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        """Every model's answers from the latents on the evaluation split, scored: one model's
+        record, or for several each model's in one record (see `paired`)."""
+        self.compressor.eval()
+        chunks = [[] for _ in self.answerers]
+        n = len(self.reader.eval_items)
+        with torch.no_grad():
+            for s in range(0, n, 64):
+                for mine, out in zip(chunks, self.latents(range(s, min(s + 64, n)), True)):
+                    mine.append(out)
+        self.compressor.train()
+        results = {a.name: a.evaluate(c) for a, c in zip(self.answerers, chunks)}
+        return paired(results) if len(results) > 1 else next(iter(results.values()))
+
+    def references(self) -> dict:
+        """Each model's own references, under its name where there are several."""
+        refs = {a.name: a.references() for a in self.answerers}
+        return refs if len(refs) > 1 else next(iter(refs.values()))
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -330,7 +485,7 @@ class Trainer:
         """The epoch's global batches: a seeded order that depends on the epoch alone, so a
         resumed run sees exactly the batches it would have seen."""
         gen = torch.Generator().manual_seed(self.opts.seed * 1000 + epoch)
-        order = torch.randperm(len(self.train_items), generator=gen).tolist()
+        order = torch.randperm(len(self.split.train), generator=gen).tolist()
         b = self.opts.batch_size
         return [order[s:s + b] for s in range(0, len(order), b)]
 
@@ -355,10 +510,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0}
         for s in range(0, len(mine), size):
-            micro = [self.train_items[i] for i in mine[s:s + size]]
-            teacher = [self.teacher[i] for i in mine[s:s + size]] if self.teacher else None
             try:
-                loss, parts = self.loss(micro, teacher)
+                loss, parts = self.loss(mine[s:s + size])
             except NonFiniteError:  # the compressor's latents are already NaN or inf
                 raise NonFiniteLoss
             (loss / len(batch)).backward()

@@ -1,0 +1,284 @@
+"""One latent, two model families: one encoder whose latents a tiny Llama and a tiny Qwen2 (other
+architectures, widths 32 and 48, other vocabularies and chat formats) both answer from, each
+through its own adapter. Both models stay bitwise unchanged, gradients reach the encoder and
+both adapters and nothing else, the loss is each model's answer loss computed directly, each
+adapter starts on its own vocabulary, a checkpoint round-trips, the sweep's adapter source gives
+each model its own latents, a model the checkpoint has no adapter for is refused, and a frozen
+encoder trains only a new model's adapter."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latentwire import models, prompts
+from latentwire.analysis import insights as analysis
+from latentwire.cli import main, run_sweep
+from latentwire.errors import UsageError
+from latentwire.sweep.options import SweepOptions, plan_models
+from latentwire.sweep.runner import Sweep
+from latentwire.sweep.sources import parse
+from latentwire.training import checkpoint
+from latentwire.training.encoders import build
+from latentwire.training.loop import run
+from latentwire.training.options import TrainOptions, validate
+from latentwire.training.summary import render
+from latentwire.training.trainer import CALIBRATION_EXAMPLES, State, Trainer
+
+from .conftest import tiny_lm, tiny_qwen_lm
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def options(tmp_path, **kw):
+    base = dict(model_id="llama,qwen", samples=12, eval_samples=4, batch_size=4, epochs=1,
+                save_every=1, lr=1e-2, max_new_tokens=3, output_dir=str(tmp_path / "run"))
+    return TrainOptions(**{**base, **kw})
+
+
+def pair():
+    return {"llama": tiny_lm(), "qwen": tiny_qwen_lm()}
+
+
+def two(tmp_path, lms=None, **kw) -> Trainer:
+    opts = options(tmp_path, **kw)
+    return Trainer(opts, validate(opts), quiet, lms or pair())
+
+
+def states(lms):
+    return {m: {k: v.clone() for k, v in lm.model.state_dict().items()} for m, lm in lms.items()}
+
+
+@pytest.mark.parametrize("encoder", ["pool", "lm"])
+def test_gradients_reach_the_encoder_and_both_adapters_and_both_models_stay_unchanged(
+        tmp_path, encoder):
+    lms = pair()
+    before = states(lms)
+    t = two(tmp_path, lms, encoder=encoder)
+    assert [a.embed.weight.shape[1] for a in t.answerers] == [32, 48]
+    assert t.reader is t.answerers[0]
+    for step in range(2):
+        t.step(list(range(4)), step)
+    adapters = t.compressor.adapters
+    assert list(adapters) == ["0", "1"]
+    trained = {id(p) for p in t.params}
+    assert trained == {id(p) for p in t.compressor.parameters()}  # nothing else trains
+    for part in (t.compressor.encoder, adapters["0"], adapters["1"]):
+        grads = [p.grad for p in part.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) for g in grads) > 0
+    for m, lm in lms.items():
+        assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
+        assert all(torch.equal(before[m][k], v) for k, v in lm.model.state_dict().items())
+        assert not lm.model.training
+    widths = [z.shape[1] for z, _, _ in t.latents(range(2))]
+    assert widths == [32, 48]
+
+
+def test_the_loss_is_the_weighted_sum_of_each_models_own_answer_loss(tmp_path):
+    """Against each model alone reading its whole prompt, row by row: its own prefix, anchor,
+    question and answer in its own tokens, the latents through its own adapter."""
+    lms = pair()
+    t = two(tmp_path, lms, model_weights="1,0.5", keep_question=True, first_token_ce_weight=0.5)
+    rows = [0, 1, 2]
+    loss, parts = t.loss(rows)
+    assert set(parts) == {f"{k}/{n}" for k in ("ce", "first_token_ce") for n in ("llama", "qwen")}
+    llama, qwen = t.answerers
+    # The same example in each model's own tokens: another question, another answer and stop.
+    assert llama.train_items[0].example is qwen.train_items[0].example
+    assert llama.train_items[0].question != qwen.train_items[0].question
+    assert qwen.train_items[0].answer[-1] == lms["qwen"].tokenizer.eos_token_id != \
+        llama.train_items[0].answer[-1]
+    assert llama.fmt.prefix_text != qwen.fmt.prefix_text
+    expected = 0.0
+    for a, weight, (z, offsets, _) in zip(t.answerers, (1.0, 0.5), t.latents(rows)):
+        for n, r in enumerate(rows):
+            item = a.train_items[r]
+            row = torch.cat([a.prefix, z[offsets[n]:offsets[n + 1]], a.embed_ids(item.question),
+                             a.anchor, a.embed_ids(item.answer[:-1])])
+            logits = a.lm.model(inputs_embeds=row[None]).logits[0]
+            first = row.shape[0] - len(item.answer)
+            ce = F.cross_entropy(logits[first:first + len(item.answer)],
+                                 torch.tensor(item.answer), reduction="none")
+            expected = expected + weight * (ce.mean() + 0.5 * ce[0])
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_each_adapter_starts_on_its_own_vocabularys_distribution_per_dimension(tmp_path):
+    t = two(tmp_path, latent_dim=24, samples=40)
+    assert t.compressor.latent.weight.shape == (24, 32)
+    rows = range(CALIBRATION_EXAMPLES)
+    with torch.no_grad():
+        outs = t.latents(rows)
+    for a, (z, _, _) in zip(t.answerers, outs):
+        assert torch.allclose(z.mean(0), a.vocab.mean, atol=1e-4)
+        assert torch.allclose(z.std(0), a.vocab.std, rtol=1e-3, atol=1e-5)
+
+
+def test_a_checkpoint_round_trips_to_identical_latents_for_each_model(tmp_path):
+    lms = pair()
+    t = two(tmp_path, lms, embed_transform="soft_codebook", codebook_size=16)
+    for step in range(2):
+        t.step(list(range(4)), step)
+    t.save("best", State())
+    weights, config = checkpoint.load(Path(t.out) / "checkpoints" / "best")
+    assert {k.split(".")[0] for k in weights} == {"encoder", "adapters"}
+    assert {"adapters.0.codes", "adapters.1.codes"} <= set(weights)  # each its own codes
+    assert [a["name"] for a in config["answerers"]] == ["llama", "qwen"]
+    assert [a["model"]["class"] for a in config["answerers"]] == ["LlamaForCausalLM",
+                                                                  "Qwen2ForCausalLM"]
+    assert [a["prompt_format"] for a in config["answerers"]] == [a.fmt.describe()
+                                                                 for a in t.answerers]
+    assert config["reader"]["model"]["id"] == "llama"
+    assert checkpoint.reader(config) == config["reader"]
+    again = build(config["compressor"], t.reader.vocab, t.reader.lm.model,
+                  {i: a.vocab for i, a in enumerate(t.answerers)})
+    again.load_state_dict(weights)
+    again.eval()
+    with torch.no_grad():
+        ours = t.latents(range(4), evaluating=True)
+        items = t.reader.eval_items[:4]
+        theirs = again(t.reader.embed_ids([x for i in items for x in i.span]).float(),
+                       [len(i.span) for i in items])
+    for (z, offsets, _), (z2, offsets2, _) in zip(ours, theirs, strict=True):
+        assert torch.equal(z, z2) and torch.equal(offsets, offsets2)
+
+
+def test_a_run_evaluates_each_model_against_its_own_references(tmp_path):
+    lms = pair()
+    opts = options(tmp_path, epochs=2)
+    lines = []
+    assert run(opts, lambda *a, **k: lines.append(" ".join(map(str, a))), lms) == 0
+    out = Path(opts.output_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert list(summary["models"]) == ["llama", "qwen"]
+    for name, m in summary["models"].items():
+        assert set(m["final"]) >= {"f1", "em", "ci", "latent_diagnostics"}
+        assert set(m["references"]) == {"text", "question_only"}
+        assert m["compression_ratio"] > 2 and m["model_id"] == name
+    p = summary["paired"]
+    assert (p["a"], p["b"]) == ("llama", "qwen") and p["label"] in ("better", "worse",
+                                                                    "indistinguishable")
+    assert all(set(e["eval_f1_by_model"]) == {"llama", "qwen"} for e in summary["epochs"])
+    evaluation = json.loads((out / "eval" / "epoch2.json").read_text())
+    f1 = {n: [x["f1"] for x in r["predictions"]] for n, r in evaluation["models"].items()}
+    assert len(f1["llama"]) == len(f1["qwen"]) == summary["split"]["eval_examples"]
+    assert summary["final"]["f1"] == pytest.approx((evaluation["models"]["llama"]["f1"]
+                                                    + evaluation["models"]["qwen"]["f1"]) / 2)
+    references = json.loads((out / "references.json").read_text())
+    assert set(references) == {"llama", "qwen"}
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["type"] == "eval"]
+    assert all("predictions" not in m for r in evals for m in r["models"].values())
+    assert {"ce/llama", "ce/qwen"} <= set(rows[0])
+    assert (out / "plots" / "f1.png").stat().st_size > 0
+    text = render(summary)
+    assert "llama (llama, weight 1)" in text and "qwen (qwen, weight 1)" in text
+    assert "paired, llama - qwen" in text
+    assert any(line.startswith("  qwen: F1") for line in lines)
+    config = json.loads((out / "config.json").read_text())
+    assert [a["name"] for a in config["provenance"]["answerers"]] == ["llama", "qwen"]
+
+
+def test_the_adapter_source_gives_each_model_its_own_latents_and_the_sweep_compares_them(
+        tmp_path, tiny_model_dir, tiny_qwen_other_dir):
+    ids = [str(tiny_model_dir), str(tiny_qwen_other_dir)]
+    lms = {m: models.load(m, "cpu") for m in ids}
+    opts = TrainOptions(model_id=",".join(ids), samples=8, eval_samples=3, batch_size=4,
+                        max_new_tokens=3, keep_question=True, output_dir=str(tmp_path / "run"))
+    assert run(opts, quiet, lms) == 0
+    best = tmp_path / "run" / "checkpoints" / "best"
+    sweep = SweepOptions(model_id=",".join(ids), source=f"text,adapter:{best}",
+                         experiment="baseline", samples=4, max_new_tokens=3,
+                         output_dir=str(tmp_path / "sweep"))
+    summary, code = run_sweep(sweep, log=quiet)
+    assert code == 0 and [m["summary"]["successful"] for m in summary["models"]] == [2, 2]
+    cross = analysis.build(summary)["cross_model"]["sources"]
+    assert f"adapter:{best}" in cross
+
+    # Directly: the reader (the Llama) reads each context in its own tokens; each model's
+    # latents are its adapter's, and the question follows in its own tokens.
+    weights, config = checkpoint.load(best)
+    reader = lms[ids[0]]
+    reader_fmt = prompts.make_format(reader.tokenizer, "auto")
+    vocabs = {}
+    for (one, plan), m in zip(plan_models(sweep), ids):
+        s = Sweep(one, plan, quiet, lms[m])
+        vocabs[m] = s.vocab
+        (spec,) = [p for p in parse(one.source) if p.source.name == "adapter"]
+        inputs, _ = s.source_inputs(spec)
+        compressor = build(config["compressor"], vocabs[ids[0]] if m != ids[0] else s.vocab,
+                           reader.model, {ids.index(m): s.vocab})
+        compressor.load_state_dict({k: v for k, v in weights.items() if not k.startswith(
+            "adapters.") or k.startswith(f"adapters.{ids.index(m)}.")})
+        compressor.eval()
+        spans = [prompts.encode_span(reader.tokenizer, reader_fmt, e.context, e.question, True)[0]
+                 for e in s.examples]
+        embed = reader.model.get_input_embeddings()
+        with torch.no_grad():
+            ((z, offsets, _),) = compressor(embed(torch.tensor([t for x in spans for t in x]))
+                                            .float(), [len(x) for x in spans])
+        assert z.shape[1] == lms[m].model.config.hidden_size
+        assert torch.allclose(inputs.x, z, atol=1e-6) and torch.equal(inputs.offsets, offsets)
+        own = lms[m].model.get_input_embeddings()
+        for e, suffix in zip(s.examples, s.suffixes[spec.spec]):
+            question = prompts.encode_span(lms[m].tokenizer, s.fmt, e.context, e.question, True)[1]
+            assert torch.equal(suffix, own(torch.tensor(question)).float())
+
+
+def test_a_model_the_checkpoint_has_no_adapter_for_is_refused_in_one_line(
+        tmp_path, capsys, tiny_model_dir, tiny_qwen_other_dir):
+    ids = [str(tiny_model_dir), str(tiny_qwen_other_dir)]
+    opts = TrainOptions(model_id=",".join(ids), samples=8, eval_samples=3, batch_size=4,
+                        max_new_tokens=2, output_dir=str(tmp_path / "run"))
+    assert run(opts, quiet, {m: models.load(m, "cpu") for m in ids}) == 0
+    third = tmp_path / "third"
+    lm = tiny_lm(hidden=40)
+    lm.model.save_pretrained(third)
+    lm.tokenizer.save_pretrained(third)
+    best = tmp_path / "run" / "checkpoints" / "best"
+    with pytest.raises(UsageError, match="has no adapter for the model loaded"):
+        run_sweep(SweepOptions(model_id=str(third), source=f"adapter:{best}",
+                               experiment="baseline", samples=2,
+                               output_dir=str(tmp_path / "sweep")), log=quiet)
+    assert main(["sweep", "--model_id", str(third), "--source", f"adapter:{best}",
+                 "--experiment", "baseline", "--samples", "2", "--output_dir",
+                 str(tmp_path / "sweep2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no adapter for the model loaded" in err
+    assert str(tiny_qwen_other_dir) in err
+
+
+def test_a_frozen_encoder_trains_only_the_new_models_adapter(tmp_path):
+    """Transfer: an encoder trained with the Llama alone, frozen, read by the Qwen2 through an
+    adapter that is all that trains."""
+    lms = pair()
+    alone = TrainOptions(model_id="llama", samples=12, eval_samples=4, batch_size=4,
+                         max_new_tokens=2, output_dir=str(tmp_path / "alone"))
+    assert run(alone, quiet, lms["llama"]) == 0
+    best = tmp_path / "alone" / "checkpoints" / "best"
+    weights, _ = checkpoint.load(best)
+    t = two(tmp_path, lms, model_id="qwen", encoder_model="llama", freeze_encoder=str(best))
+    assert [a.name for a in t.answerers] == ["qwen"] and t.reader.name == "llama"
+    assert {id(p) for p in t.params} == {id(p) for p in t.compressor.adapters["0"].parameters()}
+    for step in range(2):
+        t.step(list(range(4)), step)
+    assert all(torch.equal(weights[k], v) for k, v in t.compressor.state_dict().items()
+               if k.startswith("encoder."))
+    assert float(t.compressor.adapters["0"].proj.weight.grad.abs().sum()) > 0
+    with pytest.raises(UsageError, match="--compression 4.0 there, 2.0 now"):
+        two(tmp_path / "b", lms, model_id="qwen", encoder_model="llama",
+            freeze_encoder=str(best), compression=2.0)
+    with pytest.raises(UsageError, match="its encoder reads with llama, not qwen"):
+        two(tmp_path / "c", lms, model_id="qwen", freeze_encoder=str(best))
+
+
+@pytest.mark.parametrize("weights", ["1", "1,x", "0,0", "1,-1"])
+def test_model_weights_need_one_weight_per_model(tmp_path, weights):
+    with pytest.raises(UsageError, match="--model_weights takes one weight"):
+        validate(options(tmp_path, model_weights=weights))
