@@ -264,3 +264,21 @@ def test_a_changed_command_gets_a_tune_experiment_of_its_own(tmp_path):
     assert name(verify=True).startswith("verify-")
     assert len({name(), name(reduction_factor=2), name(max_epochs=4),
                 name(experiment="baseline")}) == 4
+
+
+@pytest.mark.ray
+def test_a_screen_over_two_models_ranks_their_shared_runs_on_the_mean_f1(
+        local_ray, tiny_model_dir, tiny_qwen_other_dir, tmp_path):
+    pair = f"{tiny_model_dir},{tiny_qwen_other_dir}"
+    args = ["screen", "--model_id", pair, "--experiment", "baseline,rms_scale1.0",
+            "--max_epochs", "1", "--samples", "8", "--eval_samples", "3", "--batch_size", "4",
+            "--max_new_tokens", "2", "--output_dir", str(tmp_path)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "screen.json").read_text())
+    assert [t["status"] for t in result["trials"]] == ["finished", "finished"]
+    for trial in result["trials"]:
+        summary = json.loads((tmp_path / "trials" / trial["experiment"] / "summary.json")
+                             .read_text())
+        assert len(summary["models"]) == 2 and summary["paired"] is not None
+        assert trial["f1_by_epoch"] == [SCRIPT[trial["experiment"]][0]]
+    assert f"--model_id {pair}" in result["next_command"]

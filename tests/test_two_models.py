@@ -282,3 +282,32 @@ def test_a_frozen_encoder_trains_only_the_new_models_adapter(tmp_path):
 def test_model_weights_need_one_weight_per_model(tmp_path, weights):
     with pytest.raises(UsageError, match="--model_weights takes one weight"):
         validate(options(tmp_path, model_weights=weights))
+
+
+def test_a_study_over_the_pair_has_a_row_per_cell_and_model(tmp_path, tiny_model_dir,
+                                                            tiny_qwen_other_dir, capsys):
+    ids = [str(tiny_model_dir), str(tiny_qwen_other_dir)]
+    names = [models.model_dirname(m) for m in ids]
+    args = ["study", "--model_id", ",".join(ids), "--encoders", "pool", "--compressions", "4",
+            "--settings", "aware", "--samples", "8", "--eval_samples", "3", "--batch_size", "4",
+            "--max_new_tokens", "2", "--output_dir", str(tmp_path)]
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("references: those of") == 2
+    rows = json.loads((tmp_path / "study.json").read_text())["rows"]
+    assert [(r["encoder"], r["compression"], r["model"]) for r in rows] == [
+        (e, c, n) for e, c in (("pool", 4.0), ("constant", 4.0), ("pool", 1.0)) for n in names]
+    for row in rows[:2]:  # each model's against its own control, on the same questions
+        control = study_f1s(tmp_path / "aware/constant_x4", row["model"])
+        mine = study_f1s(tmp_path / "aware/pool_x4", row["model"])
+        diff = sum(a - b for a, b in zip(mine, control)) / len(mine)
+        assert row["vs_constant"]["diff"] == pytest.approx(diff)
+        assert set(row["references"]) == {"text", "question_only"}
+    table = (tmp_path / "study.md").read_text()
+    assert f"| aware | pool | {names[1]} |" in table and f"References of {names[0]}" in table
+
+
+def study_f1s(run_dir, name):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    epoch = summary["epochs"][-1]["epoch"]
+    evaluation = json.loads((run_dir / "eval" / f"epoch{epoch}.json").read_text())
+    return [p["f1"] for p in evaluation["models"][name]["predictions"]]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import experiments, models, provenance, raycluster, stats
+from .. import experiments, provenance, raycluster, stats
 from ..errors import UsageError
 from ..files import write_json, write_text
 from ..memory import keep_freed_memory
@@ -33,6 +33,7 @@ from ..plots import pyplot, save
 from . import checkpoint
 from .loop import run as train
 from .options import TRANSFORM_OPTIONS, TrainOptions, train_command, validate
+from .trainer import load_models
 
 TOP = 3  # --verify: would ASHA have stopped a trial that finished this high?
 
@@ -150,10 +151,10 @@ def _trial(config: dict, setup: dict) -> None:
         report(entry)  # what an earlier run of this trial trained, for ASHA to decide on again
     if summary and summary["status"] != "running":
         return
-    key = (opts.model_id, opts.device, opts.trust_remote_code)
+    key = (opts.model_id, opts.encoder_model, opts.device, opts.trust_remote_code)
     if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[key] = models.load(*key)
+        _LOADED[key] = load_models(opts)
     code = train(replace(opts, resume="yes" if _last(folder) else "no"), log, _LOADED[key],
                         on_epoch=report_before_the_last)
     if code == 0:

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .. import models, raycluster, stats
+from .. import raycluster, stats
 from ..errors import StorageError, UsageError
 from ..files import read_json, write_json, write_text
 from ..memory import keep_freed_memory
@@ -26,6 +26,7 @@ from . import checkpoint
 from .encoders import ENCODERS
 from .loop import run as train
 from .options import TrainOptions, validate
+from .trainer import load_models
 
 SETTINGS = {"aware": False, "agnostic": True}  # setting -> keep_question
 
@@ -155,7 +156,7 @@ def _here(opts: StudyOptions, left: list, total: int, log) -> list[str]:
     lm, failed = None, []
     for n, cell, o in left:
         log(f"[{n}/{total}] {cell.name}{' (resumed)' if o.resume == 'yes' else ''}")
-        lm = lm or models.load(o.model_id, o.device, o.trust_remote_code)
+        lm = lm or load_models(o)
         if train(o, log, lm, references_from=_finished(opts)):
             # Its summary says failed and why; the cells after it do not depend on it.
             log(f"[{n}/{total}] {cell.name}: failed; the study goes on without it")
@@ -184,10 +185,10 @@ def train_cell(o: TrainOptions, driver: dict, references_from: str | None) -> in
         # Every line tagged with its cell: Ray's log deduplication would merge untagged ones.
         print("\n".join(f"[{name}] {line}" for line in text.splitlines()), flush=True)
 
-    key = (o.model_id, o.device, o.trust_remote_code)
+    key = (o.model_id, o.encoder_model, o.device, o.trust_remote_code)
     if key not in LOADED:
         LOADED.clear()
-        LOADED[key] = models.load(*key)
+        LOADED[key] = load_models(o)
     resume = "yes" if _status(Path(o.output_dir)) == "resume" else "no"
     return train(replace(o, resume=resume), log, LOADED[key], references_from=references_from)
 
@@ -243,50 +244,65 @@ def _on_ray(opts: StudyOptions, left: list, total: int, log) -> list[str]:
     return failed
 
 
-def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
-    """One row per finished cell: F1/EM with CIs, the paired difference to the constant control
-    at the same compression and setting, and the share of the uncompressed trained reference
-    (each where that cell finished too)."""
-    def load(cell):
-        path = Path(opts.output_dir) / cell.name
-        summary = json.loads((path / "summary.json").read_text())
-        epoch = summary["epochs"][-1]["epoch"]
-        preds = json.loads((path / "eval" / f"epoch{epoch}.json").read_text())["predictions"]
-        return summary, [p["f1"] for p in preds]
+def results(path: Path) -> dict:
+    """A finished run's last evaluation per answering model, by name (None for a run over one
+    model): (its summary section: final, references, compression_ratio; its F1 per question)."""
+    summary = json.loads((path / "summary.json").read_text())
+    epoch = summary["epochs"][-1]["epoch"]
+    evaluation = json.loads((path / "eval" / f"epoch{epoch}.json").read_text())
+    if "models" not in summary:
+        return {None: (summary, [p["f1"] for p in evaluation["predictions"]])}
+    return {name: (section, [p["f1"] for p in evaluation["models"][name]["predictions"]])
+            for name, section in summary["models"].items()}
 
-    loaded = {c: load(c) for c in todo if _status(Path(opts.output_dir) / c.name) == "finished"}
+
+def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
+    """One row per finished cell (per cell and model, for cells trained for several): F1/EM
+    with CIs, the paired difference to the constant control at the same compression and
+    setting, and the share of the uncompressed trained reference (each where that cell
+    finished too, for the same model)."""
+    out = Path(opts.output_dir)
+    loaded = {c: results(out / c.name) for c in todo if _status(out / c.name) == "finished"}
     rows = []
-    for c in loaded:
-        summary, f1s = loaded[c]
-        control = loaded.get(Cell(c.setting, "constant", c.compression))
-        reference = loaded.get(Cell(c.setting, "pool", 1.0))
-        vs = stats.paired_comparison(f1s, control[1]) if control and c.encoder != "constant" else None
-        share = None
-        if reference and reference[0]["final"]["f1"] > 0:
-            share = summary["final"]["f1"] / reference[0]["final"]["f1"]
-        rows.append({"setting": c.setting, "encoder": c.encoder, "compression": c.compression,
-                     "measured_compression": summary["compression_ratio"],
-                     "f1": summary["final"]["f1"], "em": summary["final"]["em"],
-                     "ci": summary["final"]["ci"], "vs_constant": vs,
-                     "share_of_uncompressed": share, "references": summary["references"],
-                     "train_seconds": summary["train_seconds"]})
+    for c, per_model in loaded.items():
+        seconds = json.loads((out / c.name / "summary.json").read_text())["train_seconds"]
+        for name, (own, f1s) in per_model.items():
+            control = loaded.get(Cell(c.setting, "constant", c.compression), {}).get(name)
+            reference = loaded.get(Cell(c.setting, "pool", 1.0), {}).get(name)
+            vs = (stats.paired_comparison(f1s, control[1])
+                  if control and c.encoder != "constant" else None)
+            share = None
+            if reference and reference[0]["final"]["f1"] > 0:
+                share = own["final"]["f1"] / reference[0]["final"]["f1"]
+            rows.append({"setting": c.setting, "encoder": c.encoder, "compression": c.compression,
+                         **({"model": name} if name is not None else {}),
+                         "measured_compression": own["compression_ratio"],
+                         "f1": own["final"]["f1"], "em": own["final"]["em"],
+                         "ci": own["final"]["ci"], "vs_constant": vs,
+                         "share_of_uncompressed": share, "references": own["references"],
+                         "train_seconds": seconds})
     return rows
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| setting | encoder | positions vs text | F1 [95% CI] | EM | vs constant (paired) "
-             "| of uncompressed trained |", "|---|---|---|---|---|---|---|"]
+    several = "model" in rows[0]
+    lines = ["| setting | encoder |" + (" model |" if several else "") + " positions vs text | "
+             "F1 [95% CI] | EM | vs constant (paired) | of uncompressed trained |",
+             "|---|---|---|---|---|---|---|" + ("---|" if several else "")]
     for r in rows:
         vs = r["vs_constant"]
         vs_text = (f"{vs['diff']:+.3f} [{vs['diff_ci'][0]:+.3f}, {vs['diff_ci'][1]:+.3f}] "
                    f"{vs['label']}") if vs else "-"
         share = f"{r['share_of_uncompressed']:.0%}" if r["share_of_uncompressed"] is not None else "-"
-        lines.append(f"| {r['setting']} | {r['encoder']} | {r['measured_compression']:.2f}x fewer "
+        model = f" {r['model']} |" if several else ""
+        lines.append(f"| {r['setting']} | {r['encoder']} |{model} {r['measured_compression']:.2f}x fewer "
                      f"| {r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['em']:.3f} "
                      f"| {vs_text} | {share} |")
-    refs = rows[0]["references"]
-    lines.append(f"\nReferences (untrained, same evaluation examples): text itself F1 "
-                 f"{refs['text']['f1']:.3f}, question only F1 {refs['question_only']['f1']:.3f}.")
+    for r in {r.get("model"): r for r in rows}.values():
+        refs, whose = r["references"], f" of {r['model']}" if several else ""
+        lines.append(f"\nReferences{whose} (untrained, same evaluation examples): text itself "
+                     f"F1 {refs['text']['f1']:.3f}, question only F1 "
+                     f"{refs['question_only']['f1']:.3f}.")
     return "\n".join(lines)
 
 
@@ -299,15 +315,20 @@ def _write(opts: StudyOptions, rows: list[dict]) -> None:
     fig, axes = plt.subplots(1, len(settings), figsize=(6.4 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         mine = [r for r in rows if r["setting"] == setting]
-        for encoder in dict.fromkeys(r["encoder"] for r in mine):
-            pts = sorted((r for r in mine if r["encoder"] == encoder),
+        # A line per encoder (per encoder and model, for cells trained for several).
+        for encoder, model in dict.fromkeys((r["encoder"], r.get("model")) for r in mine):
+            pts = sorted((r for r in mine if (r["encoder"], r.get("model")) == (encoder, model)),
                          key=lambda r: r["measured_compression"])
             ax.errorbar([r["measured_compression"] for r in pts], [r["f1"] for r in pts],
                         yerr=[[r["f1"] - r["ci"][0] for r in pts], [r["ci"][1] - r["f1"] for r in pts]],
-                        marker="o", capsize=3, label=encoder)
-        refs = mine[0]["references"]
-        ax.axhline(refs["text"]["f1"], ls="--", color="#444444", label="text, zero-shot")
-        ax.axhline(refs["question_only"]["f1"], ls=":", color="#8c564b", label="question only")
+                        marker="o", capsize=3,
+                        label=encoder if model is None else f"{encoder} ({model})")
+        for r in {r.get("model"): r for r in mine}.values():
+            refs, whose = r["references"], "" if "model" not in r else f" ({r['model']})"
+            ax.axhline(refs["text"]["f1"], ls="--", color="#444444",
+                       label=f"text, zero-shot{whose}")
+            ax.axhline(refs["question_only"]["f1"], ls=":", color="#8c564b",
+                       label=f"question only{whose}")
         ax.set(xscale="log", xlabel="text positions per latent (measured)", ylabel="evaluation F1",
                title=f"query-{setting}", ylim=(0, 1))
         ax.legend(fontsize=8)
