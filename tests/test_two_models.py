@@ -311,3 +311,36 @@ def study_f1s(run_dir, name):
     epoch = summary["epochs"][-1]["epoch"]
     evaluation = json.loads((run_dir / "eval" / f"epoch{epoch}.json").read_text())
     return [p["f1"] for p in evaluation["models"][name]["predictions"]]
+
+
+def test_dedicated_sets_the_shared_runs_against_each_model_alone(tmp_path, tiny_model_dir,
+                                                                 tiny_qwen_other_dir, capsys):
+    """The cost of sharing: every cell also trained for each model alone, and one table per
+    model of shared against dedicated (paired, computed here directly) against its own
+    uncompressed trained reference."""
+    ids = [str(tiny_model_dir), str(tiny_qwen_other_dir)]
+    names = [models.model_dirname(m) for m in ids]
+    args = ["study", "--model_id", ",".join(ids), "--dedicated", "--encoders", "pool",
+            "--compressions", "4", "--settings", "aware", "--samples", "8", "--eval_samples",
+            "3", "--batch_size", "4", "--max_new_tokens", "2", "--output_dir", str(tmp_path)]
+    assert main(args) == 0
+    for n, m in zip(names, ids):
+        config = json.loads((tmp_path / f"aware/pool_x4-{n}" / "config.json").read_text())
+        assert config["options"]["model_id"] == m and "answerers" not in config["provenance"]
+    result = json.loads((tmp_path / "study.json").read_text())
+    assert len(result["rows"]) == 6  # the shared cells only, per model
+    costs = result["sharing"]
+    assert [(r["encoder"], r["compression"], r["model"]) for r in costs] == [
+        (e, c, n) for e, c in (("pool", 4.0), ("constant", 4.0), ("pool", 1.0)) for n in names]
+    for r in costs:
+        cell = f"aware/{r['encoder']}_x{r['compression']:g}"
+        shared = study_f1s(tmp_path / cell, r["model"])
+        dedicated = [p["f1"] for p in json.loads(
+            (tmp_path / f"{cell}-{r['model']}" / "eval" / "epoch1.json").read_text())["predictions"]]
+        diff = sum(a - b for a, b in zip(shared, dedicated)) / len(shared)
+        assert r["shared_vs_dedicated"]["diff"] == pytest.approx(diff)
+    assert "The cost of sharing" in (tmp_path / "study.md").read_text()
+    capsys.readouterr()
+    assert main(["study", "--model_id", ids[0], "--dedicated", "--output_dir",
+                 str(tmp_path / "one")]) == 2
+    assert "--dedicated sets runs shared by several models" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import raycluster, stats
+from ..models import model_dirname
 from ..errors import StorageError, UsageError
 from ..files import read_json, write_json, write_text
 from ..memory import keep_freed_memory
@@ -44,6 +45,11 @@ class StudyOptions(raycluster.WorkerShape):
                                help="comma-separated text positions per latent")
     settings: str = option("aware,agnostic", group=GRID, metavar="NAMES",
                            help=f"comma-separated, of: {', '.join(SETTINGS)}")
+    dedicated: bool = option(
+        False, group=GRID,
+        help="with several --model_id: also train every cell for each model alone, with the "
+             "same flags and budget, and set the shared runs against them per model (the cost "
+             "of sharing, in study.md's second table)")
     output_dir: str = option("runs/study", group="run", metavar="DIR",
                              help="where the cells' runs go; a rerun continues the study")
     ray: str | None = option(
@@ -63,10 +69,12 @@ class Cell:
     setting: str
     encoder: str
     compression: float
+    model: str | None = None  # trained for this model alone (--dedicated); None: --model_id's
 
     @property
     def name(self) -> str:
-        return f"{self.setting}/{self.encoder}_x{self.compression:g}"
+        alone = f"-{model_dirname(self.model)}" if self.model else ""
+        return f"{self.setting}/{self.encoder}_x{self.compression:g}{alone}"
 
 
 def cells(opts: StudyOptions) -> list[Cell]:
@@ -84,13 +92,19 @@ def cells(opts: StudyOptions) -> list[Cell]:
             raise UsageError(f"unknown setting {s!r} in --settings; use: {', '.join(SETTINGS)}")
     if not encoders or not settings or not ratios or min(ratios) < 1:
         raise UsageError("a study needs at least one encoder, setting and compression >= 1")
+    models = opts.base.model_ids()
+    if opts.dedicated and len(models) < 2:
+        raise UsageError("--dedicated sets runs shared by several models against each model "
+                         "alone; pass the models as --model_id A,B")
+    alone = models if opts.dedicated else []
     out = []
     for s in settings:
         grid = [(e, r) for e in encoders for r in ratios]
         grid += [("constant", r) for r in ratios] + [("pool", 1.0)]
-        for e, r in grid:
-            if Cell(s, e, r) not in out:
-                out.append(Cell(s, e, r))
+        for m in [None, *alone]:
+            for e, r in grid:
+                if Cell(s, e, r, m) not in out:
+                    out.append(Cell(s, e, r, m))
     return out
 
 
@@ -98,7 +112,8 @@ def _options(opts: StudyOptions, cell: Cell, resume: bool) -> TrainOptions:
     # --encoder_lora and --encoder_layer describe the lm encoder's reader: the controls and the
     # other encoders of the same study have none, and train as they would alone.
     reads = getattr(ENCODERS[cell.encoder], "needs_model", False)
-    return replace(opts.base, encoder=cell.encoder, compression=cell.compression, latent_len=None,
+    alone = {"model_id": cell.model, "model_weights": ""} if cell.model else {}
+    return replace(opts.base, **alone, encoder=cell.encoder, compression=cell.compression, latent_len=None,
                    keep_question=SETTINGS[cell.setting], resume="yes" if resume else "no",
                    output_dir=str(Path(opts.output_dir) / cell.name),
                    encoder_lora=opts.base.encoder_lora if reads else 0,
@@ -134,30 +149,31 @@ def run(opts: StudyOptions, log=print) -> int:
             left.append((n, cell, o))
     if left:
         failed += (_here if opts.ray is None else _on_ray)(opts, left, len(plans), log)
-    rows = table(opts, todo)
+    rows, costs = table(opts, todo), sharing(opts, todo)
     if rows:
-        _write(opts, rows)
-        log("\n" + render(rows))
+        _write(opts, rows, costs)
+        log("\n" + render(rows) + (f"\n\n{render_sharing(costs)}" if costs else ""))
     if failed:
         log(f"failed cells: {', '.join(failed)} (not in the table)")
     return 1 if failed else 0
 
 
-def _finished(opts: StudyOptions) -> str | None:
-    """A finished cell's folder, whose references the next cell takes over: every cell
-    evaluates the same examples with the same frozen model (the trainer checks that they do)."""
-    done = [Path(opts.output_dir) / c.name for c in cells(opts)]
+def _finished(opts: StudyOptions, cell: Cell) -> str | None:
+    """A finished cell's folder, whose references the cell takes over: every cell for the same
+    models evaluates the same examples with the same frozen models (the trainer checks that
+    they do)."""
+    done = [Path(opts.output_dir) / c.name for c in cells(opts) if c.model == cell.model]
     return next((str(p) for p in done if _status(p) == "finished"), None)
 
 
 def _here(opts: StudyOptions, left: list, total: int, log) -> list[str]:
     """The cells one after another in this process, sharing one load of the model; the names
     of those that failed."""
-    lm, failed = None, []
+    loaded, failed = {}, []
     for n, cell, o in left:
         log(f"[{n}/{total}] {cell.name}{' (resumed)' if o.resume == 'yes' else ''}")
-        lm = lm or load_models(o)
-        if train(o, log, lm, references_from=_finished(opts)):
+        loaded.update(load_models(o, loaded))
+        if train(o, log, loaded, references_from=_finished(opts, cell)):
             # Its summary says failed and why; the cells after it do not depend on it.
             log(f"[{n}/{total}] {cell.name}: failed; the study goes on without it")
             failed.append(cell.name)
@@ -212,7 +228,7 @@ def _on_ray(opts: StudyOptions, left: list, total: int, log) -> list[str]:
             n, cell, o = queue.popleft()
             log(f"[{n}/{total}] {cell.name}: started on Ray")
             o = replace(o, output_dir=str(Path(o.output_dir).resolve()))
-            pending[task.remote(o, driver, _finished(opts))] = (n, cell)
+            pending[task.remote(o, driver, _finished(opts, cell))] = (n, cell)
 
         log(f"Ray: {len(left)} cells as tasks, at most {capacity} at once ({cpus:g} CPU, "
             f"{gpus:g} GPU each)")
@@ -256,16 +272,23 @@ def results(path: Path) -> dict:
             for name, section in summary["models"].items()}
 
 
+def _loaded(opts: StudyOptions, todo: list[Cell]) -> dict:
+    out = Path(opts.output_dir)
+    return {c: results(out / c.name) for c in todo if _status(out / c.name) == "finished"}
+
+
 def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
     """One row per finished cell (per cell and model, for cells trained for several): F1/EM
     with CIs, the paired difference to the constant control at the same compression and
     setting, and the share of the uncompressed trained reference (each where that cell
     finished too, for the same model)."""
-    out = Path(opts.output_dir)
-    loaded = {c: results(out / c.name) for c in todo if _status(out / c.name) == "finished"}
+    loaded = _loaded(opts, todo)
     rows = []
     for c, per_model in loaded.items():
-        seconds = json.loads((out / c.name / "summary.json").read_text())["train_seconds"]
+        if c.model is not None:  # trained for one model alone: the sharing table's
+            continue
+        seconds = json.loads((Path(opts.output_dir) / c.name / "summary.json")
+                             .read_text())["train_seconds"]
         for name, (own, f1s) in per_model.items():
             control = loaded.get(Cell(c.setting, "constant", c.compression), {}).get(name)
             reference = loaded.get(Cell(c.setting, "pool", 1.0), {}).get(name)
@@ -282,6 +305,63 @@ def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
                          "share_of_uncompressed": share, "references": own["references"],
                          "train_seconds": seconds})
     return rows
+
+
+def sharing(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
+    """The cost of sharing (--dedicated): per shared cell and model, where the cell finished
+    for that model alone too, the shared run's F1 against the dedicated one's (paired, on the
+    same questions), and each as a share of the model's own uncompressed trained reference
+    (pool at 1x trained for it alone)."""
+    loaded = _loaded(opts, todo)
+    rows = []
+    for c, per_model in loaded.items():
+        if c.model is not None:
+            continue
+        for m in opts.base.model_ids():
+            name = model_dirname(m)
+            shared = per_model.get(name)
+            dedicated = loaded.get(Cell(c.setting, c.encoder, c.compression, m), {}).get(None)
+            if shared is None or dedicated is None:
+                continue
+            own = loaded.get(Cell(c.setting, "pool", 1.0, m), {}).get(None)
+            reference = own[0]["final"]["f1"] if own else 0.0
+            rows.append({"setting": c.setting, "encoder": c.encoder, "compression": c.compression,
+                         "model": name, "measured_compression": shared[0]["compression_ratio"],
+                         "shared": _brief(shared[0]["final"]),
+                         "dedicated": _brief(dedicated[0]["final"]),
+                         "shared_vs_dedicated": stats.paired_comparison(shared[1], dedicated[1]),
+                         "shared_of_own_uncompressed":
+                             shared[0]["final"]["f1"] / reference if reference else None,
+                         "dedicated_of_own_uncompressed":
+                             dedicated[0]["final"]["f1"] / reference if reference else None})
+    return rows
+
+
+def _brief(final: dict) -> dict:
+    return {k: final[k] for k in ("f1", "em", "ci")}
+
+
+def render_sharing(rows: list[dict]) -> str:
+    def f1(r):
+        return f"{r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
+
+    def share(x):
+        return f"{x:.0%}" if x is not None else "-"
+
+    lines = ["The cost of sharing: each model's F1 from the latents shared by all, against the "
+             "same encoder trained for it alone (dedicated), with the same flags and budget.\n",
+             "| setting | encoder | model | positions vs text | shared F1 [95% CI] | dedicated "
+             "F1 [95% CI] | shared - dedicated (paired) | shared, dedicated of its own "
+             "uncompressed trained |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = r["shared_vs_dedicated"]
+        lines.append(f"| {r['setting']} | {r['encoder']} | {r['model']} | "
+                     f"{r['measured_compression']:.2f}x fewer | {f1(r['shared'])} | "
+                     f"{f1(r['dedicated'])} | {vs['diff']:+.3f} [{vs['diff_ci'][0]:+.3f}, "
+                     f"{vs['diff_ci'][1]:+.3f}] {vs['label']} | "
+                     f"{share(r['shared_of_own_uncompressed'])}, "
+                     f"{share(r['dedicated_of_own_uncompressed'])} |")
+    return "\n".join(lines)
 
 
 def render(rows: list[dict]) -> str:
@@ -306,10 +386,11 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write(opts: StudyOptions, rows: list[dict]) -> None:
+def _write(opts: StudyOptions, rows: list[dict], costs: list[dict]) -> None:
     out = Path(opts.output_dir)
-    write_json(out / "study.json", {"rows": rows})
-    write_text(out / "study.md", render(rows) + "\n")
+    write_json(out / "study.json", {"rows": rows, **({"sharing": costs} if costs else {})})
+    write_text(out / "study.md", render(rows) + (f"\n\n{render_sharing(costs)}" if costs else "")
+               + "\n")
     plt = pyplot()
     settings = sorted({r["setting"] for r in rows}, key=list(SETTINGS).index)
     fig, axes = plt.subplots(1, len(settings), figsize=(6.4 * len(settings), 4), squeeze=False)
