@@ -49,6 +49,7 @@ TRAIN_EXAMPLES = """examples:
   latentwire train --encoder attn --output_dir runs/train/attn4 --report_to tensorboard,mlflow
   WANDB_MODE=offline latentwire train --report_to wandb   # W&B without network
   torchrun --nproc_per_node 2 latentwire/train.py --batch_size 16   # data parallel
+  latentwire train --model_id bundled:SmolLM2-135M-Instruct,./qwen.gguf --encoder lm   # one latent, two models
   latentwire sweep --source text,adapter:runs/train/attn4/checkpoints/best
 """
 
