@@ -344,3 +344,10 @@ def test_dedicated_sets_the_shared_runs_against_each_model_alone(tmp_path, tiny_
     assert main(["study", "--model_id", ids[0], "--dedicated", "--output_dir",
                  str(tmp_path / "one")]) == 2
     assert "--dedicated sets runs shared by several models" in capsys.readouterr().err
+
+
+def test_two_models_named_alike_are_refused_before_they_load(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder / "tiny").mkdir(parents=True)
+    with pytest.raises(UsageError, match=r"--model_id names models alike \(tiny, tiny\)"):
+        validate(options(tmp_path, model_id=f"{tmp_path / 'a' / 'tiny'},{tmp_path / 'b' / 'tiny'}"))

@@ -258,6 +258,9 @@ def validate(opts: TrainOptions) -> Path:
          f"--compression must be at least 1 (got {opts.compression}): it is text positions "
          "per latent")
     need(bool(opts.model_ids()), "--model_id is empty; pass a model, or several as --model_id A,B")
+    names = [models.model_dirname(m) for m in opts.model_ids()]
+    need(len(set(names)) == len(names), f"--model_id names models alike ({', '.join(names)}); "
+         "pass them by paths with different final names")
     try:
         weights = opts.weights()
     except ValueError:

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -340,10 +339,6 @@ class Trainer:
         self.checkpointing = opts.gradient_checkpointing or self.device.type == "cuda"
         self.answerers = [Answerer(m, loaded[m], opts, self.split, self.checkpointing, w)
                           for m, w in zip(opts.model_ids(), opts.weights())]
-        names = [a.name for a in self.answerers]
-        if len(set(names)) < len(names):
-            raise UsageError(f"--model_id names two models {', '.join(names)} alike; pass them "
-                             "by paths with different final names")
         # The model whose copy reads the text: one of those answering, or one that only reads.
         self.reader = next((a for a in self.answerers if a.model_id == opts.reader_id()),
                            None) or Answerer(opts.reader_id(), loaded[opts.reader_id()], opts,
@@ -354,10 +349,10 @@ class Trainer:
         self.compressor = build(self.spec, reader.vocab, reader.lm.model, {
             i: a.vocab for i, a in enumerate(self.answerers)} if "adapters" in self.spec
             else None).to(self.device)
-        if frozen is not None:
+        if frozen is not None:  # only the adapters train
             self.compressor.load_state_dict(frozen, strict=False)
-            self.compressor.encoder.requires_grad_(False)
-            getattr(self.compressor, "latent", nn.Identity()).requires_grad_(False)
+            for name, p in self.compressor.named_parameters():
+                p.requires_grad_(name.startswith("adapters."))
         # The same first examples on every rank: each calibrates to identical statistics.
         calibration = reader.train_items[:CALIBRATION_EXAMPLES]
         spans = reader.embed_ids([t for i in calibration for t in i.span])
@@ -370,7 +365,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr)
         first = self.answerers[0]
         self.provenance = provenance.describe(
-            opts.model_id, first.lm, first.fmt, first.vocab,
+            first.model_id, first.lm, first.fmt, first.vocab,
             {"spec": opts.dataset, "eval_spec": opts.eval_dataset,
              "train_examples_sha256": provenance.examples_sha(self.split.train),
              "eval_examples_sha256": provenance.examples_sha(self.split.eval)},
