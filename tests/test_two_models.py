@@ -53,12 +53,17 @@ def states(lms):
     return {m: {k: v.clone() for k, v in lm.model.state_dict().items()} for m, lm in lms.items()}
 
 
-@pytest.mark.parametrize("encoder", ["pool", "lm"])
+@pytest.mark.parametrize("encoder, lora", [("pool", 0), ("lm", 0), ("lm", 2)])
 def test_gradients_reach_the_encoder_and_both_adapters_and_both_models_stay_unchanged(
-        tmp_path, encoder):
+        tmp_path, encoder, lora):
+    if lora:
+        pytest.importorskip("peft")
     lms = pair()
     before = states(lms)
-    t = two(tmp_path, lms, encoder=encoder)
+    t = two(tmp_path, lms, encoder=encoder, encoder_lora=lora)
+    if lora:  # the reader is the first model's own copy, not either model that answers
+        assert t.compressor.encoder.reader[0] not in [lm.model for lm in lms.values()]
+        assert t.compressor.encoder.lora
     assert [a.embed.weight.shape[1] for a in t.answerers] == [32, 48]
     assert t.reader is t.answerers[0]
     for step in range(2):
@@ -351,3 +356,15 @@ def test_two_models_named_alike_are_refused_before_they_load(tmp_path):
         (tmp_path / folder / "tiny").mkdir(parents=True)
     with pytest.raises(UsageError, match=r"--model_id names models alike \(tiny, tiny\)"):
         validate(options(tmp_path, model_id=f"{tmp_path / 'a' / 'tiny'},{tmp_path / 'b' / 'tiny'}"))
+
+
+def test_the_command_trains_the_pair(tmp_path, tiny_model_dir, tiny_qwen_other_dir):
+    ids = [str(tiny_model_dir), str(tiny_qwen_other_dir)]
+    assert main(["train", "--model_id", ",".join(ids), "--model_weights", "1,2",
+                 "--latent_dim", "16", "--samples", "8", "--eval_samples", "3", "--batch_size",
+                 "4", "--max_new_tokens", "2", "--output_dir", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [m["weight"] for m in summary["models"].values()] == [1.0, 2.0]
+    _, config = checkpoint.load(tmp_path / "run" / "checkpoints" / "best")
+    assert config["compressor"]["latent_dim"] == 16
+    assert [a["model"]["id"] for a in config["answerers"]] == ids
