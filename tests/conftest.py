@@ -93,14 +93,18 @@ def tiny_lm(hidden=32, seed=0):
     return LoadedModel(model, tok, "tiny-byte-llama", "cpu", "float32")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """The tiny byte-level Llama saved as a model directory, for commands run as processes."""
-    lm = tiny_lm()
-    path = tmp_path_factory.mktemp("tiny-byte-llama")
+def saved(lm, tmp_path_factory):
+    """A loaded tiny model written as a model directory, for commands run as processes."""
+    path = tmp_path_factory.mktemp(lm.name)
     lm.model.save_pretrained(path)
     lm.tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny byte-level Llama saved as a model directory."""
+    return saved(tiny_lm(), tmp_path_factory)
 
 
 def other_byte_tokenizer():
@@ -142,8 +146,4 @@ def tiny_qwen_lm(hidden=48, seed=1):
 @pytest.fixture(scope="session")
 def tiny_qwen_other_dir(tmp_path_factory):
     """tiny_qwen_lm() saved as a model directory."""
-    lm = tiny_qwen_lm()
-    path = tmp_path_factory.mktemp("tiny-other-qwen2")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
+    return saved(tiny_qwen_lm(), tmp_path_factory)
