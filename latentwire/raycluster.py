@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import UsageError
+from .memory import keep_freed_memory
 from .options import option
 
 GROUP = "Ray (pip install 'latentwire[ray]')"
@@ -36,6 +37,30 @@ class WorkerShape:
         help="GPUs per worker, fractions allowed; None: 1 where the cluster has GPUs, else 0")
     ray_cpus_per_worker: float = option(1.0, group=GROUP, metavar="N",
                                         help="CPUs per worker, also its torch threads")
+
+
+def driver(cpus: float) -> dict:
+    """What a Ray worker takes of the driver to run as the command would: its working directory
+    (the flags' relative paths are the driver's), its command line (what a run's provenance
+    records; the worker's own is Ray's) and its torch threads (its CPUs)."""
+    return {"cwd": os.getcwd(), "argv": list(sys.argv), "threads": max(1, int(cpus))}
+
+
+def as_driver(context: dict, tag: str):
+    """In a Ray worker, before a run: the command's allocator tuning, the driver's `context`
+    (see `driver`). Returns the run's log, every line tagged: Ray's log deduplication would
+    merge untagged lines of runs side by side."""
+    import torch
+
+    keep_freed_memory()
+    torch.set_num_threads(context["threads"])
+    os.chdir(context["cwd"])
+    sys.argv = context["argv"]
+
+    def log(text: str) -> None:
+        print("\n".join(f"[{tag}] {line}" for line in text.splitlines()), flush=True)
+
+    return log
 
 
 def check(shape: WorkerShape, on_ray: bool) -> None:

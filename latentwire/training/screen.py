@@ -16,8 +16,6 @@ inside functions.
 import json
 import logging
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,13 +25,12 @@ import numpy as np
 from .. import experiments, provenance, raycluster, stats
 from ..errors import UsageError
 from ..files import write_json, write_text
-from ..memory import keep_freed_memory
 from ..options import option
 from ..plots import pyplot, save
 from . import checkpoint
 from .loop import run as train
 from .options import TRANSFORM_OPTIONS, TrainOptions, train_command, validate
-from .trainer import load_models
+from .trainer import kept_models
 
 TOP = 3  # --verify: would ASHA have stopped a trial that finished this high?
 
@@ -114,22 +111,13 @@ def _trial_name(trial) -> str:
     return f"{trial.config['experiment']}-{trial.trial_id}"
 
 
-# The model a Tune worker process loaded, kept for the next trial it runs (Tune reuses workers).
-_LOADED: dict = {}
-
-
 def _trial(config: dict, setup: dict) -> None:
     """One Tune trial: the candidate's training run, reported to Tune after every evaluation."""
-    import torch
     from ray import tune
 
-    keep_freed_memory()  # the command's allocator tuning, as the sweep's Ray workers have it
-    torch.set_num_threads(setup["threads"])
-    # Tune starts every trial in a folder of its own; the flags' relative paths are the driver's,
-    # and so is the command line the run's provenance records (the worker's own is Ray's).
-    os.chdir(setup["cwd"])
-    sys.argv = setup["argv"]
     name = config["experiment"]
+    # Tune starts every trial in a folder of its own; the run is the driver's, as it would run it.
+    log = raycluster.as_driver(setup["driver"], name)
     opts = TrainOptions(**setup["trials"][name])
     folder = Path(opts.output_dir)
 
@@ -142,20 +130,12 @@ def _trial(config: dict, setup: dict) -> None:
         if entry["epoch"] < opts.epochs:
             report(entry)
 
-    def log(text: str) -> None:
-        # Every line tagged with its trial: Ray's log deduplication would merge untagged ones.
-        print("\n".join(f"[{name}] {line}" for line in text.splitlines()), flush=True)
-
     summary = _summary(folder)
     for entry in summary["epochs"] if summary else []:
         report(entry)  # what an earlier run of this trial trained, for ASHA to decide on again
     if summary and summary["status"] != "running":
         return
-    key = (opts.model_id, opts.encoder_model, opts.device, opts.trust_remote_code)
-    if key not in _LOADED:
-        _LOADED.clear()
-        _LOADED[key] = load_models(opts)
-    code = train(replace(opts, resume="yes" if _last(folder) else "no"), log, _LOADED[key],
+    code = train(replace(opts, resume="yes" if _last(folder) else "no"), log, kept_models(opts),
                         on_epoch=report_before_the_last)
     if code == 0:
         report(_summary(folder)["epochs"][-1])
@@ -190,7 +170,7 @@ def _tune(opts: ScreenOptions, trials, shape, log) -> tuple[dict, bool]:
     # screen's reader needs, the table says what each trial did.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     cpus, gpus, capacity = shape
-    setup = {"cwd": os.getcwd(), "argv": sys.argv, "threads": max(1, int(cpus)),
+    setup = {"driver": raycluster.driver(cpus),
              "trials": {exp.name: asdict(o) for exp, o in trials}}
     trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup),
                                     {"cpu": cpus, "gpu": gpus})

@@ -10,8 +10,6 @@ the zero-shot text and the question alone are every run's references.
 """
 
 import json
-import os
-import sys
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,14 +18,13 @@ from .. import raycluster, stats
 from ..models import model_dirname
 from ..errors import StorageError, UsageError
 from ..files import read_json, write_json, write_text
-from ..memory import keep_freed_memory
 from ..options import option
 from ..plots import pyplot, save
 from . import checkpoint
 from .encoders import ENCODERS
 from .loop import run as train
 from .options import TrainOptions, validate
-from .trainer import load_models
+from .trainer import kept_models, load_models
 
 SETTINGS = {"aware": False, "agnostic": True}  # setting -> keep_question
 
@@ -180,33 +177,14 @@ def _here(opts: StudyOptions, left: list, total: int, log) -> list[str]:
     return failed
 
 
-# The model a Ray worker process loaded, kept for the next cell it runs (Ray reuses workers).
-LOADED: dict = {}
-
-
 def train_cell(o: TrainOptions, driver: dict, references_from: str | None) -> int:
-    """One cell as a Ray task: its training run, in the driver's working directory (the flags'
-    relative paths are the driver's) and under its command line (what the run's provenance
-    records; the worker's own is Ray's). A task that Ray retries after its worker died
-    continues from the checkpoint the dead one left."""
-    import torch
-
-    keep_freed_memory()  # the command's allocator tuning, as the sweep's Ray workers have it
-    torch.set_num_threads(driver["threads"])
-    os.chdir(driver["cwd"])
-    sys.argv = driver["argv"]
-    name = str(Path(o.output_dir).relative_to(Path(o.output_dir).parents[1]))
-
-    def log(text: str) -> None:
-        # Every line tagged with its cell: Ray's log deduplication would merge untagged ones.
-        print("\n".join(f"[{name}] {line}" for line in text.splitlines()), flush=True)
-
-    key = (o.model_id, o.encoder_model, o.device, o.trust_remote_code)
-    if key not in LOADED:
-        LOADED.clear()
-        LOADED[key] = load_models(o)
+    """One cell as a Ray task: its training run, as the driver would run it (see
+    raycluster.driver). A task that Ray retries after its worker died continues from the
+    checkpoint the dead one left."""
+    log = raycluster.as_driver(driver, str(Path(o.output_dir).relative_to(
+        Path(o.output_dir).parents[1])))
     resume = "yes" if _status(Path(o.output_dir)) == "resume" else "no"
-    return train(replace(o, resume=resume), log, LOADED[key], references_from=references_from)
+    return train(replace(o, resume=resume), log, kept_models(o), references_from=references_from)
 
 
 def _on_ray(opts: StudyOptions, left: list, total: int, log) -> list[str]:
@@ -222,7 +200,7 @@ def _on_ray(opts: StudyOptions, left: list, total: int, log) -> list[str]:
         task = ray.remote(num_cpus=cpus, num_gpus=gpus,
                           max_retries=raycluster.MAX_RESTARTS)(train_cell)
         queue, pending = deque(left), {}
-        driver = {"cwd": os.getcwd(), "argv": sys.argv, "threads": max(1, int(cpus))}
+        driver = raycluster.driver(cpus)
 
         def launch() -> None:
             n, cell, o = queue.popleft()

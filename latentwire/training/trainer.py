@@ -107,6 +107,19 @@ def load_models(opts: TrainOptions, given=None) -> dict:
             for m in opts.needed_models()}
 
 
+
+# The models a Ray worker process loaded, kept for the next run it is given (Ray reuses workers).
+KEPT: dict = {}
+
+
+def kept_models(opts: TrainOptions) -> dict:
+    """load_models(opts), loaded once per process for the same models and device."""
+    key = (opts.model_id, opts.encoder_model, opts.device, opts.trust_remote_code)
+    if key not in KEPT:
+        KEPT.clear()
+        KEPT[key] = load_models(opts)
+    return KEPT[key]
+
 @dataclass
 class State:
     """Where a run stands: saved in checkpoints/last/trainer_state.json."""
