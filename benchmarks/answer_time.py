@@ -174,7 +174,9 @@ def main() -> int:
         scores[name] = [p["f1"] for p in predictions]
         total = sum(timings[name])
         result[name] = {**means, "ci": list(bootstrap_ci(scores[name])),
-                        "seconds_per_question": total / len(timings[name]) / len(questions)}
+                        "seconds_per_question": total / len(timings[name]) / len(questions),
+                        "new_tokens_per_question":
+                            sum(n for _, n in answers[name]) / len(questions)}
     text_kv = [n for n, _ in positions.values()]
     latent_kv = [m for _, m in positions.values()]
     for name in arms:
@@ -189,14 +191,14 @@ def main() -> int:
           f"{torch.get_num_threads()} thread(s), {len(timings['text'])} timed passes each; the "
           f"{len(prefix_ids)}-position instruction prefix is cached once in every arm")
     print(f"{'':<11} {'s/question':>10} {'x text':>7} {'KV/paragraph':>13} {'F1 [95% CI]':>22} "
-          f"{'EM':>6} {'F1 - text, paired':>26}")
+          f"{'EM':>6} {'F1 - text, paired':>26} {'new tokens':>10}")
     for name in arms:
         r = result[name]
         d = r["f1_minus_text"]
         print(f"{name:<11} {r['seconds_per_question']:>10.4f} {r['time_over_text']:>7.3f} "
               f"{r['kv_positions_per_paragraph']:>13.1f} {r['f1']:>7.3f} [{r['ci'][0]:.3f}, "
               f"{r['ci'][1]:.3f}] {r['em']:>6.3f} {d['diff']:>+8.3f} [{d['diff_ci'][0]:+.3f}, "
-              f"{d['diff_ci'][1]:+.3f}]")
+              f"{d['diff_ci'][1]:+.3f}] {r['new_tokens_per_question']:>10.2f}")
     print(f"written: {args.out}")
     return 0
 

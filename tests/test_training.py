@@ -24,7 +24,7 @@ from latentwire.cli import main, parser
 from latentwire.embed_experiments import TransformInputs
 from latentwire.errors import UsageError
 from latentwire.training import checkpoint
-from latentwire.training.encoders import Compressor, Layout
+from latentwire.training.encoders import Compressor, Layout, similar_widths
 from latentwire.training.loop import run
 from latentwire.options import from_args
 from latentwire.training.options import (RESTARTS, TRANSFORM_OPTIONS, TRANSFORMS, TrainOptions,
@@ -507,6 +507,31 @@ def test_a_lora_reader_of_a_middle_layer_runs_only_the_layers_up_to_it(tmp_path)
             states = whole.model(inputs_embeds=row, output_hidden_states=True).hidden_states[1]
             want.append(states[0, len(span):])
     assert torch.allclose(got, torch.cat(want), atol=1e-5, rtol=1e-4)
+
+
+def test_the_lm_reader_reads_spans_of_unlike_lengths_in_groups_as_each_alone(tmp_path):
+    lm = tiny_lm()
+    encoder = trainer(tmp_path, lm, encoder="lm").compressor.encoder
+    lengths = [30, 4, 28, 11, 12, 5]
+    layout = Layout.of(lengths, [math.ceil(n / 4) for n in lengths])
+    counts = layout.counts.tolist()
+    groups = similar_widths([n + m for n, m in zip(lengths, counts)])
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths))) and len(groups) > 2
+    assert all(len(g) > 1 for g in groups[:2])  # padding inside a group is exercised too
+    spans = torch.randn(sum(lengths), lm.model.config.hidden_size,
+                        generator=torch.Generator().manual_seed(0))
+    got = encoder._states_in_one_pass(spans, layout)
+    got.pow(2).sum().backward()
+    got_grad, encoder.slots.grad = encoder.slots.grad, None
+    # Directly: each example alone, unpadded, through the whole model.
+    want = []
+    for span, m in zip(spans.split(lengths), counts):
+        row = torch.cat([span, encoder.slots[:m]])[None]
+        want.append(lm.model.model(inputs_embeds=row).last_hidden_state[0, len(span):])
+    want = torch.cat(want)
+    want.pow(2).sum().backward()
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(got_grad, encoder.slots.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_a_model_reused_by_another_run_is_wrapped_for_recomputation_once():

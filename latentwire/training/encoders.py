@@ -215,16 +215,20 @@ class ModelReader(nn.Module):
     def _states_in_one_pass(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         (model,) = self.reader
         lengths, counts = layout.lengths.tolist(), layout.counts.tolist()
-        width = max(n + m for n, m in zip(lengths, counts))
         dtype = model.get_input_embeddings().weight.dtype
         spans = x.split(lengths)
-        rows = [F.pad(torch.cat([span, self.slots[:m]]).to(dtype), (0, 0, 0, width - n - m))
-                for span, n, m in zip(spans, lengths, counts)]
-        # Right padding needs no mask: under causal attention no real position sees a pad.
-        out = model.base_model(inputs_embeds=torch.stack(rows), use_cache=False,
-                               output_hidden_states=self.layer is not None)
-        example = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), layout.counts)
-        return self._read_out(out)[example, layout.lengths[example] + layout.slot].float()
+        states: list[torch.Tensor | None] = [None] * len(lengths)
+        for group in similar_widths([n + m for n, m in zip(lengths, counts)]):
+            width = lengths[group[0]] + counts[group[0]]
+            # Right padding needs no mask: under causal attention no real position sees a pad.
+            rows = [F.pad(torch.cat([spans[i], self.slots[:counts[i]]]).to(dtype),
+                          (0, 0, 0, width - lengths[i] - counts[i])) for i in group]
+            out = self._read_out(model.base_model(inputs_embeds=torch.stack(rows),
+                                                  use_cache=False,
+                                                  output_hidden_states=self.layer is not None))
+            for row, i in enumerate(group):
+                states[i] = out[row, lengths[i]:lengths[i] + counts[i]]
+        return torch.cat(states).float()
 
     def _states_after_span(self, x: torch.Tensor, layout: Layout) -> torch.Tensor | None:
         """The same states, with the span read once without a graph and only the slots through
@@ -267,6 +271,21 @@ class ModelReader(nn.Module):
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         z = (self.states(x, layout) - self.center) / self.spread
         return self.vocab_mean + self.vocab_std * self.proj(z)
+
+
+def similar_widths(widths: list[int], ratio: float = 0.8) -> list[list[int]]:
+    """Indices grouped so that every row of a group is at least `ratio` of its widest: padded
+    to one width, a group wastes at most a quarter of its positions. Real paragraphs vary
+    threefold in length (SQuAD's held-out ones 95-337 tokens), and one padded batch of them
+    spent twice the reader's time of the same rows read one by one."""
+    order = sorted(range(len(widths)), key=lambda i: -widths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and widths[i] >= ratio * widths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _keep_first_layers(reader, layer: int) -> bool:
