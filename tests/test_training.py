@@ -236,16 +236,18 @@ def test_resume_auto_starts_continues_or_refuses(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="--lr 0.01 there, 0.5 now"):
         validate(options(tmp_path, lr=0.5, resume="auto"))
     # A start killed before its first checkpoint left only config.json: the same run starts
-    # again; another run's folder is refused.
+    # again, whatever folder that config names (a study's Ray task records it absolute, a
+    # rerun here spells it as typed); another run's folder is refused.
     early = tmp_path / "early"
     early.mkdir()
     (early / "config.json").write_bytes((folder / "config.json").read_bytes())
     moved = options(tmp_path, resume="auto", output_dir=str(early))
-    early_config = json.loads((early / "config.json").read_text())
-    early_config["options"]["output_dir"] = str(early)
-    (early / "config.json").write_text(json.dumps(early_config))
+    assert json.loads((early / "config.json").read_text())["options"]["output_dir"] != str(early)
     assert resume_mode(moved).resume == "no"
     validate(moved)
+    # ... and a checkpointed run continues in a folder named another way.
+    monkeypatch.chdir(tmp_path)
+    validate(options(tmp_path, resume="auto", output_dir="run"))
     with pytest.raises(UsageError, match="--resume auto: .* holds another run"):
         validate(options(tmp_path, resume="auto", output_dir=str(early), seed=7))
     # torchrun restarts every process with the first command: that is --resume auto.

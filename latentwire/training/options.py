@@ -211,10 +211,12 @@ def experiment_command(exp: experiments.Experiment, **options) -> str:
 
 def _changed(opts: TrainOptions, config: dict) -> list[tuple[str, object]]:
     """(flag, its value there) for each flag that differs from the run a config.json records.
-    A flag added after that run was made counts as its default there."""
+    A flag added after that run was made counts as its default there. The folder is not
+    compared: the config was read from it, and the same folder is spelled differently by a
+    study's Ray task (absolute) and by a rerun here (as typed), or moved."""
     saved, default = config.get("options", {}), asdict(TrainOptions())
     return sorted((k, saved.get(k, default[k])) for k, v in opts.identity().items()
-                  if saved.get(k, default[k]) != v)
+                  if k != "output_dir" and saved.get(k, default[k]) != v)
 
 
 def _listed(opts: TrainOptions, changed) -> str:
