@@ -107,7 +107,6 @@ def load_models(opts: TrainOptions, given=None) -> dict:
             for m in opts.needed_models()}
 
 
-
 # The models a Ray worker process loaded, kept for the next run it is given (Ray reuses workers).
 KEPT: dict = {}
 
@@ -119,6 +118,7 @@ def kept_models(opts: TrainOptions) -> dict:
         KEPT.clear()
         KEPT[key] = load_models(opts)
     return KEPT[key]
+
 
 @dataclass
 class State:
