@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from latentwire import stats
 from latentwire.training import study
 from latentwire.cli import main
 from latentwire.errors import UsageError
@@ -102,6 +103,10 @@ def test_the_table_pairs_each_cell_with_its_own_control_and_reference(tmp_path):
             assert row["vs_constant"]["diff"] == pytest.approx(diff), name
         reference = sum(f1s[f"{setting}/pool_x1"]) / 4
         assert row["share_of_uncompressed"] == pytest.approx(sum(f1s[name]) / 4 / reference)
+        # Its interval pairs the cell's questions with the reference's.
+        assert row["share_ci"] == list(stats.ratio_ci(f1s[name], f1s[f"{setting}/pool_x1"])[1])
+    assert rows["aware/pool_x1"]["share_ci"] == [1.0, 1.0]
+    assert rows["aware/pool_x4"]["share_ci"][0] < rows["aware/pool_x4"]["share_of_uncompressed"]
     assert rows["agnostic/pool_x4"]["vs_constant"]["label"] == "indistinguishable"
     assert rows["aware/pool_x4"]["vs_constant"]["diff"] == pytest.approx(0.5)
 

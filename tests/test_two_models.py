@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentwire import models, prompts
+from latentwire import models, prompts, stats
 from latentwire.analysis import insights as analysis
 from latentwire.cli import main, run_sweep
 from latentwire.errors import UsageError
 from latentwire.sweep.options import SweepOptions, plan_models
 from latentwire.sweep.runner import Sweep
 from latentwire.sweep.sources import parse
-from latentwire.training import checkpoint
+from latentwire.training import checkpoint, study
 from latentwire.training.encoders import build
 from latentwire.training.loop import run
 from latentwire.training.options import TrainOptions, validate
@@ -349,6 +349,52 @@ def test_dedicated_sets_the_shared_runs_against_each_model_alone(tmp_path, tiny_
     assert main(["study", "--model_id", ids[0], "--dedicated", "--output_dir",
                  str(tmp_path / "one")]) == 2
     assert "--dedicated sets runs shared by several models" in capsys.readouterr().err
+
+
+def test_each_share_is_of_the_models_own_reference_on_the_same_questions(tmp_path):
+    """Cells written by hand with known per-question F1s (tiny models' references score
+    nothing): each model's shared and dedicated shares, with their paired intervals, are of
+    the pool 1x cell trained for that model alone, computed here directly."""
+    f1s = {"a": {"shared": [1.0, 0.5, 0.0, 1.0], "dedicated": [1.0, 1.0, 0.5, 1.0],
+                 "own": [1.0, 1.0, 1.0, 0.5]},
+           "b": {"shared": [0.0, 0.5, 0.5, 0.0], "dedicated": [0.5, 0.5, 1.0, 0.0],
+                 "own": [0.5, 1.0, 1.0, 1.0]}}
+
+    def finished(folder, sections, scores):
+        (tmp_path / folder / "eval").mkdir(parents=True)
+        (tmp_path / folder / "eval" / "epoch1.json").write_text(json.dumps(scores))
+        (tmp_path / folder / "summary.json").write_text(json.dumps(
+            {"status": "finished", "epochs": [{"epoch": 1}], "train_seconds": 1.0, **sections}))
+
+    def section(scores):
+        mean = sum(scores) / len(scores)
+        return {"final": {"f1": mean, "em": mean, "ci": [mean, mean]}, "references": {},
+                "compression_ratio": 4.0}
+
+    for cell in ("pool_x4", "constant_x4", "pool_x1"):
+        finished(f"aware/{cell}", {"models": {m: section(f1s[m]["shared"]) for m in f1s}},
+                 {"models": {m: {"predictions": [{"f1": f} for f in f1s[m]["shared"]]}
+                             for m in f1s}})
+        for m in f1s:
+            scores = f1s[m]["own" if cell == "pool_x1" else "dedicated"]
+            finished(f"aware/{cell}-{m}", section(scores),
+                     {"predictions": [{"f1": f} for f in scores]})
+    opts = study.StudyOptions(encoders="pool", compressions="4", settings="aware", dedicated=True,
+                              output_dir=str(tmp_path), base=TrainOptions(model_id="a,b"))
+    costs = [r for r in study.sharing(opts, study.cells(opts)) if r["encoder"] == "pool"
+             and r["compression"] == 4.0]
+    assert [r["model"] for r in costs] == ["a", "b"]
+    for r in costs:
+        mine = f1s[r["model"]]
+        assert r["shared_of_own_uncompressed"] == pytest.approx(
+            sum(mine["shared"]) / sum(mine["own"]))
+        assert r["dedicated_of_own_uncompressed"] == pytest.approx(
+            sum(mine["dedicated"]) / sum(mine["own"]))
+        assert r["shared_of_own_uncompressed_ci"] == list(
+            stats.ratio_ci(mine["shared"], mine["own"])[1])
+        assert r["dedicated_of_own_uncompressed_ci"] == list(
+            stats.ratio_ci(mine["dedicated"], mine["own"])[1])
+    assert "| aware | pool | a | 4.00x fewer |" in study.render_sharing(costs)
 
 
 def test_two_models_named_alike_are_refused_before_they_load(tmp_path):

@@ -272,15 +272,14 @@ def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
             reference = loaded.get(Cell(c.setting, "pool", 1.0), {}).get(name)
             vs = (stats.paired_comparison(f1s, control[1])
                   if control and c.encoder != "constant" else None)
-            share = None
-            if reference and reference[0]["final"]["f1"] > 0:
-                share = own["final"]["f1"] / reference[0]["final"]["f1"]
+            share, share_ci = _share(f1s, reference)
             rows.append({"setting": c.setting, "encoder": c.encoder, "compression": c.compression,
                          **({"model": name} if name is not None else {}),
                          "measured_compression": own["compression_ratio"],
                          "f1": own["final"]["f1"], "em": own["final"]["em"],
                          "ci": own["final"]["ci"], "vs_constant": vs,
-                         "share_of_uncompressed": share, "references": own["references"],
+                         "share_of_uncompressed": share, "share_ci": share_ci,
+                         "references": own["references"],
                          "train_seconds": seconds})
     return rows
 
@@ -302,17 +301,28 @@ def sharing(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
             if shared is None or dedicated is None:
                 continue
             own = loaded.get(Cell(c.setting, "pool", 1.0, m), {}).get(None)
-            reference = own[0]["final"]["f1"] if own else 0.0
+            shared_share, shared_ci = _share(shared[1], own)
+            dedicated_share, dedicated_ci = _share(dedicated[1], own)
             rows.append({"setting": c.setting, "encoder": c.encoder, "compression": c.compression,
                          "model": name, "measured_compression": shared[0]["compression_ratio"],
                          "shared": _brief(shared[0]["final"]),
                          "dedicated": _brief(dedicated[0]["final"]),
                          "shared_vs_dedicated": stats.paired_comparison(shared[1], dedicated[1]),
-                         "shared_of_own_uncompressed":
-                             shared[0]["final"]["f1"] / reference if reference else None,
-                         "dedicated_of_own_uncompressed":
-                             dedicated[0]["final"]["f1"] / reference if reference else None})
+                         "shared_of_own_uncompressed": shared_share,
+                         "shared_of_own_uncompressed_ci": shared_ci,
+                         "dedicated_of_own_uncompressed": dedicated_share,
+                         "dedicated_of_own_uncompressed_ci": dedicated_ci})
     return rows
+
+
+def _share(f1s: list, reference) -> tuple:
+    """F1 as a share of a reference run's (its results() entry) on the same questions, with a
+    paired bootstrap interval: the targets are shares, and a point ratio near one hides which
+    side of it a run is. (None, None) without a reference or when it scored nothing."""
+    if not reference or reference[0]["final"]["f1"] <= 0:
+        return None, None
+    share, ci = stats.ratio_ci(f1s, reference[1])
+    return share, list(ci)
 
 
 def _brief(final: dict) -> dict:
@@ -323,8 +333,8 @@ def render_sharing(rows: list[dict]) -> str:
     def f1(r):
         return f"{r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
 
-    def share(x):
-        return f"{x:.0%}" if x is not None else "-"
+    def share(r, key):
+        return _percent(r[key], r[f"{key}_ci"])
 
     lines = ["The cost of sharing: each model's F1 from the latents shared by all, against the "
              "same encoder trained for it alone (dedicated), with the same flags and budget.\n",
@@ -337,9 +347,13 @@ def render_sharing(rows: list[dict]) -> str:
                      f"{r['measured_compression']:.2f}x fewer | {f1(r['shared'])} | "
                      f"{f1(r['dedicated'])} | {vs['diff']:+.3f} [{vs['diff_ci'][0]:+.3f}, "
                      f"{vs['diff_ci'][1]:+.3f}] {vs['label']} | "
-                     f"{share(r['shared_of_own_uncompressed'])}, "
-                     f"{share(r['dedicated_of_own_uncompressed'])} |")
+                     f"{share(r, 'shared_of_own_uncompressed')}, "
+                     f"{share(r, 'dedicated_of_own_uncompressed')} |")
     return "\n".join(lines)
+
+
+def _percent(share, ci) -> str:
+    return f"{share:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]" if share is not None else "-"
 
 
 def render(rows: list[dict]) -> str:
@@ -351,7 +365,7 @@ def render(rows: list[dict]) -> str:
         vs = r["vs_constant"]
         vs_text = (f"{vs['diff']:+.3f} [{vs['diff_ci'][0]:+.3f}, {vs['diff_ci'][1]:+.3f}] "
                    f"{vs['label']}") if vs else "-"
-        share = f"{r['share_of_uncompressed']:.0%}" if r["share_of_uncompressed"] is not None else "-"
+        share = _percent(r["share_of_uncompressed"], r["share_ci"])
         model = f" {r['model']} |" if several else ""
         lines.append(f"| {r['setting']} | {r['encoder']} |{model} {r['measured_compression']:.2f}x fewer "
                      f"| {r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['em']:.3f} "
