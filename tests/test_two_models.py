@@ -330,8 +330,13 @@ def test_dedicated_sets_the_shared_runs_against_each_model_alone(tmp_path, tiny_
             "3", "--batch_size", "4", "--max_new_tokens", "2", "--output_dir", str(tmp_path)]
     assert main(args) == 0
     for n, m in zip(names, ids):
-        config = json.loads((tmp_path / f"aware/pool_x4-{n}" / "config.json").read_text())
-        assert config["options"]["model_id"] == m and "answerers" not in config["provenance"]
+        for cell in ("pool_x4", "constant_x4", "pool_x1"):
+            config = json.loads((tmp_path / f"aware/{cell}-{n}" / "config.json").read_text())
+            assert config["options"]["model_id"] == m
+            assert len(config["provenance"].get("answerers", [m])) == 1
+            # The same encoder as the shared cell's, reader included; the reference reads its own.
+            reader = config["options"]["encoder_model"] or m
+            assert reader == (m if cell == "pool_x1" else ids[0]), (cell, n)
     result = json.loads((tmp_path / "study.json").read_text())
     assert len(result["rows"]) == 6  # the shared cells only, per model
     costs = result["sharing"]

@@ -45,8 +45,8 @@ class StudyOptions(raycluster.WorkerShape):
     dedicated: bool = option(
         False, group=GRID,
         help="with several --model_id: also train every cell for each model alone, with the "
-             "same flags and budget, and set the shared runs against them per model (the cost "
-             "of sharing, in study.md's second table)")
+             "same flags, reader and budget, and set the shared runs against them per model (the "
+             "cost of sharing, in study.md's second table); each model's pool 1x reads its own text")
     output_dir: str = option("runs/study", group="run", metavar="DIR",
                              help="where the cells' runs go; a rerun continues the study")
     ray: str | None = option(
@@ -110,6 +110,12 @@ def _options(opts: StudyOptions, cell: Cell, resume: bool) -> TrainOptions:
     # other encoders of the same study have none, and train as they would alone.
     reads = getattr(ENCODERS[cell.encoder], "needs_model", False)
     alone = {"model_id": cell.model, "model_weights": ""} if cell.model else {}
+    # A cell trained for one model alone is the same encoder as the shared cell, reader
+    # included, so that the two differ by the sharing only; the uncompressed reference is the
+    # model reading its own text.
+    reader = opts.base.reader_id()
+    if cell.model and reader != cell.model and (cell.encoder, cell.compression) != ("pool", 1.0):
+        alone["encoder_model"] = reader
     return replace(opts.base, **alone, encoder=cell.encoder, compression=cell.compression, latent_len=None,
                    keep_question=SETTINGS[cell.setting], resume="yes" if resume else "no",
                    output_dir=str(Path(opts.output_dir) / cell.name),
