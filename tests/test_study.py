@@ -68,6 +68,9 @@ def test_a_study_writes_its_table_and_plot_and_a_rerun_keeps_every_run(tmp_path,
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().out.count("kept from an earlier run") == 8
+    # Other flags would train other cells: the finished ones are not passed off as theirs.
+    assert main([*args, "--lr", "0.01"]) == 2
+    assert "aware/pool_x1 made with other flags (--lr 0.001 there, 0.01 now)" in capsys.readouterr().err
 
 
 def test_the_table_pairs_each_cell_with_its_own_control_and_reference(tmp_path):

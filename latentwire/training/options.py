@@ -223,6 +223,14 @@ def _listed(opts: TrainOptions, changed) -> str:
     return ", ".join(f"--{k} {there} there, {getattr(opts, k)} now" for k, there in changed)
 
 
+def made_otherwise(opts: TrainOptions) -> str | None:
+    """The flags in which the run in opts' folder differs from opts, listed as a refusal names
+    them; None where they agree or the folder records no run."""
+    saved = read_json(opts.run_dir() / "config.json")
+    changed = _changed(opts, saved) if saved is not None else []
+    return _listed(opts, changed) if changed else None
+
+
 def resume_mode(opts: TrainOptions) -> TrainOptions:
     """--resume auto as yes or no for this folder, and a torchrun restart as auto: torchrun
     starts every process again with the first command, which must then continue the run."""

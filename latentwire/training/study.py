@@ -23,7 +23,7 @@ from ..plots import pyplot, save
 from . import checkpoint
 from .encoders import ENCODERS
 from .loop import run as train
-from .options import TrainOptions, validate
+from .options import TrainOptions, made_otherwise, validate
 from .trainer import kept_models, load_models
 
 SETTINGS = {"aware": False, "agnostic": True}  # setting -> keep_question
@@ -138,8 +138,12 @@ def run(opts: StudyOptions, log=print) -> int:
     plans = [(c, _options(opts, c, _status(Path(opts.output_dir) / c.name) == "resume"))
              for c in todo]
     for cell, o in plans:  # every cell's flags checked before the model loads
-        if _status(Path(o.output_dir)) not in ("finished", "failed"):
+        status = _status(Path(o.output_dir))
+        if status not in ("finished", "failed"):
             validate(o)
+        elif status == "finished" and (other := made_otherwise(o)):  # kept, it would pass as ours
+            raise UsageError(f"{o.output_dir} holds {cell.name} made with other flags ({other}); "
+                             "rerun the study with those flags, or pick another --output_dir")
     failed, left = [], []
     for n, (cell, o) in enumerate(plans, 1):
         status = _status(Path(o.output_dir))
