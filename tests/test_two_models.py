@@ -356,6 +356,15 @@ def test_dedicated_sets_the_shared_runs_against_each_model_alone(tmp_path, tiny_
     assert "--dedicated sets runs shared by several models" in capsys.readouterr().err
 
 
+def test_a_dedicated_cell_reads_as_the_shared_one_and_each_reference_reads_its_own_text():
+    opts = study.StudyOptions(encoders="lm", compressions="4", settings="aware", dedicated=True,
+                              base=TrainOptions(model_id="a,b", encoder_model="c"))
+    readers = {c.name: study._options(opts, c, False).reader_id() for c in study.cells(opts)}
+    assert readers == {"aware/lm_x4": "c", "aware/constant_x4": "c", "aware/pool_x1": "c",
+                       "aware/lm_x4-a": "c", "aware/constant_x4-a": "c", "aware/pool_x1-a": "a",
+                       "aware/lm_x4-b": "c", "aware/constant_x4-b": "c", "aware/pool_x1-b": "b"}
+
+
 def test_each_share_is_of_the_models_own_reference_on_the_same_questions(tmp_path):
     """Cells written by hand with known per-question F1s (tiny models' references score
     nothing): each model's shared and dedicated shares, with their paired intervals, are of

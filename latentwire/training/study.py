@@ -113,9 +113,9 @@ def _options(opts: StudyOptions, cell: Cell, resume: bool) -> TrainOptions:
     # A cell trained for one model alone is the same encoder as the shared cell, reader
     # included, so that the two differ by the sharing only; the uncompressed reference is the
     # model reading its own text.
-    reader = opts.base.reader_id()
-    if cell.model and reader != cell.model and (cell.encoder, cell.compression) != ("pool", 1.0):
-        alone["encoder_model"] = reader
+    if cell.model and opts.base.reader_id() != cell.model:
+        own = (cell.encoder, cell.compression) == ("pool", 1.0)
+        alone["encoder_model"] = None if own else opts.base.reader_id()
     return replace(opts.base, **alone, encoder=cell.encoder, compression=cell.compression, latent_len=None,
                    keep_question=SETTINGS[cell.setting], resume="yes" if resume else "no",
                    output_dir=str(Path(opts.output_dir) / cell.name),
