@@ -175,10 +175,15 @@ def test_an_interrupted_screen_continues_where_it_stopped(local_ray, tiny_model_
     kept = first.read_bytes()
     assert main(command(tiny_model_dir, tmp_path)) == 0
     result = json.loads((tmp_path / "screen.json").read_text())
-    assert {t["experiment"]: t["f1_by_epoch"] for t in result["trials"]} == {
-        name: f1s if name in ("baseline", "rms_scale1.0") else f1s[:1]
-        for name, f1s in SCRIPT.items()}
-    assert result["best"] == "baseline"
+    trials = {t["experiment"]: t["f1_by_epoch"] for t in result["trials"]}
+    assert set(trials) == set(SCRIPT) and trials["baseline"] == SCRIPT["baseline"]
+    # Whether ASHA stops a trial that reaches epoch 1 after the restart depends on whether Tune's
+    # saved state held the rung's first results when the interrupt came: a race, lost on a
+    # loaded machine (rms_scale1.2 then ran on to 0.95). Each trial still follows its script,
+    # stopped at the rung or run to the end, and the winner is the table's.
+    for name, f1s in trials.items():
+        assert len(f1s) in (1, 3) and f1s == SCRIPT[name][:len(f1s)], name
+    assert result["best"] == max(trials, key=lambda n: (len(trials[n]), trials[n][-1]))
     assert steps(tmp_path / "trials" / "baseline") == list(range(1, 7))  # resumed, not redone
     assert first.read_bytes() == kept
 
