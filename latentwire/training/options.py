@@ -244,10 +244,8 @@ def resume_mode(opts: TrainOptions) -> TrainOptions:
         return replace(opts, resume="yes")  # validate refuses it if it is another run's
     # No checkpoint yet: start, unless the folder holds another run (a start of this one,
     # killed before its first checkpoint, is simply started again).
-    saved = read_json(out / "config.json")
-    changed = _changed(opts, saved) if saved is not None else []
-    if changed:
-        raise UsageError(f"--resume auto: {out} holds another run ({_listed(opts, changed)}); "
+    if other := made_otherwise(opts):
+        raise UsageError(f"--resume auto: {out} holds another run ({other}); "
                          "pick another --output_dir")
     return replace(opts, resume="no")
 

@@ -135,18 +135,16 @@ def run(opts: StudyOptions, log=print) -> int:
     ones. Exit code: 0, or 1 when a cell failed (the table holds the others)."""
     raycluster.check(opts, opts.ray is not None)
     todo = cells(opts)
-    plans = [(c, _options(opts, c, _status(Path(opts.output_dir) / c.name) == "resume"))
-             for c in todo]
-    for cell, o in plans:  # every cell's flags checked before the model loads
-        status = _status(Path(o.output_dir))
+    statuses = [_status(Path(opts.output_dir) / c.name) for c in todo]
+    plans = [(c, s, _options(opts, c, s == "resume")) for c, s in zip(todo, statuses)]
+    for cell, status, o in plans:  # every cell's flags checked before the model loads
         if status not in ("finished", "failed"):
             validate(o)
         elif status == "finished" and (other := made_otherwise(o)):  # kept, it would pass as ours
             raise UsageError(f"{o.output_dir} holds {cell.name} made with other flags ({other}); "
                              "rerun the study with those flags, or pick another --output_dir")
     failed, left = [], []
-    for n, (cell, o) in enumerate(plans, 1):
-        status = _status(Path(o.output_dir))
+    for n, (cell, status, o) in enumerate(plans, 1):
         if status == "finished":
             log(f"[{n}/{len(plans)}] {cell.name}: kept from an earlier run")
         elif status == "failed":  # not retried: the same flags would fail the same way
