@@ -78,6 +78,14 @@ def main() -> int:
               "so its latents cannot be reused across questions; pass a --keep_question "
               "checkpoint", file=sys.stderr)
         return 2
+    answerers, reader = checkpoint.answerers(config), checkpoint.reader(config)
+    if len(answerers) > 1 or reader["model"] != answerers[0]["model"]:
+        names = ", ".join(a["model"]["id"] for a in answerers)
+        print(f"error: {args.checkpoint} answers with {names}, reading the text with "
+              f"{reader['model']['id']}; this benchmark times one model that reads its own "
+              "text: pass a checkpoint trained with one --model_id and no --encoder_model",
+              file=sys.stderr)
+        return 2
     try:
         examples = data.load_all(args.dataset)
     except UsageError as e:
