@@ -114,6 +114,27 @@ def test_the_table_pairs_each_cell_with_its_own_control_and_reference(tmp_path):
     assert rows["aware/pool_x4"]["vs_constant"]["diff"] == pytest.approx(0.5)
 
 
+def test_only_trains_the_named_cells_and_a_rerun_without_it_trains_the_rest(
+        tmp_path, tiny_model_dir, capsys):
+    args = ["study", "--model_id", str(tiny_model_dir), "--encoders", "pool",
+            "--compressions", "1,4", "--settings", "aware", "--samples", "8",
+            "--eval_samples", "3", "--batch_size", "4", "--max_new_tokens", "3",
+            "--output_dir", str(tmp_path)]
+    assert main([*args, "--only", "aware/pool_x4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("not in --only, left for a later run") == 3
+    assert [p.parent.name for p in tmp_path.glob("aware/*/summary.json")] == ["pool_x4"]
+    rows = json.loads((tmp_path / "study.json").read_text())["rows"]
+    assert [(r["encoder"], r["compression"]) for r in rows] == [("pool", 4.0)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("kept from an earlier run") == 1 and "not in --only" not in out
+    assert len(json.loads((tmp_path / "study.json").read_text())["rows"]) == 4
+    assert main([*args, "--only", "aware/pool_x4,aware/lm_x4"]) == 2
+    assert "unknown cell 'aware/lm_x4' in --only; this study's cells: aware/pool_x1, " \
+        "aware/pool_x4, aware/constant_x1, aware/constant_x4" in capsys.readouterr().err
+
+
 def test_a_failed_cell_is_recorded_and_the_others_finish(tmp_path, tiny_model_dir, capsys,
                                                           monkeypatch):
     """One cell's loss is made to diverge (a huge learning rate, no clipping): the study goes

@@ -47,6 +47,11 @@ class StudyOptions(raycluster.WorkerShape):
         help="with several --model_id: also train every cell for each model alone, with the "
              "same flags, reader and budget, and set the shared runs against them per model (the "
              "cost of sharing, in study.md's second table); each model's pool 1x reads its own text")
+    only: str = option(
+        "", group=GRID, metavar="NAMES",
+        help="comma-separated cells by the names study.md gives them (e.g. aware/lm_x4): train "
+             "only these now and leave the others for a later run; the table holds every "
+             "finished cell. Empty: every cell")
     output_dir: str = option("runs/study", group="run", metavar="DIR",
                              help="where the cells' runs go; a rerun continues the study")
     ray: str | None = option(
@@ -105,6 +110,16 @@ def cells(opts: StudyOptions) -> list[Cell]:
     return out
 
 
+def _chosen(opts: StudyOptions, todo: list[Cell]) -> set[str]:
+    """The names of the cells --only picks (every cell's when it is empty)."""
+    names = [c.name for c in todo]
+    picked = [n.strip() for n in opts.only.split(",") if n.strip()]
+    for n in picked:
+        if n not in names:
+            raise UsageError(f"unknown cell {n!r} in --only; this study's cells: {', '.join(names)}")
+    return set(picked or names)
+
+
 def _options(opts: StudyOptions, cell: Cell, resume: bool) -> TrainOptions:
     # --encoder_lora and --encoder_layer describe the lm encoder's reader: the controls and the
     # other encoders of the same study have none, and train as they would alone.
@@ -135,6 +150,7 @@ def run(opts: StudyOptions, log=print) -> int:
     ones. Exit code: 0, or 1 when a cell failed (the table holds the others)."""
     raycluster.check(opts, opts.ray is not None)
     todo = cells(opts)
+    chosen = _chosen(opts, todo)
     statuses = [_status(Path(opts.output_dir) / c.name) for c in todo]
     plans = [(c, s, _options(opts, c, s == "resume")) for c, s in zip(todo, statuses)]
     for cell, status, o in plans:  # every cell's flags checked before the model loads
@@ -150,6 +166,8 @@ def run(opts: StudyOptions, log=print) -> int:
         elif status == "failed":  # not retried: the same flags would fail the same way
             log(f"[{n}/{len(plans)}] {cell.name}: failed in an earlier run (see its summary.json)")
             failed.append(cell.name)
+        elif cell.name not in chosen:
+            log(f"[{n}/{len(plans)}] {cell.name}: not in --only, left for a later run")
         else:
             left.append((n, cell, o))
     if left:
