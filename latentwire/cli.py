@@ -1,42 +1,46 @@
 """The `latentwire` command: `sweep`, `list`, `analyze`, `train`, `study` and `screen`.
 
 Every flag is a field of an options dataclass, declared once with its help; each subcommand's
-parser is built from those fields (transformers' HfArgumentParser), so --help shows every
-default as the code has it. The seed's scripts in scripts/ and latentwire/train.py are thin
+parser is built from those fields (options.add_options), so --help shows every default as the
+code has it, and needs no torch. The seed's scripts in scripts/ and latentwire/train.py are thin
 wrappers over these subcommands. Bad input prints one line and exits 2, with no traceback.
 """
 
 import argparse
 import gc
 import sys
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
-from transformers import HfArgumentParser
-
 from . import data, experiments, raycluster
-from .analysis import insights
+from .analysis.insights import AnalyzeOptions
 from .errors import StorageError, UsageError
 from .memory import keep_freed_memory
-from .options import from_args, is_option, option
-from .sweep import on_ray, runner
-from .sweep.options import SweepOptions, plan_models
-from .sweep.sources import SOURCES
-from .training import loop, screen, study
-from .training.encoders import ENCODERS
-from .training.options import TrainOptions
+from .options import HelpFormatter, Parser, add_options, from_args, is_option, option
+from .sweep.options import SweepOptions
+from .training.options import (CELL_OPTIONS, SCHEDULE, TRANSFORM, TRIAL_OPTIONS, ScreenOptions,
+                               StudyOptions, TrainOptions)
+from .training.registry import ENCODERS
 
+# Each command's own examples; the top-level --help shows one of each.
 SWEEP_EXAMPLES = """examples:
   latentwire sweep                                   # all 28 experiments, bundled model, offline data
-  latentwire sweep --experiment rms_scale1.0 --samples 8
+  latentwire sweep --experiment baseline,rms_scale1.0 --samples 20   # a first run, about a minute
   latentwire sweep --experiment 'nearest_k*,baseline' --dataset squad-dev.json
   latentwire sweep --source text,mismatch --experiment baseline,rms_scale1.0
+  latentwire sweep --experiment list                 # every experiment's name
   latentwire sweep --ray                             # on a new local Ray, or at $RAY_ADDRESS
   latentwire sweep --ray 10.0.0.5:6379 --model_id Qwen/Qwen2.5-0.5B-Instruct,./llama-3.2-1b
+"""
+
+LIST_EXAMPLES = """examples:
   latentwire list
+  latentwire list --grid full                        # the 40 experiments of the Cartesian grid
+"""
+
+ANALYZE_EXAMPLES = """examples:
   latentwire analyze --summary runs/embed_sweep_simple/summary.json
-  latentwire train --encoder pool --compression 4 --samples 2000 --epochs 1
-  latentwire screen --experiment 'baseline,rms_*,anchor_eps0.1' --max_epochs 10
+  latentwire analyze --summary runs/embed_sweep_simple/summary.json --json --no_plots
 """
 
 TRAIN_EXAMPLES = """examples:
@@ -50,7 +54,6 @@ TRAIN_EXAMPLES = """examples:
   WANDB_MODE=offline latentwire train --report_to wandb   # W&B without network
   torchrun --nproc_per_node 2 latentwire/train.py --batch_size 16   # data parallel
   latentwire train --model_id bundled:SmolLM2-135M-Instruct,./qwen.gguf --encoder lm   # one latent, two models
-  latentwire sweep --source text,adapter:runs/train/attn4/checkpoints/best
 """
 
 STUDY_EXAMPLES = """examples:
@@ -68,11 +71,22 @@ SCREEN_EXAMPLES = """examples:
   latentwire screen --experiment 'anchor_eps*' --ray 10.0.0.5:6379 --ray_gpus_per_worker 0.5
 """
 
+OVERVIEW = """examples:
+  latentwire sweep --experiment baseline,rms_scale1.0 --samples 20   # a first run, about a minute
+  latentwire sweep                                   # all 28 experiments on the bundled model
+  latentwire list
+  latentwire analyze --summary runs/embed_sweep_simple/summary.json
+  latentwire train --encoder pool --compression 4 --samples 2000 --epochs 1
+  latentwire study --encoders pool,lm --compressions 1,4
+  latentwire screen --experiment 'baseline,rms_*,anchor_eps0.1' --max_epochs 10
+
+`latentwire COMMAND --help` shows a command's flags and its own examples.
+"""
+
 
 @dataclass
 class AfterSweep:
-    analysis: bool = option(True, help="print the analysis and write the plots at the end; "
-                                       "--no-analysis skips them")
+    analysis: bool = option(True, help="print the analysis and write the plots at the end")
 
 
 def options_of(cls, skip: tuple = (), only: tuple = ()) -> list:
@@ -81,25 +95,11 @@ def options_of(cls, skip: tuple = (), only: tuple = ()) -> list:
             and (not only or f.name in only)]
 
 
-def sections(options: list) -> list[type]:
-    """The options as one dataclass per --help section: HfArgumentParser titles a group after
-    each dataclass. The untitled section comes first and Ray's last."""
-    groups: dict = {}
-    for f in options:
-        groups.setdefault(f.metadata["group"], []).append(f)
-    out = []
-    for title, members in sorted(groups.items(),
-                                 key=lambda g: (g[0] is not None, g[0] == raycluster.GROUP)):
-        section = make_dataclass("Section", [
-            (f.name, f.type, field(default=f.default, metadata={
-                k: v for k, v in f.metadata.items() if k != "group"})) for f in members])
-        if title:
-            section._argument_group_name = title
-        out.append(section)
-    return out
-
-
+# The commands import what they run when they run: parsing, --help and the refusal of bad input
+# never wait for torch and transformers.
 def cmd_sweep(args) -> int:
+    from .analysis import insights
+
     opts = from_args(SweepOptions, args)
     if opts.experiment == "list":
         print(experiments.listing(opts.grid))
@@ -117,6 +117,9 @@ def run_sweep(opts: SweepOptions, log=print) -> tuple[dict, int]:
     """Run (or resume) the sweep, here or on Ray; the summary and the exit code (0, 1 if any
     experiment failed, 130 if interrupted). Bad input raises UsageError before any model loads.
     Several models run one after another here, side by side on Ray."""
+    from .sweep import on_ray, runner
+    from .sweep.options import plan_models
+
     runs = plan_models(opts)
     if opts.ray is None:
         summaries, code = runner.run(runs, log)
@@ -126,18 +129,22 @@ def run_sweep(opts: SweepOptions, log=print) -> tuple[dict, int]:
 
 
 def cmd_list(args) -> int:
+    from .sweep.sources import SOURCES
+
     print(experiments.listing(args.grid))
     print("\nsources (--source, comma-separated; name or name:param):")
     print("\n".join(f"  {name:<10} {s.description}" for name, s in SOURCES.items()))
     print("\ndatasets (--dataset; or a path to a SQuAD .json or a .jsonl file):")
     print("\n".join(f"  {name:<10} {desc}" for name, (desc, _) in data.NAMED.items()))
     print("\nencoders (latentwire train --encoder):")
-    print("\n".join(f"  {name:<10} {cls.description}" for name, cls in ENCODERS.items()))
+    print("\n".join(f"  {name:<10} {e.description}" for name, e in ENCODERS.items()))
     return 0
 
 
 def cmd_analyze(args) -> int:
-    opts = from_args(insights.AnalyzeOptions, args)
+    from .analysis import insights
+
+    opts = from_args(AnalyzeOptions, args)
     summary = insights.load_summary(opts.summary)
     insights.analyze(summary, None, as_json=opts.json, plots=opts.plots,
                      summary_path=opts.summary)
@@ -145,15 +152,21 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .training import loop
+
     return loop.run(from_args(TrainOptions, args))
 
 
 def cmd_study(args) -> int:
-    return study.run(from_args(study.StudyOptions, args, base=from_args(TrainOptions, args)))
+    from .training import study
+
+    return study.run(from_args(StudyOptions, args, base=from_args(TrainOptions, args)))
 
 
 def cmd_screen(args) -> int:
-    return screen.run(from_args(screen.ScreenOptions, args, base=from_args(TrainOptions, args)))
+    from .training import screen
+
+    return screen.run(from_args(ScreenOptions, args, base=from_args(TrainOptions, args)))
 
 
 @dataclass
@@ -161,8 +174,9 @@ class Command:
     run: Callable
     options: Callable[[], list]  # the option fields its parser has
     help: str
-    description: str = ""
-    epilog: str = ""
+    description: str
+    epilog: str
+    regroup: dict | None = None  # --help section -> the one its options show in
 
 
 COMMANDS = {
@@ -172,10 +186,18 @@ COMMANDS = {
         "Run every chosen experiment (a transformation of the input embeddings) through the "
         "frozen model's inputs_embeds and score the answers with SQuAD EM/F1; a rerun into the "
         "same folder redoes only what changed.", SWEEP_EXAMPLES),
-    "list": Command(cmd_list, lambda: options_of(SweepOptions, only=("grid",)),
-                    "print every experiment, source, named dataset and encoder"),
-    "analyze": Command(cmd_analyze, lambda: options_of(insights.AnalyzeOptions),
-                       "analyse a finished or partial sweep"),
+    "list": Command(
+        cmd_list, lambda: options_of(SweepOptions, only=("grid",)),
+        "print every experiment, source, named dataset and encoder",
+        "Print the names the other commands take: every experiment of the grid (--experiment), "
+        "source (--source), named dataset (--dataset) and encoder (--encoder, --encoders), "
+        "each with what it does.", LIST_EXAMPLES),
+    "analyze": Command(
+        cmd_analyze, lambda: options_of(AnalyzeOptions),
+        "analyse a finished or partial sweep",
+        "Read a sweep's summary.json and print the ranked table with intervals, what won, what "
+        "failed and the command to run next; write the plots and report.html beside it.",
+        ANALYZE_EXAMPLES),
     "train": Command(
         cmd_train, lambda: options_of(TrainOptions),
         "train an encoder whose latents the frozen model reads",
@@ -183,39 +205,37 @@ COMMANDS = {
         "with a sweep transform inside the graph; every epoch is evaluated beside the text "
         "itself and the question alone.", TRAIN_EXAMPLES),
     "study": Command(
-        cmd_study, lambda: (options_of(study.StudyOptions)
-                            + options_of(TrainOptions, skip=study.CELL_OPTIONS)),
+        cmd_study, lambda: options_of(StudyOptions) + options_of(TrainOptions, skip=CELL_OPTIONS),
         "encoder x compression x setting, with the controls: one table, one plot",
         "Train every encoder at every compression, query-aware and query-agnostic, beside the "
         "controls, at one budget; a rerun continues where it stopped.", STUDY_EXAMPLES),
     "screen": Command(
-        cmd_screen, lambda: (options_of(screen.ScreenOptions)
-                             + options_of(TrainOptions, skip=screen.TRIAL_OPTIONS)),
+        cmd_screen, lambda: options_of(ScreenOptions) + options_of(TrainOptions, skip=TRIAL_OPTIONS),
         "successive halving (ASHA on Ray Tune): which transform is worth training for "
         "--max_epochs",
         "Train one run per candidate transform, evaluate every epoch, and let ASHA stop the "
         "weak ones after the first; the strong ones run to --max_epochs. A rerun of the same "
-        "command continues where it stopped.", SCREEN_EXAMPLES),
+        "command continues where it stopped.", SCREEN_EXAMPLES,
+        # Each candidate sets its own transform; what is left of that section applies to them all.
+        regroup={TRANSFORM: SCHEDULE}),
 }
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every option's default after its help, and the examples kept as written."""
-
-
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+    top = Parser(
         prog="latentwire",
         description="Which transformation of input embeddings keeps a frozen LLM answering "
                     "questions? Runs a grid of transformations through inputs_embeds and "
-                    "scores the answers with SQuAD EM/F1.",
-        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "scores the answers with SQuAD EM/F1, then trains encoders whose latents the "
+                    "frozen model reads.",
+        epilog=OVERVIEW, formatter_class=HelpFormatter)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                             parser_class=HfArgumentParser)
+                             parser_class=Parser)
     for name, c in COMMANDS.items():
-        sub.add_parser(name, dataclass_types=sections(c.options()), help=c.help,
-                       description=c.description or None, epilog=c.epilog or None,
-                       formatter_class=HelpFormatter)
+        # Every flag is listed below the usage line, with its help: the line itself stays short.
+        p = sub.add_parser(name, help=c.help, description=c.description, epilog=c.epilog,
+                           usage=f"latentwire {name} [options]", formatter_class=HelpFormatter)
+        add_options(p, c.options(), last_group=raycluster.GROUP, regroup=c.regroup)
     return top
 
 

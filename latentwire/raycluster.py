@@ -34,7 +34,7 @@ class WorkerShape:
     """What one worker (a sweep's unit, a screen's trial) takes of the cluster."""
     ray_gpus_per_worker: float | None = option(
         None, group=GROUP, metavar="N",
-        help="GPUs per worker, fractions allowed; None: 1 where the cluster has GPUs, else 0")
+        help="GPUs per worker, fractions allowed; unset: 1 where the cluster has GPUs, else 0")
     ray_cpus_per_worker: float = option(1.0, group=GROUP, metavar="N",
                                         help="CPUs per worker, also its torch threads")
 

@@ -36,8 +36,8 @@ def render() -> str:
     parts = ["# Command reference\n",
              "Generated from the parsers by `python scripts/cli_reference.py`; do not edit by "
              "hand (the tests fail when it is out of date). Every `--flag_name` is also "
-             "accepted as `--flag-name`; a yes/no flag takes an optional value "
-             "(`--keep_question`, `--keep_question false`).\n",
+             "accepted as `--flag-name`; a yes/no flag is on with `--keep_question` (or "
+             "`--keep_question yes`) and off with `--no_keep_question` (or `--keep_question no`).\n",
              "```text\n" + help_text() + "```\n"]
     for name in COMMANDS:
         parts.append(f"## latentwire {name}\n")

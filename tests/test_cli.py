@@ -123,8 +123,9 @@ def test_every_flag_shows_the_default_its_field_declares(command, monkeypatch, c
     monkeypatch.setenv("COLUMNS", "250")  # each option and its help on one line
     with pytest.raises(SystemExit):
         main([command, "--help"])
+    out = capsys.readouterr().out
     entries, entry = {}, None  # each option's lines: its flags, then its help
-    for line in capsys.readouterr().out.splitlines():
+    for line in out.splitlines():
         if line.startswith("  -"):
             entry = entries.setdefault(line.split()[0].rstrip(","), [])
         elif not line.startswith("    "):
@@ -136,8 +137,18 @@ def test_every_flag_shows_the_default_its_field_declares(command, monkeypatch, c
     for f in options:
         text = " ".join(entries.get(f"--{f.name}", []))
         assert text, f"--{f.name} missing from `latentwire {command} --help`"
-        shown = "(required)" if f.default is dataclasses.MISSING else f"(default: {f.default})"
-        assert shown in text, text
+        if f.default is dataclasses.MISSING or f.metadata.get("required"):
+            assert "(required)" in text and "(default" not in text, text
+        elif isinstance(f.default, bool):
+            assert text.startswith(f"--{f.name} / --no_{f.name} "), text
+            assert f"(default: {'on' if f.default else 'off'})" in text, text
+        elif f.default in (None, ""):
+            assert "(default" not in text, text
+        else:
+            shown = f"{f.default:g}" if isinstance(f.default, float) else f.default
+            assert text.endswith(f"(default: {shown})") and text.count("(default") == 1, text
+    # No Python in the tool's words, and each flag once.
+    assert "None" not in out and "[FORCE]" not in out.upper() and "--no-" not in out
 
 
 def test_the_command_reference_in_the_docs_is_the_parsers_own():

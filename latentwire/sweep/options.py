@@ -9,7 +9,6 @@ from ..errors import UsageError
 from ..files import writable_dir
 from ..models import model_dirname
 from ..options import option
-from . import sources
 
 DEFAULT_OUTPUT = "runs/embed_sweep_simple"
 
@@ -22,7 +21,7 @@ class SweepOptions(raycluster.WorkerShape):
     samples: int = option(100, metavar="N", help="examples per experiment, after a seeded shuffle")
     model_id: str = option(
         models.BUNDLED, metavar="ID", help="Hugging Face id, local directory, or .gguf file; "
-        "several as A,B, each into OUTPUT_DIR/<model>/ (bundled: SmolLM2-135M-Instruct)")
+        "several as A,B, each into OUTPUT_DIR/<model>/")
     dataset: str = option(
         "builtin", metavar="SPEC", help="builtin (offline), squad, squad_v2, hotpot, or a path "
         "to a SQuAD .json or a .jsonl of {context, question, answers}")
@@ -38,16 +37,16 @@ class SweepOptions(raycluster.WorkerShape):
         "instruction when the model has one, else the seed's plain 'Context/Question/Answer:' "
         "format")
     seed: int = option(42, help="sampling and source seed")
-    max_new_tokens: int = option(12, metavar="N", help="greedy tokens per answer (12, as the seed)")
+    max_new_tokens: int = option(12, metavar="N", help="greedy tokens per answer, as the seed's")
     batch_tokens: int | None = option(None, metavar="N",
-                                      help="prompt tokens per batch; None: chosen for the device")
+                                      help="prompt tokens per batch; unset: chosen for the device")
     device: str | None = option(None, choices=["cpu", "cuda"],
-                                help="None: CUDA when available, else CPU")
+                                help="unset: CUDA when available, else CPU")
     trust_remote_code: bool = option(False, help="allow a hub model's own code to run")
     ray: str | None = option(
         None, group=raycluster.GROUP, metavar="ADDRESS", nargs="?", const="",
         help="run the sweep's units on Ray workers that keep their model loaded: at ADDRESS, "
-             "else at $RAY_ADDRESS, else on a new local Ray; None: here, without Ray")
+             "else at $RAY_ADDRESS, else on a new local Ray; unset: here, without Ray")
 
 
 @dataclass
@@ -59,6 +58,8 @@ class Plan:
 
 def validate(opts: SweepOptions) -> Plan:
     """Every check that needs no model, so a mistake costs seconds, not a model load."""
+    from . import sources  # its corruptions and checkpoint replays stand on torch
+
     chosen = experiments.select(opts.experiment, opts.grid)
     specs = sources.parse(opts.source)
     if opts.samples < 1:

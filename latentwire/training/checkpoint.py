@@ -9,6 +9,8 @@ the order of its adapters) and `reader` (the model whose copy reads the text): `
 `reader()` read either kind.
 A folder is written beside its target and swapped in by renames, so a reader (or a resume after
 SIGKILL) sees the old folder or the new one, never half of one.
+Tensors are read and written by functions that import torch themselves: the checks the command
+makes before any work (is there a checkpoint, what does it record) need none.
 """
 
 import hashlib
@@ -16,10 +18,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as serialised
 
 from ..errors import UsageError
 from ..files import writing
@@ -33,6 +31,8 @@ OPTIMIZER, STATE = "optimizer.safetensors", "trainer_state.json"
 def _tensors(path: Path, tensors: dict) -> None:
     """Serialised in memory, then written by Python: a full disk is an OSError (safetensors'
     own writer reports it as an error of its own)."""
+    from safetensors.torch import save as serialised
+
     with open(path, "wb") as fh:
         fh.write(serialised(tensors))
         fh.flush()
@@ -110,12 +110,16 @@ def reader(config: dict) -> dict:
 
 def load(folder) -> tuple[dict, dict]:
     """(weights, config) of a checkpoint folder."""
+    from safetensors.torch import load_file
+
     config = read_config(folder)
     return load_file(Path(folder) / WEIGHTS), config
 
 
 def load_training(folder) -> tuple[dict, dict, dict, dict]:
     """(weights, config, optimizer state dict, trainer state) of a `last/` folder."""
+    from safetensors.torch import load_file
+
     weights, config = load(folder)
     state = json.loads((Path(folder) / STATE).read_text(encoding="utf-8"))
     optimizer = unflatten_optimizer(load_file(Path(folder) / OPTIMIZER),
@@ -133,6 +137,8 @@ def digest(folder) -> str:
 
 def flatten_optimizer(state_dict: dict) -> tuple[dict, list]:
     """A torch optimizer's state dict as {name: tensor} plus JSON param groups."""
+    import torch
+
     tensors = {}
     for index, per_param in state_dict["state"].items():
         for key, value in per_param.items():

@@ -21,19 +21,11 @@ from ..embed_experiments import TransformInputs
 from ..errors import UsageError
 from ..experiments import TRAIN_FLAGS
 from ..generation import cache_argument, plain_kv, returned_cache
+from .registry import ENCODERS
 
-ENCODERS: dict = {}
 # Set on a model whose layers recompute their activations in the backward pass: a layer run
 # twice would append its keys and values to a cache twice.
 RECOMPUTES = "latentwire_recomputes"
-
-
-def encoder(name: str, description: str):
-    def register(cls):
-        cls.description = description
-        ENCODERS[name] = cls
-        return cls
-    return register
 
 
 @dataclass
@@ -89,7 +81,6 @@ def _residual_mlp(d_model: int) -> nn.Sequential:
     return mlp
 
 
-@encoder("pool", "mean of each chunk of token embeddings + a residual MLP (identity at start)")
 class Pool(nn.Module):
     def __init__(self, d_model: int, max_latents: int, scale: float):
         super().__init__()
@@ -101,7 +92,6 @@ class Pool(nn.Module):
         return mean + self.scale * self.mlp(mean)
 
 
-@encoder("attn", "learned slot queries cross-attend over the token embeddings (starts as pool)")
 class Attention(nn.Module):
     def __init__(self, d_model: int, max_latents: int, scale: float, heads: int = 4):
         super().__init__()
@@ -139,7 +129,6 @@ class Attention(nn.Module):
         return mean + self.scale * self.out(attended)
 
 
-@encoder("constant", "M learned vectors that ignore the input: the learned-prefix control")
 class Constant(nn.Module):
     def __init__(self, d_model: int, max_latents: int, scale: float):
         super().__init__()
@@ -149,8 +138,6 @@ class Constant(nn.Module):
         return self.latents[layout.slot.clamp_max(len(self.latents) - 1)]
 
 
-@encoder("lm", "the frozen model reads the span, then M learned memory slots; its states at the "
-               "slots, projected, are the latents")
 class ModelReader(nn.Module):
     """A language model hands over what it read at a few memory slots (gist tokens, ICAE).
 
@@ -168,8 +155,6 @@ class ModelReader(nn.Module):
     With `lora` > 0 the reader is a copy of the model with LoRA adapters (peft) that train with
     the projection; the model that answers is the original, never touched.
     """
-    needs_model = True
-
     def __init__(self, d_model: int, max_latents: int, scale: float, model=None, vocab=None,
                  layer: int | None = None, lora: int = 0):
         super().__init__()
@@ -339,11 +324,11 @@ def transform_config(name: str, flags: dict) -> dict:
 
 
 def _encoder(spec: dict, vocab, model) -> nn.Module:
-    cls = ENCODERS[spec["encoder"]]
+    entry = ENCODERS[spec["encoder"]]
     extra = ({"model": model, "vocab": vocab, "layer": spec.get("encoder_layer"),
               "lora": spec.get("encoder_lora", 0)}
-             if getattr(cls, "needs_model", False) else {})
-    return cls(spec["d_model"], spec["max_latents"], spec["scale"], **extra)
+             if entry.needs_model else {})
+    return entry.load()(spec["d_model"], spec["max_latents"], spec["scale"], **extra)
 
 
 def _codebook(spec: dict, vocab) -> tuple[tuple | None, nn.Parameter | None]:

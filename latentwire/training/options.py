@@ -1,19 +1,20 @@
-"""What a training run is asked to do: its options, declared once with their help (the parsers
-of `train`, `study` and `screen` are built from them), every check that needs no model, and the
-`latentwire train` command line for a set of options or for one of the sweep's experiments."""
+"""What a training run, a study and a screen are asked to do: their options, declared once with
+their help (the parsers of `train`, `study` and `screen` are built from them), every check that
+needs no model, and the `latentwire train` command line for a set of options or for one of the
+sweep's experiments. Imports no torch: `--help` and every refusal of bad input come before it."""
 
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .. import data, experiments, models, prompts
+from .. import data, experiments, models, prompts, raycluster
 from ..errors import UsageError
 from ..files import read_json, writable_dir
 from ..options import command_line, option
 from . import checkpoint, tracking
-from .encoders import ENCODERS
+from .registry import ENCODERS
 
 # --embed_transform -> the sweep's transform registry entry
 TRANSFORMS = {"none": "identity", "rms_matching": "rms_matching",
@@ -67,7 +68,7 @@ class TrainOptions:
     encoder_layer: int | None = option(
         None, group=ENCODER, metavar="L",
         help="lm: the layer (1 to the model's count) whose states the slots hand over; "
-             "None: the last")
+             "unset: the last")
     encoder_lora: int = option(
         0, group=ENCODER, metavar="R",
         help="lm: rank-R LoRA adapters on the reader's own copy of the model, trained with it; "
@@ -76,7 +77,7 @@ class TrainOptions:
     latent_dim: int | None = option(
         None, group=ENCODER, metavar="D",
         help="the width of the latents every model is given, each through its own adapter; "
-             "None: the reader's width (a run over one model read by itself has no adapter)")
+             "unset: the reader's width (a run over one model read by itself has no adapter)")
     freeze_encoder: str | None = option(
         None, group=ENCODER, metavar="PATH",
         help="a checkpoint folder whose encoder is loaded and kept fixed: only the adapters of "
@@ -128,7 +129,7 @@ class TrainOptions:
     kd_tau: float = option(1.0, group=OPTIMISATION, metavar="T", help="distillation temperature")
     seed: int = option(42, group=OPTIMISATION, help="data order, split and init")
     output_dir: str | None = option(None, group=RUN, metavar="DIR",
-                                    help="where the run goes; None: runs/train/<embed_transform>")
+                                    help="where the run goes; unset: runs/train/<embed_transform>")
     save_every: int = option(50, group=RUN, metavar="STEPS",
                              help="write checkpoints/last every N steps, 0 for epoch ends only")
     resume: str = option(
@@ -138,7 +139,7 @@ class TrainOptions:
              "start when the folder holds none, refuse a folder holding another run (what a "
              "torchrun restart does)")
     device: str | None = option(None, group=RUN, choices=["cpu", "cuda"],
-                                help="None: CUDA when available (bf16 autocast), else CPU")
+                                help="unset: CUDA when available (bf16 autocast), else CPU")
     gradient_checkpointing: bool = option(
         False, group=RUN, help="recompute the frozen model's activations in backward (always "
                                "on on CUDA)")
@@ -192,6 +193,75 @@ class TrainOptions:
 TRANSFORM_OPTIONS = ("embed_transform", *dict.fromkeys(
     flag.removeprefix("--") for _, flags in experiments.TRAIN_FLAGS.values()
     for flag in flags.values()))
+
+
+SETTINGS = {"aware": False, "agnostic": True}  # setting -> keep_question
+
+
+GRID = "the grid: every encoder x compression x setting"
+
+
+@dataclass
+class StudyOptions(raycluster.WorkerShape):
+    encoders: str = option(
+        "pool,attn,lm", group=GRID, metavar="NAMES",
+        help=f"comma-separated, of: {', '.join(ENCODERS)}; constant at every compression and "
+             "pool at 1x always run as controls")
+    compressions: str = option("1,4,8,16", group=GRID, metavar="RATIOS",
+                               help="comma-separated text positions per latent")
+    settings: str = option("aware,agnostic", group=GRID, metavar="NAMES",
+                           help=f"comma-separated, of: {', '.join(SETTINGS)}")
+    dedicated: bool = option(
+        False, group=GRID,
+        help="with several --model_id: also train every cell for each model alone, with the "
+             "same flags, reader and budget, and set the shared runs against them per model (the "
+             "cost of sharing, in study.md's second table); each model's pool 1x reads its own text")
+    only: str = option(
+        "", group=GRID, metavar="NAMES",
+        help="comma-separated cells by the names study.md gives them (e.g. aware/lm_x4): train "
+             "only these now and leave the others for a later run; the table holds every "
+             "finished cell. Empty: every cell")
+    output_dir: str = option("runs/study", group="run", metavar="DIR",
+                             help="where the cells' runs go; a rerun continues the study")
+    ray: str | None = option(
+        None, group=raycluster.GROUP, metavar="ADDRESS", nargs="?", const="",
+        help="run the cells as Ray tasks, side by side: on the cluster at ADDRESS, else at "
+             "$RAY_ADDRESS, else on a new local Ray (a bare --ray); the folder must be on "
+             "storage every node shares")
+    base: TrainOptions = field(default_factory=TrainOptions)
+
+
+# The training options each cell sets itself: the grid's, and where its run goes.
+CELL_OPTIONS = ("encoder", "compression", "latent_len", "keep_question", "resume", "output_dir")
+
+
+SCHEDULE = "the candidates and the schedule"
+
+
+@dataclass
+class ScreenOptions(raycluster.WorkerShape):
+    experiment: str = option(
+        "", group=SCHEDULE, metavar="NAMES", required=True,
+        help="the sweep's experiment names or globs, comma-separated, e.g. "
+             "'rms_*,nearest_k5*,anchor_eps0.1'; each is one trial")
+    max_epochs: int = option(10, group=SCHEDULE, metavar="N",
+                             help="epochs of the trials ASHA never stops")
+    reduction_factor: float = option(
+        3.0, group=SCHEDULE, metavar="R",
+        help="ASHA keeps the top 1/R at each rung (epochs 1, R, R^2, ...) and stops the rest")
+    verify: bool = option(False, group=SCHEDULE,
+                          help="stop nothing: run every trial to --max_epochs and report how "
+                               "well the epoch-1 ranking predicted the final one")
+    output_dir: str = option("runs/screen", group="run", metavar="DIR",
+                             help="where the trials go; a rerun continues the screen")
+    ray: str = option("", group=raycluster.GROUP, metavar="ADDRESS", nargs="?", const="",
+                      help="the Ray cluster the trials run on (always): at ADDRESS, else at "
+                           "$RAY_ADDRESS, else on a new local Ray")
+    base: TrainOptions = field(default_factory=TrainOptions)
+
+
+# The training options each trial sets itself: its candidate's transform, its epochs and folder.
+TRIAL_OPTIONS = (*TRANSFORM_OPTIONS, "epochs", "resume", "output_dir")
 
 
 def train_command(opts: TrainOptions, spelled: tuple = ()) -> str:

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,43 +25,13 @@ import numpy as np
 from .. import experiments, provenance, raycluster, stats
 from ..errors import UsageError
 from ..files import write_json, write_text
-from ..options import option
 from ..plots import pyplot, save
 from . import checkpoint
 from .loop import run as train
-from .options import TRANSFORM_OPTIONS, TrainOptions, train_command, validate
+from .options import TRIAL_OPTIONS, ScreenOptions, TrainOptions, train_command, validate
 from .trainer import kept_models
 
 TOP = 3  # --verify: would ASHA have stopped a trial that finished this high?
-
-
-SCHEDULE = "the candidates and the schedule"
-
-
-@dataclass
-class ScreenOptions(raycluster.WorkerShape):
-    experiment: str = option(
-        "", group=SCHEDULE, metavar="NAMES",
-        help="the sweep's experiment names or globs, comma-separated, e.g. "
-             "'rms_*,nearest_k5*,anchor_eps0.1'; each is one trial (required)")
-    max_epochs: int = option(10, group=SCHEDULE, metavar="N",
-                             help="epochs of the trials ASHA never stops")
-    reduction_factor: float = option(
-        3.0, group=SCHEDULE, metavar="R",
-        help="ASHA keeps the top 1/R at each rung (epochs 1, R, R^2, ...) and stops the rest")
-    verify: bool = option(False, group=SCHEDULE,
-                          help="stop nothing: run every trial to --max_epochs and report how "
-                               "well the epoch-1 ranking predicted the final one")
-    output_dir: str = option("runs/screen", group="run", metavar="DIR",
-                             help="where the trials go; a rerun continues the screen")
-    ray: str = option("", group=raycluster.GROUP, metavar="ADDRESS", nargs="?", const="",
-                      help="the Ray cluster the trials run on (always): at ADDRESS, else at "
-                           "$RAY_ADDRESS, else on a new local Ray")
-    base: TrainOptions = field(default_factory=TrainOptions)
-
-
-# The training options each trial sets itself: its candidate's transform, its epochs and folder.
-TRIAL_OPTIONS = (*TRANSFORM_OPTIONS, "epochs", "resume", "output_dir")
 
 
 def plan(opts: ScreenOptions) -> list[tuple[experiments.Experiment, TrainOptions]]:

@@ -11,59 +11,19 @@ the zero-shot text and the question alone are every run's references.
 
 import json
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import raycluster, stats
 from ..models import model_dirname
 from ..errors import StorageError, UsageError
 from ..files import read_json, write_json, write_text
-from ..options import option
 from ..plots import pyplot, save
 from . import checkpoint
-from .encoders import ENCODERS
 from .loop import run as train
-from .options import TrainOptions, made_otherwise, validate
+from .options import SETTINGS, StudyOptions, TrainOptions, made_otherwise, validate
+from .registry import ENCODERS
 from .trainer import kept_models, load_models
-
-SETTINGS = {"aware": False, "agnostic": True}  # setting -> keep_question
-
-
-GRID = "the grid: every encoder x compression x setting"
-
-
-@dataclass
-class StudyOptions(raycluster.WorkerShape):
-    encoders: str = option(
-        "pool,attn,lm", group=GRID, metavar="NAMES",
-        help=f"comma-separated, of: {', '.join(ENCODERS)}; constant at every compression and "
-             "pool at 1x always run as controls")
-    compressions: str = option("1,4,8,16", group=GRID, metavar="RATIOS",
-                               help="comma-separated text positions per latent")
-    settings: str = option("aware,agnostic", group=GRID, metavar="NAMES",
-                           help=f"comma-separated, of: {', '.join(SETTINGS)}")
-    dedicated: bool = option(
-        False, group=GRID,
-        help="with several --model_id: also train every cell for each model alone, with the "
-             "same flags, reader and budget, and set the shared runs against them per model (the "
-             "cost of sharing, in study.md's second table); each model's pool 1x reads its own text")
-    only: str = option(
-        "", group=GRID, metavar="NAMES",
-        help="comma-separated cells by the names study.md gives them (e.g. aware/lm_x4): train "
-             "only these now and leave the others for a later run; the table holds every "
-             "finished cell. Empty: every cell")
-    output_dir: str = option("runs/study", group="run", metavar="DIR",
-                             help="where the cells' runs go; a rerun continues the study")
-    ray: str | None = option(
-        None, group=raycluster.GROUP, metavar="ADDRESS", nargs="?", const="",
-        help="run the cells as Ray tasks, side by side: on the cluster at ADDRESS, else at "
-             "$RAY_ADDRESS, else on a new local Ray (a bare --ray); the folder must be on "
-             "storage every node shares")
-    base: TrainOptions = field(default_factory=TrainOptions)
-
-
-# The training options each cell sets itself: the grid's, and where its run goes.
-CELL_OPTIONS = ("encoder", "compression", "latent_len", "keep_question", "resume", "output_dir")
 
 
 @dataclass(frozen=True)
@@ -123,7 +83,7 @@ def _chosen(opts: StudyOptions, todo: list[Cell]) -> set[str]:
 def _options(opts: StudyOptions, cell: Cell, resume: bool) -> TrainOptions:
     # --encoder_lora and --encoder_layer describe the lm encoder's reader: the controls and the
     # other encoders of the same study have none, and train as they would alone.
-    reads = getattr(ENCODERS[cell.encoder], "needs_model", False)
+    reads = ENCODERS[cell.encoder].needs_model
     alone = {"model_id": cell.model, "model_weights": ""} if cell.model else {}
     # A cell trained for one model alone is the same encoder as the shared cell, reader
     # included, so that the two differ by the sharing only; the uncompressed reference is the
