@@ -209,6 +209,9 @@ def check_spec(spec: str) -> None:
     if spec in NAMED:
         return
     path = Path(spec)
+    if path.is_dir():
+        raise UsageError(f"dataset {spec} is a folder; pass a SQuAD .json or a .jsonl file (a "
+                         f"file inside it), or one of: {', '.join(NAMED)}")
     if path.suffix in (".json", ".jsonl") or path.exists():
         if not path.is_file():
             raise UsageError(f"dataset file {spec} does not exist; pass an existing .json/.jsonl "

@@ -2,7 +2,8 @@
 
 The names are the interface (result files, summaries, `--experiment`); keep them as they are.
 The seed README's header says 35 experiments but its own category lists add up to 28, which is
-the default grid; `--grid full` runs the Cartesian products (k x alpha, size x tau): 40 in all.
+the default grid (what `latentwire list` shows); `--grid full` runs the Cartesian products
+(k x alpha, size x tau): 40 in all.
 """
 
 import difflib
@@ -119,8 +120,11 @@ def select(pattern: str, grid_name: str = "default") -> list[Experiment]:
     single configuration of the full grid can be run on its own.
     """
     chosen = grid(grid_name)
-    if pattern in ("", "all"):
+    if pattern.strip() == "all":
         return list(chosen)
+    if not pattern.replace(",", "").strip():  # an empty or unset shell variable
+        raise UsageError("--experiment is empty; name experiments (globs allowed, e.g. "
+                         "'rms_*,baseline') or pass all; `latentwire list` shows every name")
     known = {e.name: e for e in chosen}
     for e in GRIDS["full"]:
         known.setdefault(e.name, e)
@@ -132,7 +136,7 @@ def select(pattern: str, grid_name: str = "default") -> list[Experiment]:
             matches = fnmatch.filter([e.name for e in chosen], part)
             if not matches:
                 raise UsageError(f"no experiment matches {part!r}; "
-                                 "run `--experiment list` to see every name")
+                                 "`latentwire list` shows every name")
         elif part in known:
             matches = [part]
         else:
@@ -147,8 +151,7 @@ def select(pattern: str, grid_name: str = "default") -> list[Experiment]:
 def listing(grid_name: str = "default") -> str:
     rows = grid(grid_name)
     width = max(len(e.name) for e in rows)
-    lines = [f"{len(rows)} experiments in the {grid_name} grid "
-             f"(the seed README's header says 35; its category lists add up to 28):"]
+    lines = [f"{len(rows)} experiments in the {grid_name} grid:"]
     for category in CATEGORIES:
         members = [e for e in rows if e.category == category]
         lines.append(f"\n{category} ({len(members)}): {CATEGORIES[category]}")

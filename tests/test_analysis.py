@@ -51,7 +51,7 @@ def test_ten_experiment_sweep_prints_every_section_and_the_next_command(tmp_path
     lo, hi = rows["rms_scale1.0"]["f1_ci"]
     assert lo < rows["rms_scale1.0"]["f1"] < hi
     assert "Magnitude mismatch" in text
-    assert ("python latentwire/train.py --embed_transform rms_matching --target_rms_scale 1.0 "
+    assert ("latentwire train --embed_transform rms_matching --target_rms_scale 1.0 "
             "--samples 10000 --epochs 10") in text
     hp = insights["sources"]["text"]["hyperparameters"]
     assert hp["nearest_k"]["best"] == {"k": 5, "alpha": 0.5}
@@ -92,7 +92,7 @@ def test_a_leader_tied_with_the_baseline_names_the_baseline(capsys):
             "config": {"eps": 0.1}}  # the baseline's own predictions
     src = analysis.analyze({"results": [base, leader, noop]}, None, plots=False)["sources"]["text"]
     assert "not significantly better; confirm it first" in capsys.readouterr().out
-    assert src["next_command"].startswith("python latentwire/train.py --embed_transform "
+    assert src["next_command"].startswith("latentwire train --embed_transform "
                                           "batch_distribution")
     assert src["ranked"][0]["experiment"] == "batch_dist"
     assert src["tied_with_top"] == ["baseline"]
@@ -141,7 +141,7 @@ def test_sources_are_grouped_with_a_recovery_table(tmp_path, capsys):
 def test_json_output(capsys):
     analysis.analyze(ten_experiment_summary(), None, as_json=True, plots=False)
     doc = json.loads(capsys.readouterr().out)
-    assert doc["sources"]["text"]["next_command"].startswith("python latentwire/train.py")
+    assert doc["sources"]["text"]["next_command"].startswith("latentwire train")
 
 
 def test_no_winner_on_trained_latents_is_explained_as_such_not_as_real_tokens():

@@ -94,7 +94,7 @@ def test_asha_stops_the_weak_trials_and_names_the_winner(screened):
 
     # The command for the winner parses back into the winner's own settings, for --max_epochs.
     words = shlex.split(result["next_command"])
-    assert words[:2] == ["python", "latentwire/train.py"]
+    assert words[:2] == ["latentwire", "train"]
     parsed = from_args(TrainOptions, parser().parse_args(["train", *words[2:]]))
     saved = json.loads((screened / "trials" / "baseline" / "config.json").read_text())["options"]
     assert parsed.identity() == {**saved, "output_dir": "runs/train/baseline"}
@@ -238,7 +238,7 @@ def test_train_command_parses_back_into_the_same_options(changes):
     line = train_command(opts, spelled=("embed_transform",))
     assert "--embed_transform" in line
     words = shlex.split(line)
-    assert words[:2] == ["python", "latentwire/train.py"]
+    assert words[:2] == ["latentwire", "train"]
     assert from_args(TrainOptions, parser().parse_args(["train", *words[2:]])) == opts
 
 

@@ -129,7 +129,7 @@ def test_the_training_transform_is_the_sweep_experiment_the_analysis_names(tmp_p
         if exp.category == "baseline":
             assert command is None  # no transform to put in the graph
             continue
-        assert command.startswith("python latentwire/train.py "), exp.name
+        assert command.startswith("latentwire train "), exp.name
         if exp.config.get("size", 0) > len(lm.tokenizer):
             continue  # (the tiny vocabulary has 257 rows: no 512 codes to learn from it)
         parsed = from_args(TrainOptions, parser().parse_args(["train", *shlex.split(command)[2:]]))

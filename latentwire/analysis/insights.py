@@ -7,7 +7,7 @@ summaries from older versions without per-example scores, and sweeps over severa
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,13 +189,28 @@ def hyperparameters(rows: list[dict]) -> dict:
     return hp
 
 
+# The seed's full training run, and the rate its default encoder (pool, 4x, batch 16) trained at
+# on 2 CPU cores (docs/results/performance.md): what the printed next step costs.
+FULL_RUN = {"samples": 10000, "epochs": 10}
+POOL_EXAMPLES_PER_S = 10.2
+
+
 def train_command(row: dict) -> str | None:
     """The seed's full training run with this result's transform in the graph; None for the
     baseline, which has no transform to train with."""
     if TRAIN_FLAGS.get(row["category"], (None,))[0] is None:
         return None
     exp = Experiment(row.get("experiment", row["category"]), row["category"], "", row["config"])
-    return experiment_command(exp, samples=10000, epochs=10)
+    return experiment_command(exp, **FULL_RUN)
+
+
+def duration() -> str:
+    """What the full training run takes, at the measured rate."""
+    hours = FULL_RUN["samples"] * FULL_RUN["epochs"] / POOL_EXAMPLES_PER_S / 3600
+    first = 2000 / POOL_EXAMPLES_PER_S / 60
+    return (f"trains for about {hours:.1f} h on 2 CPU cores at the measured "
+            f"{POOL_EXAMPLES_PER_S} examples/s, less on a GPU; --samples 2000 --epochs 1 trains "
+            f"for about {first:.0f} min")
 
 
 def interpret(out: dict) -> tuple[list[str], list[str], str | None]:
@@ -261,7 +276,7 @@ def interpret(out: dict) -> tuple[list[str], list[str], str | None]:
         command = train_command(best) if best is not None else None
         if command:
             recs.append(f"If one must be tried now, the leading candidate is {best['experiment']} "
-                        f"(not significantly better; confirm it first): {command}")
+                        f"(not significantly better; confirm it first): {command} ({duration()})")
         return insights, recs, command
     meaning, action = MEANING.get(winner["category"], ("", ""))
     insights.append(f"{winner['experiment']} wins ({winner['category']}, F1 {winner['f1']:.3f} vs "
@@ -269,7 +284,7 @@ def interpret(out: dict) -> tuple[list[str], list[str], str | None]:
     recs.append(action)
     command = train_command(winner)
     if command:
-        recs.append(f"Next: {command}")
+        recs.append(f"Next: {command} ({duration()})")
     return insights, recs, command
 
 
@@ -415,8 +430,8 @@ def analyze(summary: dict, output_dir, as_json: bool = False, plots: bool = True
     else:
         print(render_text(insights))
         if written:
-            where = ("each model's plots/" if "models" in insights
-                     else str(Path(written[0]).parent))
-            print(f"\nplots and report: {', '.join(str(p) for p in written[-1:])} "
-                  f"(+{len(written) - 1} plots in {where})")
+            folders = Counter(str(Path(p).parent) for p in written[:-1])
+            where = ", ".join(f"{n} in {folder}" for folder, n in folders.items())
+            print(f"\nplots and report: {written[-1]}"
+                  + (f" (+{len(written) - 1} plots: {where})" if folders else ""))
     return insights

@@ -190,8 +190,9 @@ def _run(runs, shape, log) -> tuple[list[dict], int]:
         summary_path = plan.output_dir / "summary.json"
         write_json(summary_path, summary)
         if interrupted:
-            log(f"interrupted: {len(ordered)} of {len(planned)} runs of {one.model_id} kept; "
-                f"partial summary in {summary_path}; rerun the same command to resume")
+            print(f"interrupted: {len(ordered)} of {len(planned)} runs of {one.model_id} kept; "
+                  f"partial summary in {summary_path}; rerun the same command to resume",
+                  file=sys.stderr)
         summaries.append(summary)
     if interrupted:
         return summaries, 130

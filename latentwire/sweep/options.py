@@ -1,6 +1,7 @@
 """What a sweep is asked to do, and every check that needs no model: a mistake costs a second,
 not a model load. Also where each result goes, so the local runner and the Ray units agree."""
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def validate(opts: SweepOptions) -> Plan:
         raise UsageError(f"--samples must be at least 1 (got {opts.samples})")
     if opts.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens must be at least 1 (got {opts.max_new_tokens})")
+    if opts.batch_tokens is not None and opts.batch_tokens < 1:
+        raise UsageError(f"--batch_tokens must be at least 1 (got {opts.batch_tokens}); leave it "
+                         "out to have it chosen for the device")
     if opts.prompt not in prompts.FORMATS:
         raise UsageError(f"unknown prompt format {opts.prompt!r}; use one of "
                          f"{', '.join(prompts.FORMATS)}")
@@ -74,22 +78,13 @@ def validate(opts: SweepOptions) -> Plan:
     return Plan(chosen, specs, out)
 
 
-def model_ids(spec: str) -> list[str]:
-    """`--model_id A,B`: the models of one sweep, in the order given, each once."""
-    ids = []
-    for m in (part.strip() for part in spec.split(",")):
-        if m and m not in ids:
-            ids.append(m)
-    if not ids:
-        raise UsageError("--model_id is empty; pass a model, or several as --model_id A,B")
-    return ids
-
-
 def plan_models(opts: SweepOptions) -> list[tuple[SweepOptions, Plan]]:
     """One (options, plan) per model, all validated before any model loads. A single model keeps
     the layout of a one-model sweep; several get OUTPUT_DIR/<model>/ each."""
     raycluster.check(opts, opts.ray is not None)
-    ids = model_ids(opts.model_id)
+    # The seed's script passes MODEL_ID on as the flag: name what the user typed.
+    flag = "MODEL_ID" if os.environ.get("MODEL_ID") == opts.model_id else "--model_id"
+    ids = models.checked_ids(opts.model_id, flag)
     if len(ids) == 1:
         one = replace(opts, model_id=ids[0])
         return [(one, validate(one))]

@@ -218,8 +218,9 @@ def run_model(opts: SweepOptions, plan: Plan, log=print) -> tuple[dict, int]:
     summary = build_summary(results, planned, sweep.provenance if sweep else {}, interrupted)
     write_json(summary_path, summary)
     if interrupted:
-        log(f"interrupted: {len(results)} of {len(planned)} runs kept; partial summary in "
-            f"{summary_path}; rerun the same command to resume")
+        # On stderr, where a Ctrl-C's user looks for it, as every other stop of the tool.
+        print(f"interrupted: {len(results)} of {len(planned)} runs kept; partial summary in "
+              f"{summary_path}; rerun the same command to resume", file=sys.stderr)
         return summary, 130
     return summary, 1 if summary["failed"] else 0
 

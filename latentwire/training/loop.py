@@ -34,6 +34,9 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
     log = trainer.log  # silent on every rank but 0
     main = trainer.rank == 0
     state = trainer.restore() if opts.resume == "yes" else State()
+    if opts.resume == "yes":
+        log(f"resumed at step {state.step} (epoch {state.epoch + 1}, {state.batch} batches into "
+            f"it) from {out / 'checkpoints' / 'last'}")
     if main and opts.resume != "yes":
         write_json(out / "config.json", {"options": opts.identity(),
                                          "provenance": trainer.provenance,
@@ -137,7 +140,7 @@ def end_of_epoch(trainer: Trainer, state: State, progress: "Progress", started: 
     out = trainer.out
     t0 = time.time()
     result = trainer.evaluate()
-    loss, seconds = progress.end_epoch()
+    loss, seconds = progress.end_epoch(state)
     entry = {"epoch": state.epoch, "step": state.step, "train_loss": loss,
              "eval_f1": result["f1"], "eval_em": result["em"], "eval_ci": result["ci"],
              "seconds": round(seconds, 1), "eval_seconds": round(time.time() - t0, 1),
@@ -164,7 +167,8 @@ def end_of_epoch(trainer: Trainer, state: State, progress: "Progress", started: 
 class Progress:
     """Where a run reports its steps, on rank 0: a line per step and per evaluation in
     metrics.jsonl and to the trackers of --report_to, and a progress bar on a terminal, else a
-    line with the ETA ten times an epoch. Also the epoch's mean training loss and its wall time."""
+    line with the ETA ten times an epoch. Also the epoch's mean training loss (kept in the state,
+which a checkpoint saves) and its wall time."""
 
     def __init__(self, trainer: Trainer, state: State, log, trackers: tracking.Trackers):
         main = trainer.rank == 0
@@ -176,10 +180,11 @@ class Progress:
         self.metrics = MetricsLog(trainer.out / "metrics.jsonl", state.step) if main else None
         self.bar = (tqdm(total=self.total, initial=state.step, unit="step", dynamic_ncols=True)
                     if main and sys.stderr.isatty() else None)
-        self.loss_sum, self.seen, self.epoch_started = 0.0, 0, time.time()
+        self.epoch_started = time.time()
 
     def step(self, state: State, m: dict, n: int, seconds: float) -> None:
-        self.loss_sum, self.seen = self.loss_sum + m["loss"] * n, self.seen + n
+        state.epoch_loss, state.epoch_examples = (state.epoch_loss + m["loss"] * n,
+                                                  state.epoch_examples + n)
         if self.metrics is None:
             return
         rate = n / max(seconds, 1e-9)
@@ -195,11 +200,12 @@ class Progress:
             self.log(f"step {state.step}/{self.total}  epoch {state.epoch + 1}  loss "
                      f"{m['loss']:.3f}  {rate:.1f} ex/s  eta {eta / 60:.1f} min")
 
-    def end_epoch(self) -> tuple[float | None, float]:
-        """(mean training loss, seconds) of the epoch that just ended; the next starts now."""
-        loss = self.loss_sum / self.seen if self.seen else None
+    def end_epoch(self, state: State) -> tuple[float | None, float]:
+        """(mean training loss, seconds in this process) of the epoch that just ended, the loss
+        over all its steps, those before a resume included; the next epoch starts now."""
+        loss = state.epoch_loss / state.epoch_examples if state.epoch_examples else None
         seconds = time.time() - self.epoch_started
-        self.loss_sum, self.seen, self.epoch_started = 0.0, 0, time.time()
+        state.epoch_loss, state.epoch_examples, self.epoch_started = 0.0, 0, time.time()
         return loss, seconds
 
     def evaluation(self, state: State, result: dict) -> None:

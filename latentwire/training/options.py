@@ -265,11 +265,10 @@ TRIAL_OPTIONS = (*TRANSFORM_OPTIONS, "epochs", "resume", "output_dir")
 
 
 def train_command(opts: TrainOptions, spelled: tuple = ()) -> str:
-    """The seed's training command (`python latentwire/train.py`, the same as `latentwire
-    train`) with these options: every flag that differs from its default, and the `spelled`
-    ones always."""
-    return command_line(["python", "latentwire/train.py"], opts, spelled=spelled,
-                        skip=("resume",))
+    """`latentwire train` (the same as the seed's `python latentwire/train.py`, but runnable from
+    any folder) with these options: every flag that differs from its default, and the
+    `spelled` ones always."""
+    return command_line(["latentwire", "train"], opts, spelled=spelled, skip=("resume",))
 
 
 def experiment_command(exp: experiments.Experiment, **options) -> str:
@@ -335,7 +334,9 @@ def validate(opts: TrainOptions) -> Path:
     need(opts.latent_len is not None or (opts.compression or 0) >= 1,
          f"--compression must be at least 1 (got {opts.compression}): it is text positions "
          "per latent")
-    need(bool(opts.model_ids()), "--model_id is empty; pass a model, or several as --model_id A,B")
+    models.checked_ids(opts.model_id)
+    if opts.encoder_model is not None:
+        models.check(opts.encoder_model, "--encoder_model")
     names = [models.model_dirname(m) for m in opts.model_ids()]
     need(len(set(names)) == len(names), f"--model_id names models alike ({', '.join(names)}); "
          "pass them by paths with different final names")
@@ -388,11 +389,11 @@ def validate(opts: TrainOptions) -> Path:
         data.check_spec(opts.eval_dataset)
     need(opts.resume in RESUME, f"--resume takes one of {', '.join(RESUME)} (got {opts.resume!r})")
     opts = resume_mode(opts)
+    last = checkpoint.existing(opts.run_dir() / "checkpoints" / "last")
+    need(opts.resume != "yes" or last is not None, f"--resume: {opts.run_dir()} holds no "
+         "checkpoint to resume (no checkpoints/last); drop --resume to start a new run")
     out = writable_dir(opts.run_dir(), "--output_dir")
-    last = checkpoint.existing(out / "checkpoints" / "last")
     if opts.resume == "yes":
-        need(last is not None, f"--resume: {out} holds no checkpoint to resume "
-             f"(no checkpoints/last); drop --resume to start a new run")
         changed = _changed(opts, json.loads((out / "config.json").read_text(encoding="utf-8")))
         need(not changed, f"--resume: {out} was made with other flags ({_listed(opts, changed)});"
              " resume with the same flags or pick another --output_dir")

@@ -52,8 +52,13 @@ def cells(opts: StudyOptions) -> list[Cell]:
     for s in settings:
         if s not in SETTINGS:
             raise UsageError(f"unknown setting {s!r} in --settings; use: {', '.join(SETTINGS)}")
-    if not encoders or not settings or not ratios or min(ratios) < 1:
-        raise UsageError("a study needs at least one encoder, setting and compression >= 1")
+    for name, given in (("--encoders", encoders), ("--settings", settings),
+                        ("--compressions", ratios)):
+        if not given:
+            raise UsageError(f"{name} is empty; a study needs at least one")
+    if min(ratios) < 1:
+        raise UsageError(f"--compressions must each be at least 1 (got {min(ratios):g}): a ratio "
+                         "is text positions per latent, 1 for none")
     models = opts.base.model_ids()
     if opts.dedicated and len(models) < 2:
         raise UsageError("--dedicated sets runs shared by several models against each model "

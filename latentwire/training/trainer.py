@@ -127,6 +127,10 @@ class State:
     epoch: int = 0  # the epoch in progress
     batch: int = 0  # its batches done
     elapsed: float = 0.0  # training seconds before this process
+    # The epoch in progress: its training loss summed over examples, and their count, so that
+    # its mean covers the steps before a resume too.
+    epoch_loss: float = 0.0
+    epoch_examples: int = 0
     epochs: list = field(default_factory=list)  # one entry per finished epoch
     best: dict | None = None
     references: dict | None = None
