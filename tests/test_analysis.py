@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 
@@ -136,6 +137,11 @@ def test_sources_are_grouped_with_a_recovery_table(tmp_path, capsys):
     assert "RECOVERY" in text and "(source: mismatch)" in text
     assert "breaks the model by itself" in text
     assert (tmp_path / "plots" / "mismatch" / "ranked_f1.png").is_file()
+    # The closing line counts the plots of each folder, as they lie.
+    line = next(x for x in text.splitlines() if x.startswith("plots and report:"))
+    shown = {folder: int(n) for n, folder in re.findall(r"(\d+) in ([^,)]+)", line)}
+    assert shown == {str(d): len(list(d.glob("*.png"))) for d in (tmp_path / "plots").iterdir()}
+    assert len(shown) == 2
 
 
 def test_json_output(capsys):

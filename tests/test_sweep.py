@@ -117,12 +117,12 @@ def test_same_command_twice_gives_identical_predictions(tmp_path, bundled):
     assert preds[0] == preds[1]
 
 
-def _start(out, experiments):
+def _start(out, experiments, stderr=subprocess.STDOUT):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "latentwire.cli", "sweep", "--experiment",
                              experiments, "--samples", "4", "--output_dir", str(out),
                              "--no-analysis"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint)
+                            stderr=stderr, text=True, preexec_fn=_default_sigint)
 
 
 def _default_sigint():
@@ -161,11 +161,14 @@ def test_sigkill_then_rerun_resumes_without_touching_finished_work(tmp_path):
 
 
 def test_ctrl_c_writes_the_partial_summary_and_exits_130(tmp_path):
-    proc = _start(tmp_path, "baseline,rms_scale1.0,batch_dist,codebook_1024_t1.0")
+    proc = _start(tmp_path, "baseline,rms_scale1.0,batch_dist,codebook_1024_t1.0",
+                  stderr=subprocess.PIPE)
     _wait_for(tmp_path / "baseline.json", proc)
     proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 130, output
+    output, errors = proc.communicate(timeout=300)
+    assert proc.returncode == 130, output + errors
+    # What to do next is said where the user looks after a Ctrl-C: on stderr.
+    assert "rerun the same command to resume" in errors and "rerun" not in output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["successful"] >= 1
     assert summary["not_run"]

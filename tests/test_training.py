@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -324,6 +325,11 @@ def test_resume_after_sigkill_ends_bitwise_identical(tmp_path, tiny_model_dir):
     done = subprocess.run(_command(tiny_model_dir, killed, "--resume"), env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert re.search(r"resumed at step \d+ \(epoch 2, \d+ batches into it\)", done.stdout)
+    # The epoch cut by the kill reports the loss of all its steps, as the uninterrupted run does.
+    summaries = [json.loads((out / "summary.json").read_text()) for out in (tmp_path / "full", killed)]
+    assert ([e["train_loss"] for e in summaries[0]["epochs"]]
+            == [e["train_loss"] for e in summaries[1]["epochs"]])
     full, resumed = _weights(tmp_path / "full"), _weights(killed)
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
