@@ -1,4 +1,5 @@
-"""What transforms the embeddings: the registry of transformations and what each one did.
+"""What transforms the embeddings: each transformation's code (declared in experiments.TRANSFORMS)
+and what each one did.
 
 A transform sees `TransformInputs`: the real source positions of every example, packed into one
 [N, d] float32 tensor, with `offsets` saying which rows belong to which example. Padding and the
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import experiments
 from .vocab import VocabSpace
 
 EPS = 1e-8
@@ -50,9 +52,6 @@ class TransformInputs:
                                        lengths.to(self.x.device))
 
 
-TRANSFORMS: dict = {}
-
-
 class _StraightThrough(torch.autograd.Function):
     """The value of y with the gradient of x: how training passes a gradient through a step that
     has none (the snap to a vocabulary row)."""
@@ -66,31 +65,21 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def transform(name: str):
-    """Register a transform: fn(inputs, **config) -> (output [N, d], extra diagnostics)."""
-    def register(fn):
-        TRANSFORMS[name] = fn
-        return fn
-    return register
-
-
 def code_version(name: str) -> str:
     """A hash of the transform's code and of what every transform stands on (the vocabulary
     space: its statistics, search and codebooks; the packed inputs): a change to any of them
     invalidates the results made with the old code."""
     from . import vocab
 
-    parts = [inspect.getsource(TRANSFORMS[name]), inspect.getsource(TransformInputs),
+    parts = [inspect.getsource(experiments.TRANSFORMS[name].load()), inspect.getsource(TransformInputs),
              inspect.getsource(vocab)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
-@transform("identity")
 def identity(inp: TransformInputs):
     return inp.x, {}
 
 
-@transform("rms_matching")
 def rms_matching(inp: TransformInputs, target_scale: float):
     """Set every position's RMS to target_scale x the vocabulary's mean RMS."""
     rms = inp.x.pow(2).mean(dim=1, keepdim=True).sqrt()
@@ -98,7 +87,6 @@ def rms_matching(inp: TransformInputs, target_scale: float):
     return inp.x * (target / rms.clamp_min(EPS)), {"target_rms": float(target)}
 
 
-@transform("batch_distribution")
 def batch_distribution(inp: TransformInputs):
     """Standardise each feature over the example's own positions, then give it the vocabulary's
     per-feature mean and std (batch normalisation where the batch is one example)."""
@@ -112,7 +100,6 @@ def batch_distribution(inp: TransformInputs):
     return standard * inp.vocab.std + inp.vocab.mean, {}
 
 
-@transform("nearest_k")
 def nearest_k(inp: TransformInputs, k: int, alpha: float, temperature: float = 0.1):
     """alpha x input + (1 - alpha) x a convex combination of its k nearest vocabulary rows
     (exact cosine top-k, weights softmax(cosine / temperature))."""
@@ -126,7 +113,6 @@ def nearest_k(inp: TransformInputs, k: int, alpha: float, temperature: float = 0
     return alpha * inp.x + (1 - alpha) * projection, {"mean_top1_cosine": float(found[:, 0].mean())}
 
 
-@transform("anchor_offset")
 def anchor_offset(inp: TransformInputs, eps: float):
     """Nearest vocabulary row (by cosine) plus the residual, clipped to eps x the anchor's norm.
 
@@ -147,7 +133,6 @@ def anchor_offset(inp: TransformInputs, eps: float):
     return out, {"fraction_clipped": float((size > limit).float().mean())}
 
 
-@transform("soft_codebook")
 def soft_codebook(inp: TransformInputs, size: int, tau: float, seed: int = 0, chunk: int = 4096):
     """Replace each position by a soft mixture of `size` k-means codes of the vocabulary.
 
@@ -180,7 +165,7 @@ class NonFiniteError(ValueError):
 
 def apply(name: str, inp: TransformInputs, config: dict) -> tuple[torch.Tensor, dict]:
     """Run a transform, refuse non-finite output, and measure what it did to its input."""
-    out, extra = TRANSFORMS[name](inp, **config)
+    out, extra = experiments.TRANSFORMS[name].load()(inp, **config)
     bad = (~torch.isfinite(out)).sum().item()
     if bad:
         raise NonFiniteError(f"transform {name} produced {bad} non-finite values (NaN/inf) in "

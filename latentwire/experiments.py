@@ -12,29 +12,108 @@ from dataclasses import dataclass, field
 from itertools import product
 
 from .errors import UsageError
+from .registry import Registry, load
 
 
 @dataclass(frozen=True)
 class Experiment:
     name: str
     category: str
-    transform: str  # a key of embed_experiments.TRANSFORMS
+    transform: str  # a key of TRANSFORMS
     config: dict = field(default_factory=dict, hash=False)
     description: str = ""
 
 
-CATEGORIES = {
-    "baseline": "no transformation: the reference every other experiment is compared with",
-    "rms_matching": "rescale every position to a multiple of the vocabulary's mean RMS",
-    "batch_distribution": "per-feature mean/std of each example matched to the vocabulary's",
-    "nearest_k": "mix the input with a convex combination of its k nearest vocabulary rows",
-    "anchor_offset": "nearest vocabulary row plus a residual clipped to eps x its norm",
-    "soft_codebook": "soft mixture of k-means codes of the vocabulary (VQ-style bottleneck)",
-}
+@dataclass(frozen=True)
+class Transform:
+    """One transformation of the embeddings, declared once: what every part of the tool needs to
+    know about it. The parsers, the grid's listing, the trainer's flags, the analysis and the Ray
+    sweep all read it from here; its code is imported only when it runs."""
+    category: str  # the category of its experiments in results and the analysis
+    function: str  # "package.module:name": fn(TransformInputs, **config) -> (output, diagnostics)
+    description: str
+    prefix: str  # its experiments' names start with this
+    train_flags: dict = field(default_factory=dict)  # config key -> the TrainOptions field setting it
+    trainable: bool = True  # can sit inside the training graph (--embed_transform)
+    meaning: str = ""  # what a win means (the seed's interpretation table)
+    action: str = ""  # and what to do about it
+    # The Ray sweep runs a group's experiments in one unit: they share the costly neighbour
+    # search. None: a group of its own.
+    ray_group: str | None = None
+
+    def load(self):
+        return load(self.function)
+
+
+CODE = "latentwire.embed_experiments"
+TRANSFORMS = Registry("transform", Transform)
+TRANSFORMS.add("identity", Transform(
+    "baseline", f"{CODE}:identity",
+    "no transformation: the reference every other experiment is compared with", "baseline",
+    trainable=False, ray_group="anchor_offset"))
+TRANSFORMS.add("rms_matching", Transform(
+    "rms_matching", f"{CODE}:rms_matching",
+    "rescale every position to a multiple of the vocabulary's mean RMS", "rms_scale",
+    {"target_scale": "target_rms_scale"},
+    meaning="Magnitude mismatch: the model needs embeddings at the vocabulary's scale.",
+    action="Integrate RMS calibration after the adapter."))
+TRANSFORMS.add("batch_distribution", Transform(
+    "batch_distribution", f"{CODE}:batch_distribution",
+    "per-feature mean/std of each example matched to the vocabulary's", "batch_dist",
+    meaning="The per-feature distribution is off; matching its moments helps.",
+    action="Normalise adapter outputs to the vocabulary's mean and std."))
+TRANSFORMS.add("nearest_k", Transform(
+    "nearest_k", f"{CODE}:nearest_k",
+    "mix the input with a convex combination of its k nearest vocabulary rows", "nearest_k",
+    {"k": "nearest_k", "alpha": "nearest_alpha"},
+    meaning="Arbitrary embeddings fail; convex combinations of tokens work.",
+    action="Force convex combinations of vocabulary embeddings in the adapter."))
+TRANSFORMS.add("anchor_offset", Transform(
+    "anchor_offset", f"{CODE}:anchor_offset",
+    "nearest vocabulary row plus a residual clipped to eps x its norm", "anchor_eps",
+    {"eps": "anchor_eps"},
+    meaning="Embeddings must stay near real tokens.",
+    action="Add manifold regularisation (anchor + small offset) to training."))
+TRANSFORMS.add("soft_codebook", Transform(
+    "soft_codebook", f"{CODE}:soft_codebook",
+    "soft mixture of k-means codes of the vocabulary (VQ-style bottleneck)", "codebook_",
+    {"size": "codebook_size", "tau": "codebook_tau"},
+    meaning="A discrete bottleneck over the vocabulary helps.",
+    action="Train with a soft codebook over vocabulary embeddings."))
+
+# The tables below are read from the registry when they are used, so that a transform added to
+# it is everywhere at once.
+
+
+def categories() -> dict[str, str]:
+    """Each category and what its transform does, in the registry's order."""
+    return {t.category: t.description for t in TRANSFORMS.values()}
+
+
+def of_category(category: str) -> tuple[str, Transform]:
+    """(registry name, declaration) of the transform behind a category."""
+    return next((name, t) for name, t in TRANSFORMS.items() if t.category == category)
+
+
+def category_of(experiment: str) -> str:
+    """The category an experiment's name belongs to (the longest matching prefix), or other."""
+    matches = [t for t in TRANSFORMS.values() if experiment.startswith(t.prefix)]
+    return max(matches, key=lambda t: len(t.prefix)).category if matches else "other"
+
+
+def embed_transforms() -> dict[str, str]:
+    """--embed_transform's names -> the registry's: none for no transform, else the transform's
+    own name."""
+    return {"none": "identity", **{name: name for name, t in TRANSFORMS.items() if t.trainable}}
+
+
+def train_fields() -> tuple[str, ...]:
+    """Every TrainOptions field a transform's config is set by, once each."""
+    return tuple(dict.fromkeys(f for t in TRANSFORMS.values() for f in t.train_flags.values()))
 
 
 def _baseline():
-    return [Experiment("baseline", "baseline", "identity", {}, CATEGORIES["baseline"])]
+    return [Experiment("baseline", "baseline", "identity", {}, categories()["baseline"])]
 
 
 def _rms(scales):
@@ -45,7 +124,7 @@ def _rms(scales):
 
 def _batch():
     return [Experiment("batch_dist", "batch_distribution", "batch_distribution", {},
-                       CATEGORIES["batch_distribution"])]
+                       categories()["batch_distribution"])]
 
 
 def _nearest(pairs):
@@ -68,26 +147,13 @@ def _codebook(pairs):
             for n, t in pairs]
 
 
-# How a category's hyperparameters become flags of the training command: the analysis prints
-# them for a winner, and training reads them back into the same transform's config.
-TRAIN_FLAGS = {
-    "baseline": (None, {}),
-    "rms_matching": ("rms_matching", {"target_scale": "--target_rms_scale"}),
-    "batch_distribution": ("batch_distribution", {}),
-    "nearest_k": ("nearest_k", {"k": "--nearest_k", "alpha": "--nearest_alpha"}),
-    "anchor_offset": ("anchor_offset", {"eps": "--anchor_eps"}),
-    "soft_codebook": ("soft_codebook", {"size": "--codebook_size", "tau": "--codebook_tau"}),
-}
-
-
 def train_settings(exp: Experiment) -> dict:
     """The trainer's options (TrainOptions fields) that put this experiment's transform, with its
     config, inside the training graph; a key the config lacks (a summary from an older version)
     leaves the trainer's default."""
-    transform, flags = TRAIN_FLAGS[exp.category]
-    return {"embed_transform": transform or "none",
-            **{flag.removeprefix("--"): exp.config[key] for key, flag in flags.items()
-               if key in exp.config}}
+    name, t = of_category(exp.category)
+    return {"embed_transform": name if t.trainable else "none",
+            **{flag: exp.config[key] for key, flag in t.train_flags.items() if key in exp.config}}
 
 
 RMS_SCALES = (0.8, 1.0, 1.2)
@@ -152,8 +218,8 @@ def listing(grid_name: str = "default") -> str:
     rows = grid(grid_name)
     width = max(len(e.name) for e in rows)
     lines = [f"{len(rows)} experiments in the {grid_name} grid:"]
-    for category in CATEGORIES:
+    for category, description in categories().items():
         members = [e for e in rows if e.category == category]
-        lines.append(f"\n{category} ({len(members)}): {CATEGORIES[category]}")
+        lines.append(f"\n{category} ({len(members)}): {description}")
         lines += [f"  {e.name:<{width}}  {e.description}" for e in members]
     return "\n".join(lines)

@@ -70,6 +70,8 @@ def add_options(parser: argparse.ArgumentParser, options: list, last_group: str 
     for f in options:
         section = sections[group(f)]
         extras = {k: v for k, v in f.metadata.items() if k not in ("help", "group", "required")}
+        if callable(extras.get("choices")):  # a registry's names, read when the parser is built
+            extras["choices"] = extras["choices"]()
         if value_type(f) is bool:
             action = section.add_argument(*spellings(f.name), dest=f.name, type=to_bool,
                                           nargs="?", const=True, default=f.default,

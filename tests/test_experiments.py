@@ -42,3 +42,79 @@ def test_listing_names_every_experiment_with_its_category():
     for name in SEED_NAMES:
         assert f"  {name} " in text
     assert "soft_codebook (6)" in text and "28 experiments" in text
+
+
+def clip_norm(inp, scale):
+    """A transform that exists only in this test: every row scaled to `scale` x its norm."""
+    return inp.x * scale, {}
+
+
+def test_a_transform_is_one_registry_entry_found_everywhere(monkeypatch):
+    """One declaration reaches the command's choices, the training flags, the analysis's
+    categories (and its next command) and the Ray sweep's grouping."""
+    from pathlib import Path
+
+    from latentwire import embed_experiments, experiments
+    from latentwire.analysis import insights
+    from latentwire.cli import parser
+    from latentwire.options import from_args
+    from latentwire.registry import Registry
+    from latentwire.sweep import on_ray
+    from latentwire.sweep.options import Plan
+    from latentwire.training.options import TrainOptions
+
+    tiny = Registry("transform", experiments.Transform)
+    tiny.add("identity", experiments.TRANSFORMS["identity"])
+    tiny.add("clip_norm", experiments.Transform(
+        "clip_norm", f"{__name__}:clip_norm", "every row scaled", "clipnorm",
+        {"scale": "target_rms_scale"}, meaning="Norms matter.", action="Clip them."))
+    monkeypatch.setattr(experiments, "TRANSFORMS", tiny)
+    exp = experiments.Experiment("clipnorm0.5", "clip_norm", "clip_norm", {"scale": 0.5})
+
+    parsed = from_args(TrainOptions, parser().parse_args(["train", "--embed_transform", "clip_norm"]))
+    assert parsed.embed_transform == "clip_norm"
+    assert experiments.train_settings(exp) == {"embed_transform": "clip_norm",
+                                               "target_rms_scale": 0.5}
+    assert experiments.category_of("clipnorm0.5") == "clip_norm"
+    assert experiments.categories() == {"baseline": experiments.TRANSFORMS["identity"].description,
+                                        "clip_norm": "every row scaled"}
+    row = {"experiment": "clipnorm0.5", "category": "clip_norm", "config": {"scale": 0.5}}
+    assert insights.train_command(row).startswith(
+        "latentwire train --embed_transform clip_norm --target_rms_scale 0.5")
+    plan = Plan([experiments.Experiment("baseline", "baseline", "identity"), exp], ["text"],
+                Path("out"))
+    groups = {u.group: u.names for u in on_ray.units([(None, plan)])}
+    assert groups == {"anchor_offset": ("baseline",), "clip_norm": ("clipnorm0.5",)}
+    assert embed_experiments.code_version("clip_norm") != embed_experiments.code_version("identity")
+
+
+def test_a_registry_refuses_a_second_entry_of_a_name_and_an_entry_of_another_type():
+    from latentwire.experiments import TRANSFORMS, Transform
+    from latentwire.registry import Registry
+    from latentwire.training.registry import ENCODERS, EncoderEntry
+
+    with pytest.raises(ValueError, match="registered twice"):
+        TRANSFORMS.add("rms_matching", TRANSFORMS["rms_matching"])
+    with pytest.raises(TypeError, match="must be a Transform"):
+        Registry("transform", Transform).add("x", lambda inp: (inp.x, {}))
+    with pytest.raises(ValueError, match="encoder 'lm' is registered twice"):
+        ENCODERS.add("lm", ENCODERS["lm"])
+    with pytest.raises(TypeError, match="must be a EncoderEntry"):
+        ENCODERS.add("mlp", "latentwire.training.encoders:Pool")
+    assert "mlp" not in ENCODERS
+
+
+def test_every_declaration_names_real_code_and_real_training_flags():
+    from dataclasses import fields
+
+    from torch import nn
+
+    from latentwire.experiments import TRANSFORMS
+    from latentwire.training.options import TrainOptions
+    from latentwire.training.registry import ENCODERS
+
+    options = {f.name for f in fields(TrainOptions)}
+    for t in TRANSFORMS.values():
+        assert callable(t.load()) and set(t.train_flags.values()) <= options
+    for e in ENCODERS.values():
+        assert issubclass(e.load(), nn.Module)

@@ -20,7 +20,7 @@ from latentwire import experiments
 from latentwire.training import checkpoint, encoders, screen
 from latentwire.cli import main, parser
 from latentwire.options import from_args
-from latentwire.training.options import TRANSFORMS, TrainOptions, train_command
+from latentwire.training.options import TrainOptions, train_command
 
 from .conftest import ROOT
 from .ray_hooks import F1_SCRIPT
@@ -222,7 +222,7 @@ def test_every_candidate_trains_its_sweep_transform():
     for exp in experiments.grid("full"):
         settings = experiments.train_settings(exp)
         flags = {**vars(TrainOptions()), **settings}
-        name = TRANSFORMS[settings["embed_transform"]]
+        name = experiments.embed_transforms()[settings["embed_transform"]]
         assert (name, encoders.transform_config(name, flags)) == (exp.transform, exp.config)
 
 

@@ -88,7 +88,7 @@ def test_exception_in_one_experiment_is_recorded_and_the_sweep_goes_on(tmp_path,
     def broken(inp):
         raise RuntimeError("deliberately broken for the test")
 
-    monkeypatch.setitem(embed_experiments.TRANSFORMS, "batch_distribution", broken)
+    monkeypatch.setattr(embed_experiments, "batch_distribution", broken)
     summary, code = run_sweep(tmp_path, "baseline,batch_dist,rms_scale1.0")
     assert code == 1
     failed = json.loads((tmp_path / "batch_dist.json").read_text())
@@ -99,7 +99,7 @@ def test_exception_in_one_experiment_is_recorded_and_the_sweep_goes_on(tmp_path,
 
 
 def test_non_finite_embeddings_fail_that_experiment_before_generation(tmp_path, bundled, monkeypatch):
-    monkeypatch.setitem(embed_experiments.TRANSFORMS, "rms_matching",
+    monkeypatch.setattr(embed_experiments, "rms_matching",
                         lambda inp, target_scale: (inp.x / 0.0 * 0.0, {}))
     summary, code = run_sweep(tmp_path, "rms_scale1.0")
     result = json.loads((tmp_path / "rms_scale1.0.json").read_text())

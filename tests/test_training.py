@@ -28,8 +28,8 @@ from latentwire.training import checkpoint
 from latentwire.training.encoders import Compressor, Layout, similar_widths
 from latentwire.training.loop import run
 from latentwire.options import from_args
-from latentwire.training.options import (RESTARTS, TRANSFORM_OPTIONS, TRANSFORMS, TrainOptions,
-                                         resume_mode, validate)
+from latentwire.training.options import (RESTARTS, TRANSFORM_OPTIONS, TrainOptions, resume_mode,
+                                         validate)
 from latentwire.training.summary import render
 from latentwire.training.trainer import CALIBRATION_EXAMPLES, Trainer, recompute_layers
 from latentwire.vocab import VocabSpace
@@ -52,7 +52,7 @@ def trainer(tmp_path, lm=None, **kw):
     return Trainer(opts, validate(opts), quiet, lm or tiny_lm())
 
 
-@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("transform", list(experiments.embed_transforms()))
 def test_every_transform_passes_a_finite_nonzero_gradient_to_the_encoder_only(tmp_path, transform):
     lm = tiny_lm()
     t = trainer(tmp_path, lm, embed_transform=transform)
@@ -148,7 +148,7 @@ def test_the_training_transform_is_the_sweep_experiment_the_analysis_names(tmp_p
         assert torch.equal(ours, theirs), exp.name
         checked.add(exp.category)
         (Path(opts.output_dir) / "config.json").unlink(missing_ok=True)
-    assert checked == set(experiments.CATEGORIES) - {"baseline"}
+    assert checked == set(experiments.categories()) - {"baseline"}
 
 
 def test_a_run_trains_only_the_compressor_and_writes_every_output(tmp_path):

@@ -11,31 +11,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import stats
+from .. import experiments, stats
 from ..errors import UsageError
-from ..experiments import TRAIN_FLAGS, Experiment
+from ..experiments import Experiment
 from ..options import option
 from ..training.options import experiment_command
 from . import report
 from .formatting import number, render_text
-
-CATEGORY_PREFIXES = [("baseline", "baseline"), ("rms_scale", "rms_matching"),
-                     ("batch_dist", "batch_distribution"), ("nearest_k", "nearest_k"),
-                     ("anchor_eps", "anchor_offset"), ("codebook_", "soft_codebook")]
-
-# The seed's interpretation table: what a winning category means and what to do about it.
-MEANING = {
-    "rms_matching": ("Magnitude mismatch: the model needs embeddings at the vocabulary's scale.",
-                     "Integrate RMS calibration after the adapter."),
-    "anchor_offset": ("Embeddings must stay near real tokens.",
-                      "Add manifold regularisation (anchor + small offset) to training."),
-    "nearest_k": ("Arbitrary embeddings fail; convex combinations of tokens work.",
-                  "Force convex combinations of vocabulary embeddings in the adapter."),
-    "batch_distribution": ("The per-feature distribution is off; matching its moments helps.",
-                           "Normalise adapter outputs to the vocabulary's mean and std."),
-    "soft_codebook": ("A discrete bottleneck over the vocabulary helps.",
-                      "Train with a soft codebook over vocabulary embeddings."),
-}
 
 
 @dataclass
@@ -61,13 +43,6 @@ def load_summary(path: str) -> dict:
     return summary
 
 
-def category_of(name: str) -> str:
-    for prefix, category in CATEGORY_PREFIXES:
-        if name.startswith(prefix):
-            return category
-    return "other"
-
-
 def normalise(summary: dict) -> tuple[list[dict], list[dict]]:
     """(successful results, failed results) with every field the analysis reads filled in, so
     summaries from older versions (results as a dict, no status/category/source) still work."""
@@ -78,7 +53,7 @@ def normalise(summary: dict) -> tuple[list[dict], list[dict]]:
     for r in raw:
         r = dict(r)
         r.setdefault("source", "text")
-        r.setdefault("category", category_of(r.get("experiment", "")))
+        r.setdefault("category", experiments.category_of(r.get("experiment", "")))
         r.setdefault("config", {})
         r.setdefault("diagnostics", {})
         status = r.get("status", "ok" if "f1" in r and "error" not in r else "failed")
@@ -198,7 +173,8 @@ POOL_EXAMPLES_PER_S = 10.2
 def train_command(row: dict) -> str | None:
     """The seed's full training run with this result's transform in the graph; None for the
     baseline, which has no transform to train with."""
-    if TRAIN_FLAGS.get(row["category"], (None,))[0] is None:
+    if (row["category"] not in experiments.categories()
+            or not experiments.of_category(row["category"])[1].trainable):
         return None
     exp = Experiment(row.get("experiment", row["category"]), row["category"], "", row["config"])
     return experiment_command(exp, **FULL_RUN)
@@ -278,7 +254,9 @@ def interpret(out: dict) -> tuple[list[str], list[str], str | None]:
             recs.append(f"If one must be tried now, the leading candidate is {best['experiment']} "
                         f"(not significantly better; confirm it first): {command} ({duration()})")
         return insights, recs, command
-    meaning, action = MEANING.get(winner["category"], ("", ""))
+    known = winner["category"] in experiments.categories()
+    t = experiments.of_category(winner["category"])[1] if known else None
+    meaning, action = (t.meaning, t.action) if t else ("", "")
     insights.append(f"{winner['experiment']} wins ({winner['category']}, F1 {winner['f1']:.3f} vs "
                     f"baseline {number(base)}). {meaning}")
     recs.append(action)

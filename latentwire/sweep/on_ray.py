@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import raycluster
+from .. import experiments, raycluster
 from ..errors import UsageError
 from ..files import write_json
 from ..memory import keep_freed_memory
@@ -30,9 +30,6 @@ from ..raycluster import MAX_RESTARTS
 from . import runner
 from .options import planned_runs, result_path
 
-GROUP_OF = {"baseline": "anchor_offset", "anchor_offset": "anchor_offset",
-            "nearest_k": "nearest_k", "rms_matching": "rms_matching",
-            "batch_distribution": "batch_distribution", "soft_codebook": "soft_codebook"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,8 @@ def units(runs) -> list[Unit]:
         for s in range(len(plan.sources)):
             groups: dict[str, list] = {}
             for exp in plan.experiments:
-                groups.setdefault(GROUP_OF[exp.category], []).append(exp.name)
+                _, t = experiments.of_category(exp.category)
+                groups.setdefault(t.ray_group or exp.category, []).append(exp.name)
             mine += [Unit(m, s, g, tuple(names)) for g, names in groups.items()]
         out += sorted(mine, key=lambda u: -len(u.names))
     return out

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import embed_experiments
+from .. import embed_experiments, experiments
 from ..embed_experiments import TransformInputs
 from ..errors import UsageError
-from ..experiments import TRAIN_FLAGS
 from ..generation import cache_argument, plain_kv, returned_cache
 from .registry import ENCODERS
 
@@ -319,8 +318,7 @@ def latent_counts(lengths: list[int], compression: float | None, latent_len: int
 
 def transform_config(name: str, flags: dict) -> dict:
     """The sweep registry's config for a transform, from training's flag values."""
-    keys = next((f for t, f in TRAIN_FLAGS.values() if t == name), {})
-    return {key: flags[flag.lstrip("-")] for key, flag in keys.items()}
+    return {key: flags[field] for key, field in experiments.TRANSFORMS[name].train_flags.items()}
 
 
 def _encoder(spec: dict, vocab, model) -> nn.Module:

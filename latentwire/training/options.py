@@ -16,10 +16,6 @@ from ..options import command_line, option
 from . import checkpoint, tracking
 from .registry import ENCODERS
 
-# --embed_transform -> the sweep's transform registry entry
-TRANSFORMS = {"none": "identity", "rms_matching": "rms_matching",
-              "batch_distribution": "batch_distribution", "nearest_k": "nearest_k",
-              "anchor_offset": "anchor_offset", "soft_codebook": "soft_codebook"}
 SCHEDULES = ("constant", "cosine")
 RESUME = ("no", "yes", "auto")
 # torchrun sets it in every process it starts: 0 at first, then the number of restarts.
@@ -35,7 +31,7 @@ RUN = "run"
 @dataclass
 class TrainOptions:
     embed_transform: str = option(
-        "none", group=TRANSFORM, choices=list(TRANSFORMS),
+        "none", group=TRANSFORM, choices=lambda: list(experiments.embed_transforms()),
         help="applied to the latents before the model reads them")
     target_rms_scale: float = option(
         1.0, group=TRANSFORM, metavar="S",
@@ -190,9 +186,7 @@ class TrainOptions:
 
 # The options that put a transform, with its config, into the graph: what a screen's candidate
 # sets, and what the command for an experiment always spells out.
-TRANSFORM_OPTIONS = ("embed_transform", *dict.fromkeys(
-    flag.removeprefix("--") for _, flags in experiments.TRAIN_FLAGS.values()
-    for flag in flags.values()))
+TRANSFORM_OPTIONS = ("embed_transform", *experiments.train_fields())
 
 
 SETTINGS = {"aware": False, "agnostic": True}  # setting -> keep_question
@@ -325,8 +319,9 @@ def validate(opts: TrainOptions) -> Path:
         if not ok:
             raise UsageError(message)
 
-    need(opts.embed_transform in TRANSFORMS, f"unknown --embed_transform {opts.embed_transform!r};"
-         f" use one of: {', '.join(TRANSFORMS)}")
+    transforms = experiments.embed_transforms()
+    need(opts.embed_transform in transforms, f"unknown --embed_transform "
+         f"{opts.embed_transform!r}; use one of: {', '.join(transforms)}")
     need(opts.encoder in ENCODERS, f"unknown --encoder {opts.encoder!r}; use one of: "
          f"{', '.join(ENCODERS)}")
     need(opts.latent_len is None or opts.latent_len >= 1,

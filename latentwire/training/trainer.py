@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .. import data, models, prompts, provenance, stats
+from .. import data, experiments, models, prompts, provenance, stats
 from ..embed_experiments import NonFiniteError
 from ..errors import UsageError
 from ..generation import StopTokens, cache_argument, generate, plain_kv, returned_cache
@@ -30,7 +30,7 @@ from ..stats import bootstrap_ci
 from ..vocab import VocabSpace
 from . import checkpoint
 from .encoders import RECOMPUTES, build, transform_config
-from .options import TRANSFORMS, TrainOptions
+from .options import TrainOptions
 
 CALIBRATION_EXAMPLES = 32  # spans an encoder that starts from data measures before step 1
 KD_TOP = 32  # teacher logits kept per answer position: the distribution's head, a few MB in all
@@ -406,7 +406,7 @@ class Trainer:
         latent width or a frozen encoder make a shared one with an adapter per model."""
         opts, reader = self.opts, self.reader
         items = reader.train_items + reader.eval_items
-        transform = TRANSFORMS[opts.embed_transform]
+        transform = experiments.embed_transforms()[opts.embed_transform]
         spec = {
             "encoder": opts.encoder, "d_model": reader.embed.weight.shape[1],
             "max_latents": max(len(i.span) for i in items),
