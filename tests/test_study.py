@@ -124,6 +124,8 @@ def test_only_trains_the_named_cells_and_a_rerun_without_it_trains_the_rest(
     out = capsys.readouterr().out
     assert out.count("not in --only, left for a later run") == 3
     assert [p.parent.name for p in tmp_path.glob("aware/*/summary.json")] == ["pool_x4"]
+    # The cells left for later have no folder yet: checking one writes nothing.
+    assert [p.name for p in (tmp_path / "aware").iterdir()] == ["pool_x4"]
     rows = json.loads((tmp_path / "study.json").read_text())["rows"]
     assert [(r["encoder"], r["compression"]) for r in rows] == [("pool", 4.0)]
     assert main(args) == 0
