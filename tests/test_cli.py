@@ -44,9 +44,9 @@ def test_missing_dataset_file(tmp_path):
 def test_malformed_dataset_file_fails_before_the_model_loads(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{oops")
-    r = cli("sweep", "--dataset", str(bad), "--output_dir", str(tmp_path / "out"),
-            "--model_id", str(tmp_path / "no-model"))
+    r = cli("sweep", "--dataset", str(bad), "--output_dir", str(tmp_path / "out"))
     assert_usage_error(r, str(bad), "not valid JSON")
+    assert not (tmp_path / "out").exists()
 
 
 def test_empty_dataset(tmp_path):
@@ -62,11 +62,17 @@ def test_samples_must_be_positive(tmp_path, n):
                        "--samples must be at least 1")
 
 
-def test_model_that_cannot_be_loaded(tmp_path):
+def test_a_model_folder_that_does_not_exist_is_refused_before_any_load(tmp_path):
     missing = tmp_path / "no-such-model"
     r = cli("sweep", "--model_id", str(missing), "--experiment", "baseline", "--samples", "1",
             "--output_dir", str(tmp_path / "out"))
-    assert_usage_error(r, "could not load model", str(missing), "offline")
+    assert_usage_error(r, f"model folder '{missing}' (--model_id) does not exist")
+
+
+def test_a_hub_id_that_cannot_be_loaded_offline_says_so(tmp_path):
+    r = cli("sweep", "--model_id", "nobody/no-such-model", "--experiment", "baseline",
+            "--samples", "1", "--output_dir", str(tmp_path / "out"))
+    assert_usage_error(r, "could not load model 'nobody/no-such-model'", "offline", "--model_id")
 
 
 def test_output_dir_that_cannot_be_written(tmp_path):
