@@ -52,6 +52,7 @@ def main() -> int:
     from latentwire.stats import bootstrap_ci, paired_comparison
     from latentwire.training import checkpoint
     from latentwire.training.encoders import Compressor
+    from latentwire.training.spec import CompressorSpec
     from latentwire.vocab import VocabSpace
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -73,7 +74,8 @@ def main() -> int:
         print(f"error: cannot read checkpoint {args.checkpoint} ({e}); pass a checkpoint folder "
               "such as runs/train/<run>/checkpoints/best", file=sys.stderr)
         return 2
-    if not config["compressor"].get("keep_question"):
+    spec = CompressorSpec.from_json(config["compressor"])
+    if not spec.keep_question:
         print(f"error: {args.checkpoint} reads the question (trained without --keep_question), "
               "so its latents cannot be reused across questions; pass a --keep_question "
               "checkpoint", file=sys.stderr)
@@ -98,7 +100,7 @@ def main() -> int:
     fmt = prompts.make_format(tok, config["prompt_format"]["name"])
     embed = model.get_input_embeddings()
     vocab = VocabSpace.from_model(model, len(tok))
-    compressor = Compressor(config["compressor"], vocab, model)
+    compressor = Compressor(spec, vocab, model)
     compressor.load_state_dict(weights)
     compressor.eval()
     stops = StopTokens(tok, model, embed.weight.shape[0])

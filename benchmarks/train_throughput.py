@@ -67,7 +67,7 @@ def main() -> int:
             start = time.perf_counter()
             for b in batches[args.warmup:args.warmup + args.steps]:
                 items = [t.reader.train_items[i] for i in b]
-                counts = t.compressor.counts([len(i.span) for i in items])
+                counts = t.spec.counts([len(i.span) for i in items])
                 tokens += sum(c + len(i.question) + len(t.reader.anchor) + len(i.answer) - 1
                               + (0 if shared_prefix else len(t.reader.prefix))
                               for c, i in zip(counts, items))

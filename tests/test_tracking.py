@@ -247,6 +247,7 @@ def test_a_resumed_run_continues_each_trackers_run_and_sends_each_step_once(
                      if any(s > 4 for s, _ in rows)}
 
 
+@pytest.mark.slow
 def test_under_torchrun_only_rank_0_sends(tmp_path, tiny_model_dir, mlflow_env, monkeypatch):
     out = tmp_path / "two"
     torchrun = Path(sys.executable).parent / "torchrun"

@@ -137,11 +137,11 @@ def test_the_training_transform_is_the_sweep_experiment_the_analysis_names(tmp_p
         assert (parsed.samples, parsed.epochs) == (10000, 10)  # the seed's full run
         opts = options(tmp_path, **{k: getattr(parsed, k) for k in TRANSFORM_OPTIONS})
         t = Trainer(opts, validate(opts), quiet, lm)
-        assert t.spec["transform"] == {"name": exp.transform, "config": exp.config}, exp.name
+        assert t.spec.transform.to_json() == {"name": exp.transform, "config": exp.config}, exp.name
         items = t.reader.eval_items
         spans = t.reader.embed_ids([x for i in items for x in i.span]).float()
         lengths = [len(i.span) for i in items]
-        z = t.compressor.encoder(spans, Layout.of(lengths, t.compressor.counts(lengths)))
+        z = t.compressor.encoder(spans, Layout.of(lengths, t.spec.counts(lengths)))
         ours, offsets, _ = t.compressor(spans, lengths)
         theirs, _ = embed_experiments.apply(exp.transform, TransformInputs(z, offsets, t.reader.vocab),
                                             exp.config)
@@ -304,6 +304,7 @@ def _weights(out):
     return load_file(Path(out) / "checkpoints" / "last" / checkpoint.WEIGHTS)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_bitwise_identical(tmp_path, tiny_model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(_command(tiny_model_dir, tmp_path / "full"), check=True, env=env,
@@ -338,6 +339,7 @@ def test_resume_after_sigkill_ends_bitwise_identical(tmp_path, tiny_model_dir):
     assert steps == list(range(1, 13))  # no step logged twice, none missing
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_reach_the_weights_of_one(tmp_path, tiny_model_dir):
     torchrun = Path(sys.executable).parent / "torchrun"
     one = subprocess.run(_command(tiny_model_dir, tmp_path / "one", "--epochs", "1"),
@@ -351,6 +353,7 @@ def test_two_processes_under_torchrun_reach_the_weights_of_one(tmp_path, tiny_mo
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_the_run_finishes_as_if_never_killed(
         tmp_path, tiny_model_dir):
     """Elastic training: torchrun --max-restarts 1 starts both processes again with the first
@@ -422,7 +425,7 @@ def test_the_lm_reader_reading_the_span_once_without_a_graph_gives_the_same_stat
     assert len({len(i.span) for i in items}) > 1  # padding is exercised
     spans = t.reader.embed_ids([tok for i in items for tok in i.span]).float()
     layout = Layout.of([len(i.span) for i in items],
-                       t.compressor.counts([len(i.span) for i in items]))
+                       t.spec.counts([len(i.span) for i in items]))
     split = encoder._states_after_span(spans, layout)
     split.pow(2).sum().backward()
     split_grad, encoder.slots.grad = encoder.slots.grad, None
@@ -501,7 +504,7 @@ def test_a_lora_reader_of_a_middle_layer_runs_only_the_layers_up_to_it(tmp_path)
     items = t.reader.eval_items[:3]
     lengths = [len(i.span) for i in items]
     spans = t.reader.embed_ids([tok for i in items for tok in i.span]).float()
-    layout = Layout.of(lengths, t.compressor.counts(lengths))
+    layout = Layout.of(lengths, t.spec.counts(lengths))
     with torch.no_grad():
         got = encoder.states(spans, layout)
         # Directly: the whole adapted model over each example alone, the state after layer 1.
@@ -564,7 +567,7 @@ def test_the_compression_ratio_counts_the_question_on_both_sides_or_neither(tmp_
     t = trainer(tmp_path, tiny_lm(), keep_question=keep_question, compression=4)
     result = t.evaluate()
     items = t.reader.eval_items
-    counts = t.compressor.counts([len(i.span) for i in items])
+    counts = t.spec.counts([len(i.span) for i in items])
     q = [len(i.question) for i in items]
     assert (sum(q) > 0) == keep_question
     expected = sum((len(i.span) + n) / (m + n) for i, m, n in zip(items, counts, q)) / len(items)

@@ -24,6 +24,7 @@ from latentwire.training import checkpoint, study
 from latentwire.training.encoders import build
 from latentwire.training.loop import run
 from latentwire.training.options import TrainOptions, validate
+from latentwire.training.spec import CompressorSpec
 from latentwire.training.summary import render
 from latentwire.training.trainer import CALIBRATION_EXAMPLES, State, Trainer
 
@@ -140,8 +141,8 @@ def test_a_checkpoint_round_trips_to_identical_latents_for_each_model(tmp_path):
                                                                  for a in t.answerers]
     assert config["reader"]["model"]["id"] == "llama"
     assert checkpoint.reader(config) == config["reader"]
-    again = build(config["compressor"], t.reader.vocab, t.reader.lm.model,
-                  {i: a.vocab for i, a in enumerate(t.answerers)})
+    again = build(CompressorSpec.from_json(config["compressor"]), t.reader.vocab,
+                  t.reader.lm.model, {i: a.vocab for i, a in enumerate(t.answerers)})
     again.load_state_dict(weights)
     again.eval()
     with torch.no_grad():
@@ -217,8 +218,9 @@ def test_the_adapter_source_gives_each_model_its_own_latents_and_the_sweep_compa
         vocabs[m] = s.vocab
         (spec,) = [p for p in parse(one.source) if p.source.name == "adapter"]
         inputs, _ = s.source_inputs(spec)
-        compressor = build(config["compressor"], vocabs[ids[0]] if m != ids[0] else s.vocab,
-                           reader.model, {ids.index(m): s.vocab})
+        compressor = build(CompressorSpec.from_json(config["compressor"]),
+                           vocabs[ids[0]] if m != ids[0] else s.vocab, reader.model,
+                           {ids.index(m): s.vocab})
         compressor.load_state_dict({k: v for k, v in weights.items() if not k.startswith(
             "adapters.") or k.startswith(f"adapters.{ids.index(m)}.")})
         compressor.eval()

@@ -23,6 +23,7 @@ from .. import models, prompts, provenance
 from ..errors import UsageError
 from ..training import checkpoint
 from ..training.encoders import build
+from ..training.spec import CompressorSpec
 from ..vocab import VocabSpace
 
 
@@ -137,7 +138,7 @@ def _which_adapter(inp: SourceInputs, path: str, config: dict) -> int:
     """The adapter of the model swept, refused in one line when the checkpoint has none."""
     entries = checkpoint.answerers(config)
     if "answerers" not in config:
-        width = config["compressor"]["d_model"]
+        width = CompressorSpec.from_json(config["compressor"]).d_model
         if width != inp.text.shape[1]:
             raise UsageError(f"checkpoint {path} writes latents of width {width} but the model "
                              f"reads width {inp.text.shape[1]}: it was trained for another model "
@@ -146,7 +147,7 @@ def _which_adapter(inp: SourceInputs, path: str, config: dict) -> int:
             raise UsageError(f"checkpoint {path} was trained for model {config['model']['id']} "
                              "(another configuration than the model loaded); pass that --model_id")
         return 0
-    widths = [a["d_model"] for a in config["compressor"]["adapters"]]
+    widths = CompressorSpec.from_json(config["compressor"]).adapters
     mine = [i for i, (e, w) in enumerate(zip(entries, widths))
             if (e["model"]["config_sha256"] == inp.model_sha if inp.model_sha
                 else w == inp.text.shape[1])]
@@ -180,13 +181,13 @@ def _adapter(inp: SourceInputs, path: str) -> "Latents":
         raise UsageError(f"checkpoint {path} was trained with the {fmt['name']}"
                          f" prompt format; pass --prompt {fmt['name']}")
     reader = _reader(inp, path, config)
-    spec = config["compressor"]
+    spec = CompressorSpec.from_json(config["compressor"])
     compressor = build(spec, reader.vocab, reader.model, {index: inp.vocab})
     # Only the swept model's adapter is built: the others' weights are not its business.
     compressor.load_state_dict({k: v for k, v in weights.items() if not k.startswith("adapters.")
                                 or k.startswith(f"adapters.{index}.")})
     compressor.to(inp.text.device).eval()
-    keep_question = spec["keep_question"]
+    keep_question = spec.keep_question
     x, lengths, suffixes = inp.text, (inp.offsets[1:] - inp.offsets[:-1]).tolist(), None
     if keep_question or not reader.swept:
         spans = [prompts.encode_span(reader.tokenizer, reader.fmt, e.context, e.question,

@@ -21,6 +21,7 @@ from ..embed_experiments import TransformInputs
 from ..errors import UsageError
 from ..generation import cache_argument, plain_kv, returned_cache
 from .registry import ENCODERS
+from .spec import CompressorSpec
 
 # Set on a model whose layers recompute their activations in the backward pass: a layer run
 # twice would append its keys and values to a cache twice.
@@ -308,57 +309,47 @@ def _lora_copy(model, rank: int):
     return reader
 
 
-def latent_counts(lengths: list[int], compression: float | None, latent_len: int | None,
-                  max_latents: int | None = None) -> list[int]:
-    """Latents per example: ceil(N / R), or M; never more than the span's own tokens (a latent
-    with no token behind it carries nothing), nor than the encoder has slots for."""
-    counts = [min(n, latent_len) if latent_len else math.ceil(n / compression) for n in lengths]
-    return [max(1, min(c, max_latents or c)) for c in counts]
-
-
 def transform_config(name: str, flags: dict) -> dict:
     """The sweep registry's config for a transform, from training's flag values."""
     return {key: flags[field] for key, field in experiments.TRANSFORMS[name].train_flags.items()}
 
 
-def _encoder(spec: dict, vocab, model) -> nn.Module:
-    entry = ENCODERS[spec["encoder"]]
-    extra = ({"model": model, "vocab": vocab, "layer": spec.get("encoder_layer"),
-              "lora": spec.get("encoder_lora", 0)}
-             if entry.needs_model else {})
-    return entry.load()(spec["d_model"], spec["max_latents"], spec["scale"], **extra)
+def _encoder(spec: CompressorSpec, vocab, model) -> nn.Module:
+    entry = ENCODERS[spec.encoder]
+    extra = ({"model": model, "vocab": vocab, "layer": spec.encoder_layer,
+              "lora": spec.encoder_lora} if entry.needs_model else {})
+    return entry.load()(spec.d_model, spec.max_latents, spec.scale, **extra)
 
 
-def _codebook(spec: dict, vocab) -> tuple[tuple | None, nn.Parameter | None]:
+def _codebook(spec: CompressorSpec, vocab) -> tuple[tuple | None, nn.Parameter | None]:
     """(the cache key, the trainable codes) of a soft codebook that learns, else (None, None):
     the codes start at the sweep's k-means codes of `vocab`, then learn with the encoder."""
-    t = spec["transform"]
-    if t["name"] != "soft_codebook" or not spec.get("codebook_trainable"):
+    t = spec.transform
+    if t.name != "soft_codebook" or not spec.codebook_trainable:
         return None, None
-    key = (t["config"]["size"], t["config"].get("seed", 0))
+    key = (t.config["size"], t.config.get("seed", 0))
     codes, _ = vocab.codebook(*key)
     return key, nn.Parameter(codes.clone())
 
 
-def _transformed(spec: dict, vocab, codebook_key, codes, z: torch.Tensor, offsets: torch.Tensor):
+def _transformed(spec: CompressorSpec, vocab, codebook_key, codes, z: torch.Tensor,
+                 offsets: torch.Tensor):
     """(latents, offsets, diagnostics) of the chosen transform of latents in one model's width,
     with that model's vocabulary."""
-    t = spec["transform"]
     codebooks = {codebook_key: codes} if codebook_key else None
     y, diagnostics = embed_experiments.apply(
-        t["name"], TransformInputs(z, offsets, vocab, codebooks=codebooks), t["config"])
+        spec.transform.name, TransformInputs(z, offsets, vocab, codebooks=codebooks),
+        spec.transform.config)
     return y, offsets, diagnostics
 
 
 class Compressor(nn.Module):
     """Token embeddings of a span -> latents in the model's width -> the chosen transform.
 
-    `spec` is plain JSON (it is a checkpoint's config): encoder, d_model, max_latents, scale,
-    compression or latent_len, keep_question, encoder_layer, encoder_lora, transform {name, config},
-    codebook_trainable.
+    `spec` is what a checkpoint's config stores (CompressorSpec.to_json).
     """
 
-    def __init__(self, spec: dict, vocab, model=None):
+    def __init__(self, spec: CompressorSpec, vocab, model=None):
         super().__init__()
         self.spec, self.vocab = spec, vocab
         self.encoder = _encoder(spec, vocab, model)
@@ -366,19 +357,15 @@ class Compressor(nn.Module):
         if codes is not None:
             self.codes = codes
 
-    def counts(self, lengths: list[int]) -> list[int]:
-        s = self.spec
-        return latent_counts(lengths, s.get("compression"), s.get("latent_len"), s["max_latents"])
-
     def calibrate(self, x: torch.Tensor, lengths: list[int]) -> None:
         """Lets an encoder that starts from data (lm) measure a batch of real spans, once,
         before training."""
         if hasattr(self.encoder, "calibrate"):
-            self.encoder.calibrate(x.float(), Layout.of(lengths, self.counts(lengths), x.device))
+            self.encoder.calibrate(x.float(), Layout.of(lengths, self.spec.counts(lengths), x.device))
 
     def forward(self, x: torch.Tensor, lengths: list[int]):
         """(latents [M, d], offsets [E + 1], the transform's diagnostics) for packed spans."""
-        layout = Layout.of(lengths, self.counts(lengths), x.device)
+        layout = Layout.of(lengths, self.spec.counts(lengths), x.device)
         z = self.encoder(x.float(), layout)
         return _transformed(self.spec, self.vocab, self.codebook_key,
                             getattr(self, "codes", None), z, layout.offsets)
@@ -399,7 +386,7 @@ class Adapter(nn.Module):
     semi-orthogonal one (every output dimension a unit mix of the latent's).
     """
 
-    def __init__(self, latent_dim: int, spec: dict, vocab):
+    def __init__(self, latent_dim: int, spec: CompressorSpec, vocab):
         super().__init__()
         self.spec, self.vocab = spec, vocab
         width = vocab.mean.shape[0]
@@ -432,17 +419,17 @@ class SharedCompressor(nn.Module):
     The encoder reads the reader's token embeddings as a Compressor's does (M follows the
     reader's token count); where `latent_dim` is not the reader's width, a linear map
     (semi-orthogonal at start) takes its output to that width: the latents every model is
-    given. Adapter i maps them into answering model i's width. `spec` is a Compressor's plus
-    latent_dim and adapters (one {d_model} per answering model, in --model_id's order).
+    given. Adapter i maps them into answering model i's width. `spec` is a shared one (its
+    latent_dim, and a width per answering model in --model_id's order).
     `vocabs` maps an answering model's index to its vocabulary: only those adapters are built
     (a sweep replays the one for the model it loaded).
     """
 
-    def __init__(self, spec: dict, vocab, model=None, vocabs: dict | None = None):
+    def __init__(self, spec: CompressorSpec, vocab, model=None, vocabs: dict | None = None):
         super().__init__()
         self.spec = spec
         self.encoder = _encoder(spec, vocab, model)
-        width, latent_dim = spec["d_model"], spec["latent_dim"]
+        width, latent_dim = spec.d_model, spec.latent_dim
         if latent_dim != width:
             self.latent = nn.Linear(width, latent_dim)
             nn.init.orthogonal_(self.latent.weight)
@@ -450,13 +437,9 @@ class SharedCompressor(nn.Module):
         self.adapters = nn.ModuleDict({str(i): Adapter(latent_dim, spec, v)
                                        for i, v in (vocabs or {}).items()})
 
-    def counts(self, lengths: list[int]) -> list[int]:
-        s = self.spec
-        return latent_counts(lengths, s.get("compression"), s.get("latent_len"), s["max_latents"])
-
     def shared(self, x: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, Layout]:
         """(the latents every model is given [M, latent_dim], their layout)."""
-        layout = Layout.of(lengths, self.counts(lengths), x.device)
+        layout = Layout.of(lengths, self.spec.counts(lengths), x.device)
         z = self.encoder(x.float(), layout)
         return (self.latent(z) if hasattr(self, "latent") else z), layout
 
@@ -464,7 +447,7 @@ class SharedCompressor(nn.Module):
         """The encoder measures the spans as a Compressor's does (not an encoder loaded from
         another run: it keeps its own start), then each adapter measures the latents."""
         if encoder and hasattr(self.encoder, "calibrate"):
-            self.encoder.calibrate(x.float(), Layout.of(lengths, self.counts(lengths), x.device))
+            self.encoder.calibrate(x.float(), Layout.of(lengths, self.spec.counts(lengths), x.device))
         with torch.no_grad():
             z, _ = self.shared(x, lengths)
         for adapter in self.adapters.values():
@@ -478,8 +461,8 @@ class SharedCompressor(nn.Module):
     per_model = forward
 
 
-def build(spec: dict, vocab, model=None, vocabs: dict | None = None) -> nn.Module:
+def build(spec: CompressorSpec, vocab, model=None, vocabs: dict | None = None) -> nn.Module:
     """The compressor a spec describes: a SharedCompressor where it has adapters."""
-    if "adapters" in spec:
+    if spec.shared:
         return SharedCompressor(spec, vocab, model, vocabs)
     return Compressor(spec, vocab, model)

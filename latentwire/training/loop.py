@@ -41,7 +41,7 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
         write_json(out / "config.json", {"options": opts.identity(),
                                          "provenance": trainer.provenance,
                                          "split": trainer.split.describe(),
-                                         "compressor": trainer.spec})
+                                         "compressor": trainer.spec.to_json()})
         write_split(trainer.split.eval, out / "eval_split.jsonl")
     if opts.kd_weight > 0:
         log("distillation: the frozen model reads the text of every training example once")
@@ -62,7 +62,7 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
                                  opts.identity(), state.step, log)
     progress = Progress(trainer, state, log, trackers)
     log(f"training {opts.encoder} ({sum(p.numel() for p in trainer.params):,} parameters) + "
-        f"{trainer.spec['transform']['name']} into {opts.model_id} on {trainer.device}: "
+        f"{trainer.spec.transform.name} into {opts.model_id} on {trainer.device}: "
         f"{len(trainer.split.train)} examples x {opts.epochs} epoch(s), {progress.total} steps "
         f"of {opts.batch_size}, {trainer.world} process(es) -> {out}")
 

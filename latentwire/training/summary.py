@@ -88,7 +88,7 @@ def summary(trainer, state, status: str, wall: float) -> dict:
 
     out = {
         "status": status,
-        "encoder": trainer.opts.encoder, "transform": trainer.spec["transform"],
+        "encoder": trainer.opts.encoder, "transform": trainer.spec.transform.to_json(),
         "compression_ratio": last["compression_ratio"] if last else None,
         "latents_per_example": last["latents_per_example"] if last else None,
         "keep_question": trainer.opts.keep_question,

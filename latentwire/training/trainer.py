@@ -10,7 +10,7 @@ alone. One optimizer step sums gradients over torchrun's processes; loop.py driv
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from ..vocab import VocabSpace
 from . import checkpoint
 from .encoders import RECOMPUTES, build, transform_config
 from .options import TrainOptions
+from .spec import CompressorSpec, TransformSpec
 
 CALIBRATION_EXAMPLES = 32  # spans an encoder that starts from data measures before step 1
 KD_TOP = 32  # teacher logits kept per answer position: the distribution's head, a few MB in all
@@ -364,7 +365,7 @@ class Trainer:
         torch.manual_seed(opts.seed)
         reader = self.reader
         self.compressor = build(self.spec, reader.vocab, reader.lm.model, {
-            i: a.vocab for i, a in enumerate(self.answerers)} if "adapters" in self.spec
+            i: a.vocab for i, a in enumerate(self.answerers)} if self.spec.shared
             else None).to(self.device)
         if frozen is not None:  # only the adapters train
             self.compressor.load_state_dict(frozen, strict=False)
@@ -389,57 +390,57 @@ class Trainer:
             {"train_samples": len(self.split.train), "eval_samples": len(self.split.eval)},
             opts.seed, opts.max_new_tokens)
         trained_on = {"dataset": opts.dataset, "samples": len(self.split.train)}
-        if "adapters" in self.spec:
+        if self.spec.shared:
             self.provenance["answerers"] = [a.identity() for a in self.answerers]
             self.provenance["reader"] = reader.identity()
             self.checkpoint_config = {
                 "answerers": self.provenance["answerers"], "reader": self.provenance["reader"],
-                "compressor": self.spec, "trained_on": trained_on}
+                "compressor": self.spec.to_json(), "trained_on": trained_on}
         else:
             self.checkpoint_config = {
                 "model": self.provenance["model"], "prompt_format": first.fmt.describe(),
-                "compressor": self.spec, "trained_on": trained_on}
+                "compressor": self.spec.to_json(), "trained_on": trained_on}
 
-    def compressor_spec(self) -> tuple[dict, dict | None]:
+    def compressor_spec(self) -> tuple[CompressorSpec, dict | None]:
         """(the compressor's spec, the weights of an encoder --freeze_encoder loads, or None).
         One model read by its own copy is today's compressor; several, another reader, a
         latent width or a frozen encoder make a shared one with an adapter per model."""
         opts, reader = self.opts, self.reader
         items = reader.train_items + reader.eval_items
         transform = experiments.embed_transforms()[opts.embed_transform]
-        spec = {
-            "encoder": opts.encoder, "d_model": reader.embed.weight.shape[1],
-            "max_latents": max(len(i.span) for i in items),
-            "scale": float(reader.vocab.mean_rms), "compression": opts.compression,
-            "latent_len": opts.latent_len, "keep_question": opts.keep_question,
-            "encoder_layer": opts.encoder_layer, "encoder_lora": opts.encoder_lora,
-            "transform": {"name": transform, "config": transform_config(transform, asdict(opts))},
-            "codebook_trainable": opts.codebook_trainable}
+        spec = CompressorSpec(
+            encoder=opts.encoder, d_model=reader.embed.weight.shape[1],
+            max_latents=max(len(i.span) for i in items), scale=float(reader.vocab.mean_rms),
+            compression=opts.compression, latent_len=opts.latent_len,
+            keep_question=opts.keep_question, encoder_layer=opts.encoder_layer,
+            encoder_lora=opts.encoder_lora,
+            transform=TransformSpec(transform, transform_config(transform, asdict(opts))),
+            codebook_trainable=opts.codebook_trainable)
         if not opts.shared():
             return spec, None
-        spec["latent_dim"] = opts.latent_dim or spec["d_model"]
-        spec["adapters"] = [{"d_model": a.embed.weight.shape[1]} for a in self.answerers]
+        spec = replace(spec, latent_dim=opts.latent_dim or spec.d_model,
+                       adapters=tuple(a.embed.weight.shape[1] for a in self.answerers))
         if opts.freeze_encoder is None:
             return spec, None
         weights, config = checkpoint.load(opts.freeze_encoder)
-        theirs = config["compressor"]
+        theirs = CompressorSpec.from_json(config["compressor"])
         reader_there = checkpoint.reader(config)
         if reader_there["model"]["config_sha256"] != reader.identity()["model"]["config_sha256"]:
             raise UsageError(f"--freeze_encoder {opts.freeze_encoder}: its encoder reads with "
                              f"{reader_there['model']['id']}, not {reader.model_id}; pass that "
                              "model as --encoder_model")
         # An encoder trained for one model alone gives latents in its reader's width.
-        theirs = {"latent_dim": theirs["d_model"], **theirs}
+        theirs = replace(theirs, latent_dim=theirs.latent_dim or theirs.d_model)
         # Its slots and scale are the checkpoint's, whatever this run's data.
-        for key in ("d_model", "max_latents", "scale"):
-            spec[key] = theirs[key]
-        spec["latent_dim"] = opts.latent_dim or theirs["latent_dim"]
-        changed = [k for k in ("latent_dim", *FROZEN_KEYS) if theirs.get(k) != spec[k]]
+        spec = replace(spec, d_model=theirs.d_model, max_latents=theirs.max_latents,
+                       scale=theirs.scale, latent_dim=opts.latent_dim or theirs.latent_dim)
+        changed = [k for k in ("latent_dim", *FROZEN_KEYS)
+                   if getattr(theirs, k) != getattr(spec, k)]
         if changed:
             raise UsageError(f"--freeze_encoder {opts.freeze_encoder} was trained with other "
                              "encoder flags (" + ", ".join(
-                                 f"--{k} {theirs.get(k)} there, {spec[k]} now" for k in changed)
-                             + "); pass the same ones")
+                                 f"--{k} {getattr(theirs, k)} there, {getattr(spec, k)} now"
+                                 for k in changed) + "); pass the same ones")
         return spec, {k: v for k, v in weights.items() if k.startswith(("encoder.", "latent."))}
 
     # -- the graph --------------------------------------------------------------------------
