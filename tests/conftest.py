@@ -101,6 +101,14 @@ def saved(lm, tmp_path_factory):
     return path
 
 
+def unloadable_model(folder: Path) -> str:
+    """A model folder that passes the command's up-front checks (it holds a config.json) but
+    holds no model: a test that proves a refusal comes before any load fails if one happens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The tiny byte-level Llama saved as a model directory."""

@@ -23,7 +23,7 @@ from latentwire.sweep.options import SweepOptions, model_dirname
 from latentwire.errors import UsageError
 from latentwire.analysis.formatting import render_text
 
-from .conftest import ROOT, byte_tokenizer
+from .conftest import ROOT, byte_tokenizer, unloadable_model
 from .ray_hooks import KILL_DIR
 
 ray = pytest.importorskip("ray")
@@ -188,8 +188,7 @@ def test_bad_ray_and_model_flags_are_one_line_errors(local_ray, tiny_model_dir, 
         raycluster.connect("127.0.0.1:9")  # the discard port: nothing listens there
     with pytest.raises(UsageError, match="need --ray"):
         run_sweep(options(tmp_path, tiny_model_dir, ray_gpus_per_worker=1))
-    twin = tmp_path / "elsewhere" / tiny_model_dir.name
-    twin.mkdir(parents=True)
+    twin = unloadable_model(tmp_path / "elsewhere" / tiny_model_dir.name)
     with pytest.raises(UsageError, match="would share the folder"):
         run_sweep(options(tmp_path, f"{tiny_model_dir},{twin}"))
 

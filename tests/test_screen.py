@@ -22,7 +22,7 @@ from latentwire.cli import main, parser
 from latentwire.options import from_args
 from latentwire.training.options import TrainOptions, train_command
 
-from .conftest import ROOT
+from .conftest import ROOT, unloadable_model
 from .ray_hooks import F1_SCRIPT
 
 CANDIDATES = "baseline,rms_scale1.*,anchor_eps0.1"  # 4 trials, in this order
@@ -251,7 +251,7 @@ def test_train_command_parses_back_into_the_same_options(changes):
     (["--ray_cpus_per_worker", "0"], "--ray_cpus_per_worker must be above 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_ray_starts(tmp_path, capsys, extra, needle):
-    args = ["screen", "--experiment", "baseline", "--model_id", str(tmp_path / "no-model"),
+    args = ["screen", "--experiment", "baseline", "--model_id", unloadable_model(tmp_path / "m"),
             "--output_dir", str(tmp_path / "out"), *extra]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

@@ -20,7 +20,7 @@ from latentwire.training import tracking
 from latentwire.training.loop import run
 from latentwire.training.trainer import Trainer
 
-from .conftest import ROOT, tiny_lm
+from .conftest import ROOT, tiny_lm, unloadable_model
 from .test_training import options, quiet
 
 PACKAGES = ("tensorboard", "mlflow", "wandb")
@@ -296,7 +296,7 @@ def test_a_tracker_that_fails_is_dropped_with_a_warning_and_the_run_goes_on(
 
 def test_a_bad_report_to_is_one_line_and_exit_2_before_the_model_loads(tmp_path, capsys,
                                                                          monkeypatch):
-    base = ["train", "--model_id", str(tmp_path / "no-such-model"), "--output_dir",
+    base = ["train", "--model_id", unloadable_model(tmp_path / "m"), "--output_dir",
             str(tmp_path / "out")]
     for value, needle in [("tensorbaord", "unknown --report_to 'tensorbaord'; use none or one or"
                                           " more of tensorboard, mlflow, wandb, comma-separated"),

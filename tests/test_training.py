@@ -34,7 +34,7 @@ from latentwire.training.summary import render
 from latentwire.training.trainer import CALIBRATION_EXAMPLES, Trainer, recompute_layers
 from latentwire.vocab import VocabSpace
 
-from .conftest import ROOT, tiny_lm
+from .conftest import ROOT, tiny_lm, unloadable_model
 
 
 def quiet(*args, **kwargs):
@@ -199,7 +199,7 @@ def test_a_run_trains_only_the_compressor_and_writes_every_output(tmp_path):
 
 
 def test_bad_input_is_one_line_and_exit_2_before_the_model_loads(tmp_path, capsys):
-    base = ["train", "--model_id", str(tmp_path / "no-such-model"), "--output_dir",
+    base = ["train", "--model_id", unloadable_model(tmp_path / "m"), "--output_dir",
             str(tmp_path / "out")]
     for extra, needle in [(["--latent_len", "0"], "--latent_len must be at least 1"),
                           (["--compression", "0.5"], "--compression must be at least 1"),
@@ -642,7 +642,7 @@ def test_eval_dataset_that_shares_an_article_or_a_context_is_refused(tmp_path):
         data.split_apart(data.load_all(train), data.load_all(str(renamed)), 8, 4, 42)
     # From the command: one line, exit 2, before the model (here, none) is loaded.
     r = subprocess.run([sys.executable, str(ROOT / "latentwire" / "train.py"), "--model_id",
-                        str(tmp_path / "no-model"), "--dataset", train, "--eval_dataset", overlap,
+                        unloadable_model(tmp_path / "m"), "--dataset", train, "--eval_dataset", overlap,
                         "--samples", "8", "--batch_size", "4", "--output_dir",
                         str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error: --eval_dataset shares 1 article")

@@ -28,7 +28,7 @@ from latentwire.training.spec import CompressorSpec
 from latentwire.training.summary import render
 from latentwire.training.trainer import CALIBRATION_EXAMPLES, State, Trainer
 
-from .conftest import tiny_lm, tiny_qwen_lm
+from .conftest import tiny_lm, tiny_qwen_lm, unloadable_model
 
 
 def quiet(*args, **kwargs):
@@ -415,7 +415,7 @@ def test_each_share_is_of_the_models_own_reference_on_the_same_questions(tmp_pat
 
 def test_two_models_named_alike_are_refused_before_they_load(tmp_path):
     for folder in ("a", "b"):
-        (tmp_path / folder / "tiny").mkdir(parents=True)
+        unloadable_model(tmp_path / folder / "tiny")
     with pytest.raises(UsageError, match=r"--model_id names models alike \(tiny, tiny\)"):
         validate(options(tmp_path, model_id=f"{tmp_path / 'a' / 'tiny'},{tmp_path / 'b' / 'tiny'}"))
 
