@@ -29,6 +29,7 @@ from ..plots import pyplot, save
 from . import checkpoint
 from .loop import run as train
 from .options import TRIAL_OPTIONS, ScreenOptions, TrainOptions, train_command, validate
+from .summary import draw_references, references_sentence
 from .trainer import kept_models
 
 TOP = 3  # --verify: would ASHA have stopped a trial that finished this high?
@@ -279,11 +280,8 @@ def render(result: dict) -> str:
                      f"{OUTCOMES[r['status']](r)} |"
                      + ((" would stop |" if r["experiment"] in stopping else " would keep |")
                         if verify else ""))
-    refs = result["references"]
-    if refs:
-        lines.append(f"\nReferences (untrained, the same evaluation examples): text itself F1 "
-                     f"{refs['text']['f1']:.3f}, question only F1 "
-                     f"{refs['question_only']['f1']:.3f}.")
+    if result["references"]:
+        lines.append("\n" + references_sentence(result["references"]))
     if result["best"]:
         top = result["trials"][0]
         lines.append(f"\nWinner: {result['best']}, F1 {top['f1_by_epoch'][-1]:.3f} after "
@@ -324,10 +322,8 @@ def write(result: dict, out: Path) -> None:
         if r["stopped_early"]:
             ax.plot(r["epochs_run"], r["f1_by_epoch"][-1], marker="x", ms=12, mew=2,
                     color=line.get_color())
-    refs = result["references"]
-    if refs:
-        ax.axhline(refs["text"]["f1"], ls=":", color="#444444", label="text itself, untrained")
-        ax.axhline(refs["question_only"]["f1"], ls=":", color="#8c564b", label="question only")
+    if result["references"]:
+        draw_references(ax, result["references"])
     ax.set(xlabel="epoch", ylabel="evaluation F1", xticks=range(1, result["max_epochs"] + 1),
            title="F1 per epoch (x: stopped by ASHA)" if not result["verify"] else
            "F1 per epoch, every trial to the end (--verify)")

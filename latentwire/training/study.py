@@ -23,6 +23,7 @@ from . import checkpoint
 from .loop import run as train
 from .options import SETTINGS, StudyOptions, TrainOptions, made_otherwise, validate
 from .registry import ENCODERS
+from .summary import draw_references, references_sentence
 from .trainer import kept_models, load_models
 
 
@@ -362,10 +363,8 @@ def render(rows: list[dict]) -> str:
                      f"| {r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['em']:.3f} "
                      f"| {vs_text} | {share} |")
     for r in {r.get("model"): r for r in rows}.values():
-        refs, whose = r["references"], f" of {r['model']}" if several else ""
-        lines.append(f"\nReferences{whose} (untrained, same evaluation examples): text itself "
-                     f"F1 {refs['text']['f1']:.3f}, question only F1 "
-                     f"{refs['question_only']['f1']:.3f}.")
+        whose = f" of {r['model']}" if several else ""
+        lines.append("\n" + references_sentence(r["references"], whose))
     return "\n".join(lines)
 
 
@@ -388,11 +387,7 @@ def _write(opts: StudyOptions, rows: list[dict], costs: list[dict]) -> None:
                         marker="o", capsize=3,
                         label=encoder if model is None else f"{encoder} ({model})")
         for r in {r.get("model"): r for r in mine}.values():
-            refs, whose = r["references"], "" if "model" not in r else f" ({r['model']})"
-            ax.axhline(refs["text"]["f1"], ls="--", color="#444444",
-                       label=f"text, zero-shot{whose}")
-            ax.axhline(refs["question_only"]["f1"], ls=":", color="#8c564b",
-                       label=f"question only{whose}")
+            draw_references(ax, r["references"], "" if "model" not in r else f" of {r['model']}")
         ax.set(xscale="log", xlabel="text positions per latent (measured)", ylabel="evaluation F1",
                title=f"query-{setting}", ylim=(0, 1))
         ax.legend(fontsize=8)

@@ -166,6 +166,24 @@ def render(s: dict) -> str:
     return "\n".join(lines)
 
 
+# The two references every evaluation is read against: (key, name, line style, colour alone).
+REFERENCES = (("text", "text itself", "--", "#444444"), ("question_only", "question only", ":",
+                                                         "#8c564b"))
+
+
+def references_sentence(refs: dict, whose: str = "") -> str:
+    """One model's references as the sentence under a table (a study's, a screen's)."""
+    return (f"References{whose} (untrained, the same evaluation examples): text itself F1 "
+            f"{refs['text']['f1']:.3f}, question only F1 {refs['question_only']['f1']:.3f}.")
+
+
+def draw_references(ax, refs: dict, whose: str = "", colour: str | None = None) -> None:
+    """One model's references as horizontal lines, in grey and brown, or all in its `colour`."""
+    for key, name, style, alone in REFERENCES:
+        ax.axhline(refs[key]["f1"], ls=style, color=colour or alone,
+                   label=f"{name}{whose} ({refs[key]['f1']:.3f})")
+
+
 def reference_lines(refs: dict) -> str:
     """The references as the run prints them when it has computed them."""
     def line(r, lead=""):
@@ -216,12 +234,10 @@ def plot(run_dir: Path) -> list[Path]:
                               [r["ci"][1] - r["f1"] for r in points]],
                         marker="o", capsize=3, color=colour, label=label)
         # One model's references in their own colours; several models' in each model's.
-        lead = "" if len(curves) == 1 else f"{label}: "
-        for key, name, style, alone in (("text", "text itself", "--", "#444444"),
-                                        ("question_only", "question only", ":", "#8c564b")):
-            ax.axhline(own[key]["f1"], ls="--" if len(curves) == 1 else style,
-                       color=alone if len(curves) == 1 else colour,
-                       label=f"{lead}{name} ({own[key]['f1']:.3f})")
+        if len(curves) == 1:
+            draw_references(ax, own)
+        else:
+            draw_references(ax, own, f" of {label}", colour)
     ax.set(xlabel="epoch", ylabel="evaluation F1", title="F1 per epoch against the references",
            ylim=(0, 1))
     ax.legend(fontsize=8)
