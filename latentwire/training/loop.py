@@ -1,6 +1,6 @@
 """The training loop: for each epoch, for each batch, one optimizer step, its log line, and now
-and then a checkpoint; at the end of each epoch an evaluation. Data parallel under torchrun;
-resumable after SIGKILL, bitwise on CPU, from checkpoints/last.
+and then a checkpoint; at the end of each epoch an evaluation. Data parallel under torchrun
+(through accelerate); resumable after SIGKILL, bitwise on CPU, from checkpoints/last.
 
 What the steps compute is in trainer.py; what the run writes about itself in summary.py, and
 what it also sends to TensorBoard, MLflow or W&B (--report_to) in tracking.py.
@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch.distributed as dist
 from tqdm import tqdm
 
 from ..files import read_json, write_json
@@ -77,8 +76,7 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
             log(render(final))
     finally:
         trackers.close(ended)
-    if trainer.world > 1:
-        dist.destroy_process_group()
+    trainer.accelerator.end_training()
     return code
 
 
@@ -100,8 +98,7 @@ def train_epochs(trainer: Trainer, state: State, progress: "Progress", started: 
             state.epoch, state.batch = epoch + 1, 0
             if main:
                 end_of_epoch(trainer, state, progress, started, on_epoch)
-            if trainer.world > 1:
-                dist.barrier()
+            trainer.accelerator.wait_for_everyone()
     except NonFiniteLoss:
         print(f"error: the loss became non-finite at step {state.step + 1} (epoch "
               f"{state.epoch + 1}); stopped. checkpoints/last (step {state.step} or earlier) is "

@@ -17,6 +17,7 @@ from . import checkpoint, tracking
 from .registry import ENCODERS
 
 SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("no", "bf16")
 RESUME = ("no", "yes", "auto")
 # torchrun sets it in every process it starts: 0 at first, then the number of restarts.
 RESTARTS = "TORCHELASTIC_RESTART_COUNT"
@@ -135,7 +136,13 @@ class TrainOptions:
              "start when the folder holds none, refuse a folder holding another run (what a "
              "torchrun restart does)")
     device: str | None = option(None, group=RUN, choices=["cpu", "cuda"],
-                                help="unset: CUDA when available (bf16 autocast), else CPU")
+                                help="unset: CUDA when available, else CPU")
+    mixed_precision: str | None = option(
+        None, group=RUN, choices=list(PRECISIONS),
+        help="the precision of the training graph: no (fp32), or bf16 autocast (accelerate); "
+             "evaluation reads in the model's own dtype. Unset: bf16 where the device computes it "
+             "natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX), else no; the value used "
+             "is recorded in config.json")
     gradient_checkpointing: bool = option(
         False, group=RUN, help="recompute the frozen model's activations in backward (always "
                                "on on CUDA)")
@@ -150,6 +157,8 @@ class TrainOptions:
     def __post_init__(self):
         if self.latent_len is not None:
             self.compression = None  # a fixed count replaces the ratio
+        if self.mixed_precision is None:
+            self.mixed_precision = "bf16" if native_bf16(self.device) else "no"
 
     def model_ids(self) -> list[str]:
         """The models that answer, in the order given, each once."""
@@ -182,6 +191,17 @@ class TrainOptions:
         also sent is not one of them: a tracker can be added when resuming."""
         return {k: v for k, v in asdict(self).items()
                 if k not in ("resume", "device", "report_to")}
+
+
+def native_bf16(device: str | None) -> bool:
+    """Whether the device the run will use multiplies bf16 natively. Elsewhere bf16 is emulated:
+    on an AVX2 CPU a bf16 matmul of the bundled model's shapes ran about 1 GFLOP/s against
+    fp32's 56-136 (docs/results/performance.md)."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 # The options that put a transform, with its config, into the graph: what a screen's candidate

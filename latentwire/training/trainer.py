@@ -5,17 +5,19 @@ text -> the model's own token embeddings -> encoder -> latents -> the sweep's tr
 the answer with teacher forcing. The model never changes and stays in eval mode; only the
 compressor (encoder, and a soft codebook's codes) learns. Evaluation goes through the sweep's
 engine and scoring, beside two references computed once: the text itself and the question
-alone. One optimizer step sums gradients over torchrun's processes; loop.py drives the steps.
+alone. One optimizer step sums gradients over torchrun's processes (through accelerate, which
+also runs the graph at --mixed_precision); loop.py drives the steps.
 """
 
+import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch.utils.checkpoint import checkpoint as recompute
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -30,7 +32,7 @@ from ..stats import bootstrap_ci
 from ..vocab import VocabSpace
 from . import checkpoint
 from .encoders import RECOMPUTES, build, transform_config
-from .options import TrainOptions
+from .options import RESTARTS, TrainOptions
 from .spec import CompressorSpec, TransformSpec
 
 CALIBRATION_EXAMPLES = 32  # spans an encoder that starts from data measures before step 1
@@ -68,19 +70,26 @@ class NonFiniteLoss(Exception):
     """The loss, the latents or the updated weights stopped being finite numbers."""
 
 
-def distributed():
-    """(rank, world size), joining torchrun's process group when there is one."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        store, _, _ = next(dist.rendezvous("env://"))
-        # After a torchrun restart the processes meet in the store of the round before, where
-        # the killed ones left their addresses: a key per restart keeps a restarted process
-        # from dialling a process that is gone.
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                store=dist.PrefixStore(f"latentwire-restart-{restart}/", store),
-                                rank=rank, world_size=world)
-    return rank, world
+def accelerator(opts: TrainOptions) -> Accelerator:
+    """This process's Accelerator (accelerate): it joins torchrun's processes, reduces across
+    them and runs the graph at --mixed_precision. accelerate keeps one state per process, so a
+    process trains at one precision."""
+    cpu = opts.device == "cpu" or not torch.cuda.is_available()
+    restart = int(os.environ.get(RESTARTS, "0") or 0)
+    if restart and not torch.distributed.is_initialized():
+        # Processes that torchrun restarted meet in the store of the round before, where the
+        # killed ones left their addresses, and torch's rendezvous (accelerate's too) would
+        # dial those and hang. A key per restart keeps the rounds apart; accelerate then takes
+        # this group over. The one process group set up here, for this case alone.
+        store, rank, world = next(torch.distributed.rendezvous("env://"))
+        torch.distributed.init_process_group(
+            "gloo" if cpu else "nccl", rank=rank, world_size=world,
+            store=torch.distributed.PrefixStore(f"latentwire-restart-{restart}/", store))
+    try:
+        return Accelerator(cpu=cpu, mixed_precision=opts.mixed_precision)
+    except ValueError:
+        raise UsageError(f"--mixed_precision {opts.mixed_precision}: this process has trained at "
+                         "another precision already; run this one as a command of its own")
 
 
 def recompute_layers(model) -> None:
@@ -144,8 +153,9 @@ class Answerer:
     stays in eval mode."""
 
     def __init__(self, model_id: str, lm, opts: TrainOptions, split, checkpointing: bool,
-                 weight: float = 1.0):
+                 weight: float = 1.0, autocast=contextlib.nullcontext):
         self.lm, self.opts, self.weight, self.checkpointing = lm, opts, weight, checkpointing
+        self.autocast = autocast  # the run's precision for the graph (Accelerator.autocast)
         self.model_id, self.name = model_id, models.model_dirname(model_id)
         model, tok = lm.model, lm.tokenizer
         model.eval().requires_grad_(False)
@@ -196,7 +206,7 @@ class Answerer:
         batch = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
         at_row = torch.cat([torch.full((len(i.answer),), n) for n, i in enumerate(items)])
         at_col = torch.cat([torch.arange(s, s + len(i.answer)) for s, i in zip(starts, items)])
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with self.autocast():
             base = self.lm.model.base_model
             hidden = base(inputs_embeds=batch, use_cache=cache is not None,
                           **{cache_argument(base): cache}).last_hidden_state
@@ -338,7 +348,8 @@ class Trainer:
     def __init__(self, opts: TrainOptions, out: Path, log=print, lm=None):
 
         self.opts, self.out = opts, out
-        self.rank, self.world = distributed()
+        self.accelerator = accelerator(opts)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         if opts.eval_dataset is None:
             examples = data.load_all(opts.dataset, at_least=opts.samples + opts.eval_samples)
@@ -355,12 +366,14 @@ class Trainer:
         # Recomputed layers would append to a cache twice: with checkpointing the prefix goes
         # into every row instead of a shared cache.
         self.checkpointing = opts.gradient_checkpointing or self.device.type == "cuda"
-        self.answerers = [Answerer(m, loaded[m], opts, self.split, self.checkpointing, w)
+        self.answerers = [Answerer(m, loaded[m], opts, self.split, self.checkpointing, w,
+                                   self.accelerator.autocast)
                           for m, w in zip(opts.model_ids(), opts.weights())]
         # The model whose copy reads the text: one of those answering, or one that only reads.
         self.reader = next((a for a in self.answerers if a.model_id == opts.reader_id()),
                            None) or Answerer(opts.reader_id(), loaded[opts.reader_id()], opts,
-                                             self.split, self.checkpointing, 0.0)
+                                             self.split, self.checkpointing, 0.0,
+                                             self.accelerator.autocast)
         self.spec, frozen = self.compressor_spec()
         torch.manual_seed(opts.seed)
         reader = self.reader
@@ -535,9 +548,8 @@ class Trainer:
         keys = sorted(totals)
         sums = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
         if self.world > 1:
-            flat = torch.cat([g.flatten() for g in grads])
-            dist.all_reduce(flat)
-            dist.all_reduce(sums)
+            flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), "sum")
+            sums = self.accelerator.reduce(sums, "sum")
             grads = list(flat.split([g.numel() for g in grads]))
         for p, g in zip(self.params, grads):
             p.grad = g.view_as(p)
