@@ -305,12 +305,14 @@ def _weights(out):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_ends_bitwise_identical(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_resume_after_sigkill_ends_bitwise_identical(tmp_path, tiny_model_dir, precision):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_command(tiny_model_dir, tmp_path / "full"), check=True, env=env,
+    flags = ["--mixed_precision", precision]
+    subprocess.run(_command(tiny_model_dir, tmp_path / "full", *flags), check=True, env=env,
                    capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_command(tiny_model_dir, killed), env=env,
+    proc = subprocess.Popen(_command(tiny_model_dir, killed, *flags), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = killed / "metrics.jsonl"
     deadline = time.time() + 120
@@ -323,7 +325,7 @@ def test_resume_after_sigkill_ends_bitwise_identical(tmp_path, tiny_model_dir):
     proc.wait()
     assert not (killed / "summary.json").exists() or json.loads(
         (killed / "summary.json").read_text())["status"] == "running"
-    done = subprocess.run(_command(tiny_model_dir, killed, "--resume"), env=env,
+    done = subprocess.run(_command(tiny_model_dir, killed, *flags, "--resume"), env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert re.search(r"resumed at step \d+ \(epoch 2, \d+ batches into it\)", done.stdout)
@@ -337,6 +339,8 @@ def test_resume_after_sigkill_ends_bitwise_identical(tmp_path, tiny_model_dir):
     steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()
              if '"type": "step"' in l]
     assert steps == list(range(1, 13))  # no step logged twice, none missing
+    config = json.loads((killed / "config.json").read_text())
+    assert config["options"]["mixed_precision"] == precision
 
 
 @pytest.mark.slow
@@ -647,3 +651,24 @@ def test_eval_dataset_that_shares_an_article_or_a_context_is_refused(tmp_path):
                         str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error: --eval_dataset shares 1 article")
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.slow
+def test_bf16_autocast_runs_the_graph_in_bf16_and_a_process_keeps_one_precision(
+        tmp_path, tiny_model_dir):
+    """The same first step in fp32 and under bf16 autocast (each a process: accelerate keeps one
+    precision per process): the losses differ by bf16's rounding, not more."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    losses = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        subprocess.run(_command(tiny_model_dir, out, "--mixed_precision", precision, "--epochs",
+                                "1"), check=True, env=env, capture_output=True)
+        first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        losses[precision] = first["loss"]
+    assert losses["no"] != losses["bf16"]
+    assert losses["bf16"] == pytest.approx(losses["no"], rel=0.05)
+    # In this process the tests train in fp32; asked for bf16, it says so in one line.
+    assert run(options(tmp_path / "fp32"), quiet, tiny_lm()) == 0
+    with pytest.raises(UsageError, match="this process has trained at another precision"):
+        run(options(tmp_path / "bf16", mixed_precision="bf16"), quiet, tiny_lm())
