@@ -65,21 +65,36 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+def transform(name: str):
+    """Marks a function as the code of the transform declared as `name` in experiments.TRANSFORMS,
+    and refuses a declaration that names other code: the two cannot drift apart. (The mark is
+    part of the source that code_version hashes, as it always was.)"""
+    def mark(fn):
+        declared = experiments.TRANSFORMS[name].function
+        if declared != f"{fn.__module__}:{fn.__name__}":
+            raise TypeError(f"transform {name!r} is declared as {declared}, not as "
+                            f"{fn.__module__}:{fn.__name__}")
+        return fn
+    return mark
+
+
 def code_version(name: str) -> str:
     """A hash of the transform's code and of what every transform stands on (the vocabulary
     space: its statistics, search and codebooks; the packed inputs): a change to any of them
     invalidates the results made with the old code."""
     from . import vocab
 
-    parts = [inspect.getsource(experiments.TRANSFORMS[name].load()), inspect.getsource(TransformInputs),
-             inspect.getsource(vocab)]
+    parts = [inspect.getsource(experiments.TRANSFORMS[name].load()),
+             inspect.getsource(TransformInputs), inspect.getsource(vocab)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
+@transform("identity")
 def identity(inp: TransformInputs):
     return inp.x, {}
 
 
+@transform("rms_matching")
 def rms_matching(inp: TransformInputs, target_scale: float):
     """Set every position's RMS to target_scale x the vocabulary's mean RMS."""
     rms = inp.x.pow(2).mean(dim=1, keepdim=True).sqrt()
@@ -87,6 +102,7 @@ def rms_matching(inp: TransformInputs, target_scale: float):
     return inp.x * (target / rms.clamp_min(EPS)), {"target_rms": float(target)}
 
 
+@transform("batch_distribution")
 def batch_distribution(inp: TransformInputs):
     """Standardise each feature over the example's own positions, then give it the vocabulary's
     per-feature mean and std (batch normalisation where the batch is one example)."""
@@ -100,6 +116,7 @@ def batch_distribution(inp: TransformInputs):
     return standard * inp.vocab.std + inp.vocab.mean, {}
 
 
+@transform("nearest_k")
 def nearest_k(inp: TransformInputs, k: int, alpha: float, temperature: float = 0.1):
     """alpha x input + (1 - alpha) x a convex combination of its k nearest vocabulary rows
     (exact cosine top-k, weights softmax(cosine / temperature))."""
@@ -113,6 +130,7 @@ def nearest_k(inp: TransformInputs, k: int, alpha: float, temperature: float = 0
     return alpha * inp.x + (1 - alpha) * projection, {"mean_top1_cosine": float(found[:, 0].mean())}
 
 
+@transform("anchor_offset")
 def anchor_offset(inp: TransformInputs, eps: float):
     """Nearest vocabulary row (by cosine) plus the residual, clipped to eps x the anchor's norm.
 
@@ -133,6 +151,7 @@ def anchor_offset(inp: TransformInputs, eps: float):
     return out, {"fraction_clipped": float((size > limit).float().mean())}
 
 
+@transform("soft_codebook")
 def soft_codebook(inp: TransformInputs, size: int, tau: float, seed: int = 0, chunk: int = 4096):
     """Replace each position by a soft mixture of `size` k-means codes of the vocabulary.
 
