@@ -164,3 +164,14 @@ def test_a_yes_no_flag_is_on_off_and_takes_yes_or_no():
     assert parsed("--keep_question", "no") is False and parsed("--keep-question", "yes") is True
     assert parsed("--keep_question", "--no_keep_question") is False
     assert parsed("--no-keep-question") is False
+
+
+def test_a_reader_that_goes_away_gets_no_traceback():
+    """`latentwire list | head -1`: the pipe closes under the command, which stops quietly."""
+    code = "from latentwire.cli import console; console()"
+    proc = subprocess.Popen([sys.executable, "-c", code, "list", "--grid", "full"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc.stdout.close()  # before the command has written a line
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err
