@@ -148,7 +148,7 @@ def cmd_analyze(args) -> int:
     opts = from_args(AnalyzeOptions, args)
     summary = insights.load_summary(opts.summary)
     insights.analyze(summary, None, as_json=opts.json, plots=opts.plots,
-                     summary_path=opts.summary)
+                     summary_path=str(insights.summary_file(opts.summary)))
     return 0
 
 

@@ -47,6 +47,7 @@ CASES = [
     (["analyze"], "the following arguments are required: --summary"),
     (["analyze", "--summary", "nowhere/summary.json"], "does not exist"),
     (["analyze", "--summary", "summary.json"], "not valid JSON"),
+    (["analyze", "--summary", "datadir"], "folder datadir holds no summary.json"),
     # train
     (["train", "--model_id", f"{B},fake.gguf"], "not a GGUF file"),
     (["train", "--model_id", f"{B},{B}"], "twice"),

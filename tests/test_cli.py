@@ -161,3 +161,13 @@ def test_the_command_reference_in_the_docs_is_the_parsers_own():
     r = subprocess.run([sys.executable, "scripts/cli_reference.py", "--check"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_analyze_takes_a_sweeps_folder_as_well_as_its_summary(tmp_path, capsys):
+    from latentwire.cli import main
+
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"results": [{"experiment": "baseline", "f1": 0.3, "em": 0.1}]}))
+    assert main(["analyze", "--summary", str(tmp_path)]) == 0
+    assert "TOP 5 PERFORMERS" in capsys.readouterr().out
+    assert (tmp_path / "report.html").is_file()  # beside the summary, not above its folder

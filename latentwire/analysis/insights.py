@@ -22,14 +22,25 @@ from .formatting import number, render_text
 
 @dataclass
 class AnalyzeOptions:
-    summary: str = option(metavar="PATH", help="a sweep's summary.json (required)")
+    summary: str = option(metavar="PATH", help="a sweep's summary.json, or its output folder")
     json: bool = option(False, help="print the insights as JSON")
     plots: bool = option(True, help="write the plots and report.html beside the summary; "
                                     "--no_plots skips them")
 
 
-def load_summary(path: str) -> dict:
+def summary_file(path: str) -> Path:
+    """The summary.json that --summary names: the file, or the one in a sweep's folder."""
     p = Path(path)
+    if p.is_dir():
+        if not (p / "summary.json").is_file():
+            raise UsageError(f"folder {path} holds no summary.json; pass a sweep's output folder "
+                             "or the path of its summary.json")
+        return p / "summary.json"
+    return p
+
+
+def load_summary(path: str) -> dict:
+    p = summary_file(path)
     if not p.is_file():
         raise UsageError(f"summary file {path} does not exist; run a sweep first or pass the "
                          "path of its summary.json")
