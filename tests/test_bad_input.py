@@ -136,13 +136,19 @@ def test_the_seed_script_names_the_variable_the_user_set(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_help_and_refusals_import_neither_torch_nor_transformers():
+def test_help_refusals_and_the_analysis_import_neither_torch_nor_transformers(tmp_path):
     """--help answers in a fraction of a second because the command parses before it imports
-    the libraries that run the work; the same holds for a refusal of a bad flag value."""
+    the libraries that run the work; the same holds for a refusal of a bad flag value, and the
+    analysis of a summary (its next command included) needs neither."""
+    summary = tmp_path / "summary.json"
+    summary.write_text('{"results": [{"experiment": "baseline", "f1": 0.3, "em": 0.1}, '
+                       '{"experiment": "rms_scale1.0", "f1": 0.5, "em": 0.2, '
+                       '"config": {"target_scale": 1.0}}]}')
     code = ("import sys, contextlib, io\n"
             "from latentwire.cli import main\n"
             "for argv in (['--help'], ['train', '--help'], ['study', '--help'], "
-            "['screen', '--help'], ['sweep', '--help'], ['train', '--compression', 'abc']):\n"
+            "['screen', '--help'], ['sweep', '--help'], ['train', '--compression', 'abc'], "
+            f"['analyze', '--summary', {str(summary)!r}, '--no_plots']):\n"
             "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
             "        try: main(argv)\n"
             "        except SystemExit: pass\n"

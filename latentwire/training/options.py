@@ -157,8 +157,6 @@ class TrainOptions:
     def __post_init__(self):
         if self.latent_len is not None:
             self.compression = None  # a fixed count replaces the ratio
-        if self.mixed_precision is None:
-            self.mixed_precision = "bf16" if native_bf16(self.device) else "no"
 
     def model_ids(self) -> list[str]:
         """The models that answer, in the order given, each once."""
@@ -191,6 +189,15 @@ class TrainOptions:
         also sent is not one of them: a tracker can be added when resuming."""
         return {k: v for k, v in asdict(self).items()
                 if k not in ("resume", "device", "report_to")}
+
+
+def with_precision(opts: TrainOptions) -> TrainOptions:
+    """opts with --mixed_precision as the run uses it: unset becomes bf16 where the device
+    multiplies bf16 natively, else no. Resolved when a run starts or is compared with another,
+    not when options are made: the analysis builds them without torch."""
+    if opts.mixed_precision is not None:
+        return opts
+    return replace(opts, mixed_precision="bf16" if native_bf16(opts.device) else "no")
 
 
 def native_bf16(device: str | None) -> bool:
@@ -297,12 +304,13 @@ def _changed(opts: TrainOptions, config: dict) -> list[tuple[str, object]]:
     A flag added after that run was made counts as its default there. The folder is not
     compared: the config was read from it, and the same folder is spelled differently by a
     study's Ray task (absolute) and by a rerun here (as typed), or moved."""
-    saved, default = config.get("options", {}), asdict(TrainOptions())
-    return sorted((k, saved.get(k, default[k])) for k, v in opts.identity().items()
+    saved, default = config.get("options", {}), asdict(with_precision(TrainOptions()))
+    return sorted((k, saved.get(k, default[k])) for k, v in with_precision(opts).identity().items()
                   if k != "output_dir" and saved.get(k, default[k]) != v)
 
 
 def _listed(opts: TrainOptions, changed) -> str:
+    opts = with_precision(opts)
     return ", ".join(f"--{k} {there} there, {getattr(opts, k)} now" for k, there in changed)
 
 
@@ -316,7 +324,9 @@ def made_otherwise(opts: TrainOptions) -> str | None:
 
 def resume_mode(opts: TrainOptions) -> TrainOptions:
     """--resume auto as yes or no for this folder, and a torchrun restart as auto: torchrun
-    starts every process again with the first command, which must then continue the run."""
+    starts every process again with the first command, which must then continue the run.
+    Also resolves --mixed_precision (with_precision)."""
+    opts = with_precision(opts)
     mode = opts.resume
     if mode == "no" and int(os.environ.get(RESTARTS, "0") or 0) > 0:
         mode = "auto"

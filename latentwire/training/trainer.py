@@ -32,7 +32,7 @@ from ..stats import bootstrap_ci
 from ..vocab import VocabSpace
 from . import checkpoint
 from .encoders import RECOMPUTES, build, transform_config
-from .options import RESTARTS, TrainOptions
+from .options import RESTARTS, TrainOptions, with_precision
 from .spec import CompressorSpec, TransformSpec
 
 CALIBRATION_EXAMPLES = 32  # spans an encoder that starts from data measures before step 1
@@ -347,6 +347,7 @@ def paired(results: dict) -> dict:
 class Trainer:
     def __init__(self, opts: TrainOptions, out: Path, log=print, lm=None):
 
+        opts = with_precision(opts)
         self.opts, self.out = opts, out
         self.accelerator = accelerator(opts)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
