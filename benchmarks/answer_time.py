@@ -28,7 +28,6 @@ pass of each arm (greedy decoding gives the same answers every pass; checked).
 """
 
 import argparse
-import json
 import random
 import sys
 import time

@@ -17,7 +17,7 @@ class Registry(Mapping):
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         if not isinstance(entry, self.entry_type):
-            raise TypeError(f"{self.kind} {name!r} must be a {self.entry_type.__name__}, "
+            raise TypeError(f"{self.kind} {name!r} must be of type {self.entry_type.__name__}, "
                             f"not {type(entry).__name__}")
         self._entries[name] = entry
         return entry

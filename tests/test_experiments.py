@@ -91,15 +91,15 @@ def test_a_transform_is_one_registry_entry_found_everywhere(monkeypatch):
 def test_a_registry_refuses_a_second_entry_of_a_name_and_an_entry_of_another_type():
     from latentwire.experiments import TRANSFORMS, Transform
     from latentwire.registry import Registry
-    from latentwire.training.registry import ENCODERS, EncoderEntry
+    from latentwire.training.registry import ENCODERS
 
     with pytest.raises(ValueError, match="registered twice"):
         TRANSFORMS.add("rms_matching", TRANSFORMS["rms_matching"])
-    with pytest.raises(TypeError, match="must be a Transform"):
+    with pytest.raises(TypeError, match="must be of type Transform"):
         Registry("transform", Transform).add("x", lambda inp: (inp.x, {}))
     with pytest.raises(ValueError, match="encoder 'lm' is registered twice"):
         ENCODERS.add("lm", ENCODERS["lm"])
-    with pytest.raises(TypeError, match="must be a EncoderEntry"):
+    with pytest.raises(TypeError, match="must be of type EncoderEntry"):
         ENCODERS.add("mlp", "latentwire.training.encoders:Pool")
     assert "mlp" not in ENCODERS
 
