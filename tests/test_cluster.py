@@ -237,7 +237,11 @@ def test_a_sweep_whose_cluster_dies_exits_1_in_a_minute_and_a_local_rerun_finish
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    # Token authentication, one way for the head and the driver alike: Ray turns it on for a
+    # head started where a token file exists (~/.ray/auth_token, written by the first local Ray)
+    # but not for a driver joining it, unless this process's environment already says so.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     ray_cli = Path(sys.executable).with_name("ray")
     out = tmp_path / "sweep"
