@@ -1,16 +1,19 @@
 """--report_to: a run's steps, evaluations, config and files, sent also to TensorBoard, MLflow
-or W&B, named as Hugging Face's Trainer names them (train/<metric>, eval/<metric>, at the global
-step), so dashboards built for Trainer runs read these too.
+or W&B through accelerate's trackers, named as Hugging Face's Trainer names them
+(train/<metric>, eval/<metric>, at the global step), so dashboards built for Trainer runs read
+these too.
 
-metrics.jsonl and summary.json stay the record of a run; a tracker holds a copy. A tracker that
-raises is therefore dropped with a one-line warning and the run goes on. Each backend imports
-its package in its constructor: a run without the flag imports none of them.
+What is ours is what accelerate's trackers leave to the caller: a resumed run continues each
+tracker's run (tracking.json) without sending a step twice; the run's files (summary.json, the
+plots) as artifacts; the config written once; a run's end as finished, failed or killed; and a
+tracker that raises is dropped with a one-line warning while the run goes on, since
+metrics.jsonl and summary.json stay the record of a run. Each backend imports its package when
+made: a run without the flag imports none of them.
 """
 
 import importlib.util
 import json
 import os
-import time
 from pathlib import Path
 
 from ..errors import UsageError
@@ -29,23 +32,24 @@ class TensorBoard:
     package = extra = "tensorboard"
 
     def __init__(self, out: Path, config: dict, step: int, saved: dict):
-        from torch.utils.tensorboard import SummaryWriter
+        from accelerate.tracking import TensorBoardTracker
         from torch.utils.tensorboard.summary import hparams
 
-        folder = out / "tensorboard"
         # A resumed run trains the steps after its checkpoint again: purge_step hides what a
         # killed process wrote for them, as metrics.jsonl drops its lines for them.
-        self.writer = SummaryWriter(str(folder), purge_step=step + 1)
+        self.tracker = TensorBoardTracker("tensorboard", out, purge_step=step + 1)
+        self.tracker.start()
+        writer = self.tracker.writer
         if step == 0:
-            self.writer.add_text("config", fenced(json.dumps(config, indent=2)), 0)
-            # The HParams tab: one row per run with its flags beside its final F1 and EM.
+            # Not store_init_configuration: it files the hyperparameters as a run of their own
+            # in a subfolder, where the HParams tab does not set them beside this run's F1.
+            writer.add_text("config", fenced(json.dumps(config, indent=2)), 0)
             for summary in hparams(config, {"eval/f1": None, "eval/em": None}):
-                self.writer.file_writer.add_summary(summary)
-        self.state = {"log_dir": str(folder)}
+                writer.file_writer.add_summary(summary)
+        self.state = {"log_dir": self.tracker.logging_dir}
 
     def log(self, metrics: dict, step: int) -> None:
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
+        self.tracker.log(metrics, step)
 
     def files(self, out: Path, paths: list[Path], step: int) -> None:
         import numpy as np
@@ -55,23 +59,22 @@ class TensorBoard:
             name = path.relative_to(out).as_posix()
             if path.suffix == ".png":
                 with Image.open(path) as image:
-                    pixels = np.asarray(image.convert("RGB"))
-                self.writer.add_image(name.removesuffix(".png"), pixels, step, dataformats="HWC")
+                    pixels = np.asarray(image.convert("RGB"))[None]
+                self.tracker.log_images({name.removesuffix(".png"): pixels}, step,
+                                        dataformats="NHWC")
             else:
-                self.writer.add_text(name, fenced(path.read_text(encoding="utf-8")), step)
-        self.writer.flush()
+                self.tracker.log({name: fenced(path.read_text(encoding="utf-8"))}, step)
 
     def finish(self, status: str) -> None:
-        self.writer.close()
+        self.tracker.finish()
 
 
 class MLflow:
     package = extra = "mlflow"
 
     def __init__(self, out: Path, config: dict, step: int, saved: dict):
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+        import mlflow
+        from accelerate.tracking import MLflowTracker
 
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
@@ -79,72 +82,72 @@ class MLflow:
             # MLflow 3 keeps this file store in maintenance mode, open only to those who opt in.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             uri = (out / "mlruns").resolve().as_uri()
-        self.client = MlflowClient(uri)
-        if saved.get("tracking_uri") == uri and saved.get("run_id"):
-            self.run_id = saved["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
+        # accelerate's tracker works through MLflow's process-wide run and store.
+        mlflow.set_tracking_uri(uri)
+        resumed = saved.get("tracking_uri") == uri and saved.get("run_id")
+        self.tracker = MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME", "latentwire"),
+                                     run_id=saved["run_id"] if resumed else None,
+                                     run_name=out.name)
+        self.tracker.start()
+        self.run_id = self.tracker.active_run.info.run_id
+        client = mlflow.MlflowClient()
+        if resumed:
             # The steps a resumed run trains again are not sent twice: MLflow cannot take back
             # what it holds. What it keeps is the same (a resumed run is bitwise the same on
             # CPU) but for the time each of those steps took.
-            history = self.client.get_metric_history
+            history = client.get_metric_history
             self.logged = {key: max(m.step for m in history(self.run_id, key))
-                           for key in self.client.get_run(self.run_id).data.metrics}
+                           for key in client.get_run(self.run_id).data.metrics}
         else:
-            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "latentwire")
-            experiment = self.client.get_experiment_by_name(name)
-            experiment_id = (experiment.experiment_id if experiment
-                             else self.client.create_experiment(name))
-            self.run_id = self.client.create_run(experiment_id, run_name=out.name).info.run_id
-            params = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in config.items()]
-            for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
-                self.client.log_batch(self.run_id,
-                                      params=params[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+            self.tracker.store_init_configuration(config)
             self.logged = {}
         self.state = {"tracking_uri": uri, "run_id": self.run_id}
 
     def log(self, metrics: dict, step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in metrics.items()
-                 if step > self.logged.get(k, -1)]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+        fresh = {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
+        if fresh:
+            self.tracker.log(fresh, step)
 
     def files(self, out: Path, paths: list[Path], step: int) -> None:
         for path in paths:
             folder = path.parent.relative_to(out).as_posix()
-            self.client.log_artifact(self.run_id, str(path), None if folder == "." else folder)
+            self.tracker.log_artifact(str(path), None if folder == "." else folder)
 
     def finish(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status.upper())
+        import mlflow
+
+        # accelerate's finish ends every run as FINISHED.
+        mlflow.end_run(status.upper())
 
 
 class WandB:
     package = extra = "wandb"
 
     def __init__(self, out: Path, config: dict, step: int, saved: dict):
-        import wandb
+        from accelerate.tracking import WandBTracker
 
         # WANDB_MODE, WANDB_ENTITY and the rest are wandb's own to read.
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "latentwire"),
-                              name=out.name, id=saved.get("run_id"), resume="allow",
-                              dir=str(out), config=config)
+        self.tracker = WandBTracker(os.environ.get("WANDB_PROJECT", "latentwire"),
+                                    name=out.name, id=saved.get("run_id"), resume="allow",
+                                    dir=str(out), config=config)
+        self.tracker.start()
         self.linked: set[Path] = set()
-        self.state = {"run_id": self.run.id}
+        self.state = {"run_id": self.tracker.run.id}
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log(metrics, step=step)
+        self.tracker.log(metrics, step)
 
     def files(self, out: Path, paths: list[Path], step: int) -> None:
-        # Linked into the run's folder once and uploaded whenever they change ("live").
+        # Linked into the run's folder once and uploaded whenever they change ("live"), which
+        # accelerate's tracker has no call for.
         for path in paths:
             if path not in self.linked:
-                self.run.save(str(path), base_path=str(out), policy="live")
+                self.tracker.run.save(str(path), base_path=str(out), policy="live")
                 self.linked.add(path)
 
     def finish(self, status: str) -> None:
-        self.run.finish(exit_code=0 if status == "finished" else 1)
+        # accelerate's finish reports every end as a success.
+        self.tracker.run.finish(exit_code=0 if status == "finished" else 1)
 
 
 BACKENDS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
