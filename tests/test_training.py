@@ -259,6 +259,27 @@ def test_resume_auto_starts_continues_or_refuses(tmp_path, monkeypatch):
         validate(options(tmp_path))
 
 
+def test_torchrun_restarts_into_a_shared_store_are_warned_of_at_the_start(tmp_path,
+                                                                           monkeypatch):
+    """torchrun's default store keeps a killed round's addresses, where a restart fails to
+    join: a run that may be restarted into it says so before it trains."""
+    def warnings():
+        lines = []
+        opts = options(tmp_path, output_dir=str(tmp_path / f"run{len(seen)}"))
+        Trainer(opts, validate(opts), lambda *a: lines.append(" ".join(map(str, a))), lm)
+        return [line for line in lines if line.startswith("warning:")]
+
+    lm, seen = tiny_lm(), []
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    for restarts, shared, warned in (("1", "True", True), ("0", "True", False),
+                                     ("1", "False", False)):
+        monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", restarts)
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", shared)
+        seen.append(warnings())
+        assert bool(seen[-1]) == warned, (restarts, shared, seen[-1])
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in seen[0][0]
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     lm = tiny_lm()
     opts = options(tmp_path, lr=1e30, max_grad_norm=0, embed_transform="none", epochs=3)
@@ -364,7 +385,8 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_finishes_as_if_never_kill
     command after one is SIGKILLed mid-epoch; they continue from checkpoints/last (a restart is
     --resume auto) and reach the weights of an uninterrupted run."""
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # As the docs tell users: a restart needs a store of its own (pytorch/pytorch#135712).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     one = subprocess.run(_command(tiny_model_dir, tmp_path / "one"), capture_output=True,
                          text=True, env=env)
     assert one.returncode == 0, one.stderr

@@ -322,6 +322,15 @@ def made_otherwise(opts: TrainOptions) -> str | None:
     return _listed(opts, changed) if changed else None
 
 
+def shared_store_restarts() -> bool:
+    """Whether torchrun may restart this process into the store it shares with the processes
+    (its default): there a restarted round finds the killed round's addresses, and joining
+    fails (pytorch/pytorch#135712). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each round its
+    own store."""
+    return (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
 def resume_mode(opts: TrainOptions) -> TrainOptions:
     """--resume auto as yes or no for this folder, and a torchrun restart as auto: torchrun
     starts every process again with the first command, which must then continue the run.

@@ -11,7 +11,6 @@ also runs the graph at --mixed_precision); loop.py drives the steps.
 
 import contextlib
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from ..stats import bootstrap_ci
 from ..vocab import VocabSpace
 from . import checkpoint
 from .encoders import RECOMPUTES, build, transform_config
-from .options import RESTARTS, TrainOptions, with_precision
+from .options import TrainOptions, shared_store_restarts, with_precision
 from .spec import CompressorSpec, TransformSpec
 
 CALIBRATION_EXAMPLES = 32  # spans an encoder that starts from data measures before step 1
@@ -75,16 +74,6 @@ def accelerator(opts: TrainOptions) -> Accelerator:
     them and runs the graph at --mixed_precision. accelerate keeps one state per process, so a
     process trains at one precision."""
     cpu = opts.device == "cpu" or not torch.cuda.is_available()
-    restart = int(os.environ.get(RESTARTS, "0") or 0)
-    if restart and not torch.distributed.is_initialized():
-        # Processes that torchrun restarted meet in the store of the round before, where the
-        # killed ones left their addresses, and torch's rendezvous (accelerate's too) would
-        # dial those and hang. A key per restart keeps the rounds apart; accelerate then takes
-        # this group over. The one process group set up here, for this case alone.
-        store, rank, world = next(torch.distributed.rendezvous("env://"))
-        torch.distributed.init_process_group(
-            "gloo" if cpu else "nccl", rank=rank, world_size=world,
-            store=torch.distributed.PrefixStore(f"latentwire-restart-{restart}/", store))
     try:
         return Accelerator(cpu=cpu, mixed_precision=opts.mixed_precision)
     except ValueError:
@@ -352,6 +341,11 @@ class Trainer:
         self.accelerator = accelerator(opts)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        if shared_store_restarts():
+            self.log("warning: torchrun --max-restarts shares its store with the processes, where "
+                     "a restart finds the addresses of the round before and fails to join "
+                     "(pytorch/pytorch#135712); start torchrun with "
+                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
         if opts.eval_dataset is None:
             examples = data.load_all(opts.dataset, at_least=opts.samples + opts.eval_samples)
             self.split = data.split(examples, opts.samples, opts.eval_samples, opts.seed)
