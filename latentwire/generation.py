@@ -15,6 +15,7 @@ import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import DynamicLayer
@@ -358,8 +359,8 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], stops: StopTokens,
     `prefix` is a prompt start shared by every prompt (the chat header and instruction): it is
     computed once and its cache reused. Prompts are sorted by length; each decode group (at most
     `token_budget` tokens) is prefilled in passes of `prefill_tokens` and decoded as one.
-    On a CUDA out-of-memory error both budgets are halved and the group retried, so a batch
-    size that was too hopeful costs a retry, not the run.
+    On an out-of-memory error both budgets are halved and the group retried in halves, so a
+    batch size that was too hopeful costs a retry, not the run.
     """
     group_budget, pass_budget = default_budgets(model)
     group_budget = token_budget or group_budget
@@ -401,10 +402,12 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], stops: StopTokens,
             layout = prefix_kv = None
             pending.insert(0, group)
             continue
-        except torch.OutOfMemoryError:
-            if len(group) == 1:
+        except RuntimeError as err:
+            # accelerate's test of an out-of-memory error, on any device (CPU's too); a group
+            # is split rather than the whole call retried, as find_executable_batch_size would.
+            if len(group) == 1 or not should_reduce_batch_size(err):
                 raise
-            torch.cuda.empty_cache()
+            clear_device_cache()
             group_budget, pass_budget = max(1, group_budget // 2), max(1, pass_budget // 2)
             pending[:0] = [group[:len(group) // 2], group[len(group) // 2:]]
             continue

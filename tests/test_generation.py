@@ -83,3 +83,32 @@ def test_engine_passes_the_cache_under_the_name_the_model_takes():
     stops = StopTokens(tok, model, VOCAB)
     assert generate(_PreRenameModel(model), tok, prompts, stops, 12) == generate(
         model, tok, prompts, stops, 12)
+
+
+class _SmallMemoryModel(_PreRenameModel):
+    """A model that runs out of memory, in the CPU allocator's words, on more than two rows."""
+
+    def forward(self, input_ids=None, inputs_embeds=None, past_key_values=None, **kwargs):
+        rows = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
+        if rows > 2:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                               "can't allocate memory: you tried to allocate 8589934592 bytes.")
+        return super().forward(input_ids, inputs_embeds, past_key_values, **kwargs)
+
+
+class _Failing(_PreRenameModel):
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("something else")
+
+
+def test_out_of_memory_splits_the_group_and_the_answers_stay_the_same():
+    model, tok = _model("llama"), tiny_tokenizer(VOCAB)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        prompts = [model.get_input_embeddings()(torch.randint(2, VOCAB, (n,), generator=g))
+                   for n in (5, 9, 17, 30, 12, 8)]
+    stops = StopTokens(tok, model, VOCAB)
+    assert generate(_SmallMemoryModel(model), tok, prompts, stops, 12) == generate(
+        model, tok, prompts, stops, 12)
+    with pytest.raises(RuntimeError, match="something else"):  # other errors are not retried
+        generate(_Failing(model), tok, prompts, stops, 12)
