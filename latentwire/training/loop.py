@@ -1,8 +1,11 @@
-"""The training loop: for each epoch, for each batch, one optimizer step, its log line, and now
-and then a checkpoint; at the end of each epoch an evaluation. Data parallel under torchrun
-(through accelerate); resumable after SIGKILL, bitwise on CPU, from checkpoints/last.
+"""The training loop, in the order a run goes: run() sets the run up (trainer.py's setup_data,
+setup_models, setup_compressor), writes its config and references, then fit() takes the epochs
+from where the run stands: each batch one optimizer step (Trainer.step) and its log line, now
+and then a checkpoint, and at each epoch's end evaluate_epoch(): the held-out F1, the best and
+last checkpoints, the summary and plots. Data parallel under torchrun (through accelerate);
+resumable after SIGKILL, bitwise on CPU, from checkpoints/last.
 
-What the steps compute is in trainer.py; what the run writes about itself in summary.py, and
+What the step computes is in trainer.py; what the run writes about itself in summary.py, and
 what it also sends to TensorBoard, MLflow or W&B (--report_to) in tracking.py.
 """
 
@@ -67,7 +70,7 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
 
     ended = "killed"  # what the trackers are told unless the run gets to its summary
     try:
-        code = train_epochs(trainer, state, progress, started, on_epoch)
+        code = fit(trainer, state, progress, started, on_epoch)
         if main:
             final = summary(trainer, state, "failed" if code else "finished", time.time() - started)
             write_json(out / "summary.json", final)
@@ -80,7 +83,7 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
     return code
 
 
-def train_epochs(trainer: Trainer, state: State, progress: "Progress", started: float,
+def fit(trainer: Trainer, state: State, progress: "Progress", started: float,
                  on_epoch) -> int:
     """The epochs from where `state` stands; 0, or 1 when the loss went non-finite."""
     opts, main = trainer.opts, trainer.rank == 0
@@ -97,7 +100,7 @@ def train_epochs(trainer: Trainer, state: State, progress: "Progress", started: 
                     trainer.save("last", state)
             state.epoch, state.batch = epoch + 1, 0
             if main:
-                end_of_epoch(trainer, state, progress, started, on_epoch)
+                evaluate_epoch(trainer, state, progress, started, on_epoch)
             trainer.accelerator.wait_for_everyone()
     except NonFiniteLoss:
         print(f"error: the loss became non-finite at step {state.step + 1} (epoch "
@@ -130,7 +133,7 @@ def earlier_references(trainer: Trainer, folder: Path) -> dict | None:
     return refs if same else None
 
 
-def end_of_epoch(trainer: Trainer, state: State, progress: "Progress", started: float,
+def evaluate_epoch(trainer: Trainer, state: State, progress: "Progress", started: float,
                  on_epoch) -> None:
     """Evaluate, record the epoch, keep the best and the last checkpoints, and rewrite the
     summary and plots: a run killed after this point loses nothing of the epoch."""

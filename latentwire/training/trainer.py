@@ -334,8 +334,14 @@ def paired(results: dict) -> dict:
 
 
 class Trainer:
-    def __init__(self, opts: TrainOptions, out: Path, log=print, lm=None):
+    """One run, set up in three named pieces, in this order (the compressor's slots come from
+    the data and its scale from the reader): setup_data (the split), setup_models (the frozen
+    models that answer and the one that reads), setup_compressor (the compressor, calibrated,
+    and its optimizer); then what the run records of itself (record). step() is one optimizer
+    step; evaluate() and references() score on the held-out split. loop.py fits: the epochs,
+    the checkpoints and what the run writes."""
 
+    def __init__(self, opts: TrainOptions, out: Path, log=print, lm=None):
         opts = with_precision(opts)
         self.opts, self.out = opts, out
         self.accelerator = accelerator(opts)
@@ -346,51 +352,73 @@ class Trainer:
                      "a restart finds the addresses of the round before and fails to join "
                      "(pytorch/pytorch#135712); start torchrun with "
                      "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+        self.split = self.setup_data()
+        self.answerers, self.reader = self.setup_models(lm)
+        self.spec, self.compressor, self.params, self.optimizer = self.setup_compressor()
+        self.provenance, self.checkpoint_config = self.record()
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def setup_data(self) -> data.Split:
+        """The training and held-out evaluation examples."""
+        opts = self.opts
         if opts.eval_dataset is None:
             examples = data.load_all(opts.dataset, at_least=opts.samples + opts.eval_samples)
-            self.split = data.split(examples, opts.samples, opts.eval_samples, opts.seed)
+            split = data.split(examples, opts.samples, opts.eval_samples, opts.seed)
         else:
-            self.split = data.split_apart(data.load_all(opts.dataset, at_least=opts.samples),
-                                          data.load_all(opts.eval_dataset), opts.samples,
-                                          opts.eval_samples, opts.seed)
-        if len(self.split.train) < opts.batch_size:
-            raise UsageError(f"the training split holds {len(self.split.train)} examples, fewer "
+            split = data.split_apart(data.load_all(opts.dataset, at_least=opts.samples),
+                                     data.load_all(opts.eval_dataset), opts.samples,
+                                     opts.eval_samples, opts.seed)
+        if len(split.train) < opts.batch_size:
+            raise UsageError(f"the training split holds {len(split.train)} examples, fewer "
                              f"than --batch_size {opts.batch_size}; lower the batch or use more data")
+        return split
+
+    def setup_models(self, lm) -> tuple[list["Answerer"], "Answerer"]:
+        """(the models that answer, the one whose copy reads the text): one of those answering,
+        or one that only reads."""
+        opts = self.opts
         loaded = load_models(opts, lm)
         self.device = next(loaded[opts.model_ids()[0]].model.parameters()).device
         # Recomputed layers would append to a cache twice: with checkpointing the prefix goes
         # into every row instead of a shared cache.
         self.checkpointing = opts.gradient_checkpointing or self.device.type == "cuda"
-        self.answerers = [Answerer(m, loaded[m], opts, self.split, self.checkpointing, w,
-                                   self.accelerator.autocast)
-                          for m, w in zip(opts.model_ids(), opts.weights())]
-        # The model whose copy reads the text: one of those answering, or one that only reads.
-        self.reader = next((a for a in self.answerers if a.model_id == opts.reader_id()),
-                           None) or Answerer(opts.reader_id(), loaded[opts.reader_id()], opts,
-                                             self.split, self.checkpointing, 0.0,
-                                             self.accelerator.autocast)
-        self.spec, frozen = self.compressor_spec()
+
+        def answerer(model_id: str, weight: float) -> Answerer:
+            return Answerer(model_id, loaded[model_id], opts, self.split, self.checkpointing,
+                            weight, self.accelerator.autocast)
+
+        answerers = [answerer(m, w) for m, w in zip(opts.model_ids(), opts.weights())]
+        reader = next((a for a in answerers if a.model_id == opts.reader_id()),
+                      None) or answerer(opts.reader_id(), 0.0)
+        return answerers, reader
+
+    def setup_compressor(self):
+        """(spec, compressor, its trained parameters, their optimizer): built from the seed,
+        an encoder --freeze_encoder names loaded into it, calibrated on the first training
+        spans (the same on every rank, so each calibrates to identical statistics)."""
+        opts, reader = self.opts, self.reader
+        spec, frozen = self.compressor_spec()
         torch.manual_seed(opts.seed)
-        reader = self.reader
-        self.compressor = build(self.spec, reader.vocab, reader.lm.model, {
-            i: a.vocab for i, a in enumerate(self.answerers)} if self.spec.shared
+        compressor = build(spec, reader.vocab, reader.lm.model, {
+            i: a.vocab for i, a in enumerate(self.answerers)} if spec.shared
             else None).to(self.device)
         if frozen is not None:  # only the adapters train
-            self.compressor.load_state_dict(frozen, strict=False)
-            for name, p in self.compressor.named_parameters():
+            compressor.load_state_dict(frozen, strict=False)
+            for name, p in compressor.named_parameters():
                 p.requires_grad_(name.startswith("adapters."))
-        # The same first examples on every rank: each calibrates to identical statistics.
         calibration = reader.train_items[:CALIBRATION_EXAMPLES]
         spans = reader.embed_ids([t for i in calibration for t in i.span])
-        lengths = [len(i.span) for i in calibration]
-        if frozen is None:
-            self.compressor.calibrate(spans, lengths)
-        else:
-            self.compressor.calibrate(spans, lengths, encoder=False)
-        self.params = [p for p in self.compressor.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr)
-        first = self.answerers[0]
-        self.provenance = provenance.describe(
+        compressor.calibrate(spans, [len(i.span) for i in calibration],
+                             **({} if frozen is None else {"encoder": False}))
+        params = [p for p in compressor.parameters() if p.requires_grad]
+        return spec, compressor, params, torch.optim.AdamW(params, lr=opts.lr)
+
+    def record(self) -> tuple[dict, dict]:
+        """(the run's provenance for config.json, what each checkpoint records of its models
+        and compressor)."""
+        opts, first = self.opts, self.answerers[0]
+        described = provenance.describe(
             first.model_id, first.lm, first.fmt, first.vocab,
             {"spec": opts.dataset, "eval_spec": opts.eval_dataset,
              "train_examples_sha256": provenance.examples_sha(self.split.train),
@@ -398,16 +426,13 @@ class Trainer:
             {"train_samples": len(self.split.train), "eval_samples": len(self.split.eval)},
             opts.seed, opts.max_new_tokens)
         trained_on = {"dataset": opts.dataset, "samples": len(self.split.train)}
-        if self.spec.shared:
-            self.provenance["answerers"] = [a.identity() for a in self.answerers]
-            self.provenance["reader"] = reader.identity()
-            self.checkpoint_config = {
-                "answerers": self.provenance["answerers"], "reader": self.provenance["reader"],
-                "compressor": self.spec.to_json(), "trained_on": trained_on}
-        else:
-            self.checkpoint_config = {
-                "model": self.provenance["model"], "prompt_format": first.fmt.describe(),
-                "compressor": self.spec.to_json(), "trained_on": trained_on}
+        if not self.spec.shared:
+            return described, {"model": described["model"], "prompt_format": first.fmt.describe(),
+                               "compressor": self.spec.to_json(), "trained_on": trained_on}
+        described["answerers"] = [a.identity() for a in self.answerers]
+        described["reader"] = self.reader.identity()
+        return described, {"answerers": described["answerers"], "reader": described["reader"],
+                           "compressor": self.spec.to_json(), "trained_on": trained_on}
 
     def compressor_spec(self) -> tuple[CompressorSpec, dict | None]:
         """(the compressor's spec, the weights of an encoder --freeze_encoder loads, or None).
