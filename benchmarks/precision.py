@@ -4,12 +4,17 @@ of the same steps, and the raw matmul rate of each dtype at the bundled model's 
 
     .venv/bin/python benchmarks/precision.py
     .venv/bin/python benchmarks/precision.py --encoder lm --encoder_lora 8 --steps 4 --rounds 2
+    .venv/bin/python benchmarks/precision.py --fit 496 --out runs/precision   # and final F1
 
 accelerate keeps one precision per process, so each measurement is a process of its own; the
 two precisions alternate (fp32, bf16, fp32, bf16, ...) so that a machine shared with other work
 slows both alike. Each process times --steps optimizer steps after one warm-up step, on the
 built-in data, and reports examples/s. `native bf16` says whether the CPU (or GPU) multiplies
 bf16 in hardware: where it does not, bf16 is emulated and far slower.
+
+With --fit N each precision also trains one whole run of N examples (`latentwire train`, the
+same seed and flags, one after the other) and the two are compared on the same held-out
+questions: each one's F1 with its interval, and bf16 minus fp32, paired.
 """
 
 import argparse
@@ -57,6 +62,32 @@ def matmul_rate(dtype, n: int = 20) -> float:
     return 2 * 1024 * 576 * 1536 * n / (time.perf_counter() - start) / 1e9
 
 
+def fit(args) -> None:
+    """Both precisions, one whole run each, compared on the same held-out questions."""
+    from latentwire.stats import paired_comparison
+
+    runs = {}
+    for precision in ("no", "bf16"):
+        out = Path(args.out) / precision
+        cmd = [sys.executable, "-m", "latentwire.cli", "train", "--encoder", args.encoder,
+               "--encoder_lora", str(args.encoder_lora), "--compression", "4",
+               "--batch_size", str(args.batch_size), "--samples", str(args.fit),
+               "--mixed_precision", precision, "--output_dir", str(out), "--resume", "auto"]
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        summary = json.loads((out / "summary.json").read_text())
+        last = summary["epochs"][-1]
+        f1s = [q["f1"] for q in json.loads(
+            (out / "eval" / f"epoch{last['epoch']}.json").read_text())["predictions"]]
+        runs[precision] = (summary, f1s)
+        print(f"  {precision:>4}: F1 {summary['final']['f1']:.3f} "
+              f"[{summary['final']['ci'][0]:.3f}, {summary['final']['ci'][1]:.3f}] in "
+              f"{summary['train_seconds'] / 60:.1f} min of training "
+              f"({args.fit / summary['train_seconds']:.3f} examples/s) -> {out}", flush=True)
+    d = paired_comparison(runs["bf16"][1], runs["no"][1])
+    print(f"bf16 - fp32, paired over {len(runs['no'][1])} questions: {d['diff']:+.3f} "
+          f"[{d['diff_ci'][0]:+.3f}, {d['diff_ci'][1]:+.3f}] ({d['label']})")
+
+
 def main() -> int:
     import torch
 
@@ -68,6 +99,9 @@ def main() -> int:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2, help="fp32/bf16 pairs")
+    p.add_argument("--fit", type=int, default=0, metavar="N",
+                   help="also train a whole run of N examples at each precision and compare F1")
+    p.add_argument("--out", default="runs/precision", help="where --fit's two runs go")
     args = p.parse_args()
     rates = {"no": [], "bf16": []}
     for _ in range(args.rounds):
@@ -87,6 +121,8 @@ def main() -> int:
     print(f"bf16 / fp32:             {bf16 / fp32:8.3f}x")
     print(f"matmul 1024x576 @ 576x1536: fp32 {mm32:.1f} GFLOP/s, bf16 {mm16:.1f} GFLOP/s "
           f"({mm16 / mm32:.3f}x)")
+    if args.fit:
+        fit(args)
     return 0
 
 

@@ -239,8 +239,8 @@ def load_all(spec: str, at_least: int = 0) -> list[Example]:
 
 def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
     """Seeded shuffle, then the first n: the same n always gives the same examples."""
-    if n <= 0:
-        raise UsageError(f"--samples must be at least 1 (got {n})")
+    if n < 0:
+        raise UsageError(f"--samples must be at least 0 (got {n})")
     if n > len(examples):
         print(f"warning: asked for {n} samples but the dataset holds {len(examples)}; "
               "using all of them", file=sys.stderr)
@@ -280,7 +280,7 @@ def split(examples: list[Example], n_train: int, n_eval: int, seed: int) -> Spli
         (held if len(held) < n_eval else rest).extend(groups[key])
     if not held:
         raise UsageError("the evaluation split is empty: ask for --eval_samples of at least 1")
-    if not rest:
+    if not rest and n_train:
         raise UsageError(f"no example is left for training after {len(held)} evaluation "
                          "examples; lower --eval_samples or use a larger --dataset")
     return Split(sample(rest, n_train, seed), held)

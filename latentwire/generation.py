@@ -190,9 +190,11 @@ class _PackedPass:
             t += b - a
 
 
-def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                       latentwire_pass: _PackedPass | None = None, **kwargs):
-    """Attention for a packed pass ([1, heads, tokens, dim] in, [1, tokens, heads, dim] out)."""
+    """Attention for a packed pass ([1, heads, tokens, dim] in, [1, tokens, heads, dim] out).
+    Its arguments in transformers' order (dropout before scaling), which wrappers that pass
+    dropout by position rely on (kvpress wraps every registered attention function)."""
     if latentwire_pass is None or dropout or getattr(module, "layer_idx", None) is None or any(
             kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias")):
         raise _CannotPack

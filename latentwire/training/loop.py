@@ -85,10 +85,12 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
 
 def fit(trainer: Trainer, state: State, progress: "Progress", started: float,
                  on_epoch) -> int:
-    """The epochs from where `state` stands; 0, or 1 when the loss went non-finite."""
+    """The epochs from where `state` stands; 0, or 1 when the loss went non-finite. With no
+    training split (--samples 0) one evaluation of the compressor as it stands."""
     opts, main = trainer.opts, trainer.rank == 0
+    epochs = opts.epochs if trainer.split.train else 1
     try:
-        for epoch in range(state.epoch, opts.epochs):
+        for epoch in range(state.epoch, epochs):
             for batch in trainer.batches(epoch)[state.batch:]:
                 t0 = time.time()
                 metrics = trainer.step(batch, state.step)
@@ -154,7 +156,9 @@ def evaluate_epoch(trainer: Trainer, state: State, progress: "Progress", started
     trainer.save("last", state)
     write_json(out / "summary.json", summary(trainer, state, "running", time.time() - started))
     progress.trackers.files([out / "summary.json", *plot(out)], state.step)
-    trainer.log(f"epoch {state.epoch}/{trainer.opts.epochs}: train loss {loss:.3f}  "
+    trained = (f"epoch {state.epoch}/{trainer.opts.epochs}: train loss {loss:.3f}"
+               if loss is not None else "not trained (--samples 0):")
+    trainer.log(f"{trained}  "
                 f"eval F1 {result['f1']:.3f} [{result['ci'][0]:.3f}, {result['ci'][1]:.3f}]  "
                 f"EM {result['em']:.3f}  empty {result['empty_rate']:.0%}  "
                 f"({result['compression_ratio']:.1f}x fewer positions)")

@@ -95,7 +95,9 @@ class TrainOptions:
              "layers), if not the first --model_id; it need not answer")
     dataset: str = option("builtin", group=DATA, metavar="SPEC",
                           help="as the sweep's --dataset; split by entity or article")
-    samples: int = option(2000, group=DATA, metavar="N", help="training examples")
+    samples: int = option(2000, group=DATA, metavar="N",
+                         help="training examples; 0 trains nothing and evaluates the compressor "
+                              "as it stands (a field compressor: as the frozen model reads it)")
     eval_samples: int = option(100, group=DATA, metavar="N",
                                help="evaluation examples: whole entities or articles of "
                                     "--dataset, or questions across all of --eval_dataset")
@@ -385,6 +387,16 @@ def validate(opts: TrainOptions) -> Path:
          f"--latent_dim must be at least 1 (got {opts.latent_dim})")
     if opts.freeze_encoder is not None:
         checkpoint.read_config(opts.freeze_encoder)
+    field = ENCODERS[opts.encoder].field_compressor() if opts.encoder in ENCODERS else None
+    if field is not None:
+        need(len(opts.model_ids()) == 1 and opts.reader_id() == opts.model_ids()[0],
+             f"--encoder {opts.encoder} compresses for the one model that reads it; pass one "
+             "--model_id and no --encoder_model")
+        need(field.query_aware is not True or not opts.keep_question,
+             f"--encoder {opts.encoder} reads the question (query-aware): drop --keep_question")
+        need(opts.samples == 0 or field.trainable, f"--encoder {opts.encoder} is measured as "
+             "the frozen model reads it: pass --samples 0 (training a reader on a pruned cache "
+             "is not built)")
     need(opts.encoder_lora >= 0, f"--encoder_lora must be >= 0, 0 for none (got {opts.encoder_lora})")
     need(not opts.encoder_lora or opts.encoder == "lm", "--encoder_lora adapts the reader of "
          f"--encoder lm; --encoder {opts.encoder} has none")
@@ -394,12 +406,13 @@ def validate(opts: TrainOptions) -> Path:
     need(opts.anchor_eps >= 0, f"--anchor_eps must be >= 0 (got {opts.anchor_eps})")
     need(opts.codebook_size >= 2, f"--codebook_size must be at least 2 (got {opts.codebook_size})")
     need(opts.codebook_tau > 0, f"--codebook_tau must be > 0 (got {opts.codebook_tau})")
-    need(opts.samples >= 1, f"--samples must be at least 1 (got {opts.samples})")
+    need(opts.samples >= 0, f"--samples must be at least 0, 0 to evaluate without training "
+         f"(got {opts.samples})")
     need(opts.eval_samples >= 1, f"--eval_samples must be at least 1 (got {opts.eval_samples}); "
          "every epoch ends with an evaluation")
     need(opts.epochs >= 1, f"--epochs must be at least 1 (got {opts.epochs})")
     need(opts.batch_size >= 1, f"--batch_size must be at least 1 (got {opts.batch_size})")
-    need(opts.samples >= opts.batch_size, f"--samples ({opts.samples}) is smaller than "
+    need(opts.samples == 0 or opts.samples >= opts.batch_size, f"--samples ({opts.samples}) is smaller than "
          f"--batch_size ({opts.batch_size}); lower the batch or train on more samples")
     need(1 <= opts.grad_accum_steps <= opts.batch_size, "--grad_accum_steps must be between 1 "
          f"and --batch_size (got {opts.grad_accum_steps})")

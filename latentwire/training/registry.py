@@ -12,10 +12,20 @@ class EncoderEntry:
     description: str
     implementation: str  # "package.module:Class", an nn.Module built as Class(d_model, max_latents, scale, ...)
     needs_model: bool = False  # reads the span with a copy of a model (gets model, vocab, layer, lora)
+    # A training-free compressor of the field (latentwire/field.py), as "module:Class" and its
+    # keyword arguments: it decides what is kept of the context at --compression, and the
+    # encoder (pool) then reads what it kept one position per latent, the identity until it
+    # trains: the small trained adapter the uncompressed reference has.
+    field: str | None = None
+    field_args: tuple = ()
 
     def load(self) -> type:
         return load(self.implementation)
 
+    def field_compressor(self, seed: int = 0):
+        """The field compressor this entry names, built; None for a learned encoder."""
+        return None if self.field is None else load(self.field)(**dict(self.field_args),
+                                                                seed=seed)
 
 ENCODERS = Registry("encoder", EncoderEntry)
 HERE = "latentwire.training.encoders"
@@ -29,3 +39,29 @@ ENCODERS.add("constant", EncoderEntry(
 ENCODERS.add("lm", EncoderEntry(
     "the frozen model reads the span, then M learned memory slots; its states at the slots, "
     "projected, are the latents", f"{HERE}:ModelReader", needs_model=True))
+
+# The field's training-free compressors and the controls without a model, each read by the
+# frozen model as it is (--samples 0) or through pool at 1x trained on their output.
+FIELD = "latentwire.field"
+POOL = f"{HERE}:Pool"
+ENCODERS.add("truncate", EncoderEntry(
+    "control without a model: the first 1/R of the context's tokens", POOL,
+    field=f"{FIELD}:Truncate"))
+ENCODERS.add("random_tokens", EncoderEntry(
+    "control without a model: 1/R of the context's tokens at random, in order", POOL,
+    field=f"{FIELD}:RandomTokens"))
+ENCODERS.add("llmlingua", EncoderEntry(
+    "LLMLingua (llmlingua): drops the context's least informative tokens as the reader scores "
+    "them; query-agnostic", POOL, field=f"{FIELD}:LLMLingua"))
+ENCODERS.add("longllmlingua", EncoderEntry(
+    "LongLLMLingua (llmlingua): LLMLingua conditioned on the question; query-aware", POOL,
+    field=f"{FIELD}:LLMLingua", field_args=(("query_aware", True),)))
+for _press, _what in (("snapkv", "SnapKV: attention from a window of queries"),
+                      ("expected_attention", "ExpectedAttention: attention expected of future queries"),
+                      ("tova", "TOVA: attention from the last query"),
+                      ("knorm", "Knorm: the keys' norms"),
+                      ("streaming_llm", "StreamingLLM: sink and most recent positions"),
+                      ("random", "random positions")):
+    ENCODERS.add(f"kvpress:{_press}", EncoderEntry(
+        f"kvpress, {_what}: prunes the context's keys and values to 1/R", POOL,
+        field=f"{FIELD}:Press", field_args=(("name", _press),)))

@@ -6,6 +6,8 @@ JSON. Imports no torch."""
 import math
 from dataclasses import dataclass
 
+from .registry import ENCODERS
+
 
 @dataclass(frozen=True)
 class TransformSpec:
@@ -39,7 +41,15 @@ class CompressorSpec:
     def shared(self) -> bool:
         return self.adapters is not None
 
+    @property
+    def field(self) -> bool:
+        """A field compressor's: it keeps 1/R of the context itself, and the encoder reads
+        what it kept one position per latent."""
+        return ENCODERS[self.encoder].field is not None
+
     def counts(self, lengths: list[int]) -> list[int]:
+        if self.field:
+            return list(lengths)
         return latent_counts(lengths, self.compression, self.latent_len, self.max_latents)
 
     def to_json(self) -> dict:

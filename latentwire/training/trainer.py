@@ -25,13 +25,15 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .. import data, experiments, models, prompts, provenance, stats
 from ..embed_experiments import NonFiniteError
 from ..errors import UsageError
+from ..field import Press, TokenCompressor, answer_pressed, budget
 from ..generation import StopTokens, cache_argument, generate, plain_kv, returned_cache
-from ..scoring import score_answers
+from ..scoring import cut_answer, score_answers
 from ..stats import bootstrap_ci
 from ..vocab import VocabSpace
 from . import checkpoint
 from .encoders import RECOMPUTES, build, transform_config
 from .options import TrainOptions, shared_store_restarts, with_precision
+from .registry import ENCODERS
 from .spec import CompressorSpec, TransformSpec
 
 CALIBRATION_EXAMPLES = 32  # spans an encoder that starts from data measures before step 1
@@ -49,6 +51,7 @@ class Item:
     span: list[int]
     question: list[int]
     answer: list[int]
+    text: int = 0  # positions of the span before a field compressor kept part of it
 
 
 def answer_ids(tokenizer, fmt: prompts.PromptFormat, answer: str) -> list[int]:
@@ -61,7 +64,8 @@ def encode_items(tokenizer, fmt, examples, keep_question: bool) -> list[Item]:
     items = []
     for e in examples:
         span, question = prompts.encode_span(tokenizer, fmt, e.context, e.question, keep_question)
-        items.append(Item(e, span, question, answer_ids(tokenizer, fmt, e.answers[0])))
+        items.append(Item(e, span, question, answer_ids(tokenizer, fmt, e.answers[0]),
+                          len(span)))
     return items
 
 
@@ -156,11 +160,25 @@ class Answerer:
         self.vocab = VocabSpace.from_model(model, len(tok))
         prefix, _, anchor = prompts.encode(tok, self.fmt, "", "")
         self.prefix, self.anchor = self.embed_ids(prefix), self.embed_ids(anchor)
-        self.train_items = encode_items(tok, self.fmt, split.train, opts.keep_question)
-        self.eval_items = encode_items(tok, self.fmt, split.eval, opts.keep_question)
+        # A field compressor keeps part of the context; the question follows as text in both
+        # settings, and it reads the question only where the setting is query-aware.
+        self.field = ENCODERS[opts.encoder].field_compressor(opts.seed)
+        as_text = opts.keep_question or self.field is not None
+        self.train_items = self.kept(encode_items(tok, self.fmt, split.train, as_text))
+        self.eval_items = self.kept(encode_items(tok, self.fmt, split.eval, as_text))
         self.stops = StopTokens(tok, model, self.embed.weight.shape[0])
         self.teacher = None  # teacher_targets(), once per run with --kd_weight
         self._prefix_kv = None
+
+    def kept(self, items: list[Item]) -> list[Item]:
+        """The items with only what a token compressor keeps of each context."""
+        if not isinstance(self.field, TokenCompressor) or not items:
+            return items
+        spans = self.field.select(
+            [i.span for i in items], [self.fmt.context_text(i.example.context) for i in items],
+            [i.example.question for i in items], self.opts.compression, self.lm.tokenizer,
+            self.model_id)
+        return [replace(i, span=s) for i, s in zip(items, spans)]
 
     def embed_ids(self, ids: list[int]):
         with torch.no_grad():
@@ -280,20 +298,31 @@ class Answerer:
             for z, offsets, d in chunks:
                 for n in range(len(offsets) - 1):
                     item = next(items)
-                    prompts_.append(torch.cat([z[offsets[n]:offsets[n + 1]].to(dtype),
-                                               self.embed_ids(item.question), self.anchor]))
+                    prompts_.append((z[offsets[n]:offsets[n + 1]].to(dtype),
+                                     self.embed_ids(item.question)))
                     # Positions the model reads for the content, both ways: with
                     # --keep_question the question is text on both sides.
                     m = int(offsets[n + 1] - offsets[n])
+                    if isinstance(self.field, Press):
+                        m = budget(m, self.opts.compression)
                     latents_total += m
                     lat_rows.append(m + len(item.question))
-                    text_rows.append(len(item.span) + len(item.question))
+                    text_rows.append(item.text + len(item.question))
                 latent = z.float()
                 sims, _ = self.vocab.topk(latent, 1)
                 diag.append({**d, "rms_over_vocab": float(
                     latent.pow(2).mean(1).sqrt().mean() / self.vocab.mean_rms),
                     "cosine_to_nearest_token": float(sims[:, 0].mean())})
-        result = self._score(self._answer(prompts_))
+        if isinstance(self.field, Press):
+            tok = self.lm.tokenizer
+            answers = [(cut_answer(tok.decode(ids, skip_special_tokens=True)), len(ids))
+                       for ids in answer_pressed(
+                           self.lm.model, [(self.prefix, z, q, self.anchor) for z, q in prompts_],
+                           self.field, self.opts.compression, not self.opts.keep_question,
+                           self.stops, self.opts.max_new_tokens)]
+        else:
+            answers = self._answer([torch.cat([z, q, self.anchor]) for z, q in prompts_])
+        result = self._score(answers)
         keys = diag[0].keys()
         result["latent_diagnostics"] = {k: sum(d[k] for d in diag) / len(diag) for k in keys
                                         if isinstance(diag[0][k], (int, float))}
@@ -369,7 +398,7 @@ class Trainer:
             split = data.split_apart(data.load_all(opts.dataset, at_least=opts.samples),
                                      data.load_all(opts.eval_dataset), opts.samples,
                                      opts.eval_samples, opts.seed)
-        if len(split.train) < opts.batch_size:
+        if opts.samples and len(split.train) < opts.batch_size:
             raise UsageError(f"the training split holds {len(split.train)} examples, fewer "
                              f"than --batch_size {opts.batch_size}; lower the batch or use more data")
         return split
@@ -407,6 +436,8 @@ class Trainer:
             compressor.load_state_dict(frozen, strict=False)
             for name, p in compressor.named_parameters():
                 p.requires_grad_(name.startswith("adapters."))
+        if not reader.train_items:  # --samples 0: evaluated as it stands, nothing trains
+            return spec, compressor, [], None
         calibration = reader.train_items[:CALIBRATION_EXAMPLES]
         spans = reader.embed_ids([t for i in calibration for t in i.span])
         compressor.calibrate(spans, [len(i.span) for i in calibration],
@@ -590,7 +621,7 @@ class Trainer:
     def save(self, which: str, state: State) -> None:
         weights = self.compressor.state_dict()
         folder = self.out / "checkpoints" / which
-        if which == "last":
+        if which == "last" and self.optimizer is not None:
             checkpoint.save(folder, weights, self.checkpoint_config,
                             self.optimizer.state_dict(), asdict(state))
         else:

@@ -1,0 +1,260 @@
+"""The field's training-free compressors, beside which every learned latent is measured: what
+each keeps of an example's context at a ratio R, in the reader's own tokens.
+
+Two kinds. A token compressor keeps some of the context's tokens (as text): the controls
+`truncate` and `random_tokens`, and Microsoft's LLMLingua and LongLLMLingua (`llmlingua`),
+which score tokens with a small causal LM, here the reader itself. A cache press keeps some of
+the context's keys and values after the reader has read all of it: NVIDIA's kvpress presses,
+applied to the context's positions only (the instruction before it and the question after it
+are kept whole), so that a budget of ceil(N / R) means the same thing for every compressor.
+
+Neither package is reimplemented: LLMLingua's `PromptCompressor` compresses, and each press's
+own `score` ranks the positions; what is ours is the budget and where it applies.
+"""
+
+import math
+import random
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+
+from .errors import UsageError
+
+
+def budget(n: int, ratio: float) -> int:
+    """Context positions kept at ratio R: ceil(N / R), at least one."""
+    return max(1, min(n, math.ceil(n / ratio)))
+
+
+@dataclass
+class FieldCompressor:
+    """A training-free compressor. `query_aware`: True when it reads the question, False when
+    it never does, None when it reads it where the setting allows (a press that observes the
+    question only if the question is read before the cache is pruned). `seed`: the run's, for
+    those that draw at random."""
+    seed: int = 0
+    query_aware: bool | None = False
+    # Whether the reader's small adapter (pool at 1x) can train on what it keeps.
+    trainable = True
+
+    def describe(self) -> dict:
+        """What a run records of it: its settings beside its name."""
+        return {}
+
+
+# -- token compressors -------------------------------------------------------------------------
+
+class TokenCompressor(FieldCompressor):
+    def select(self, spans: list[list[int]], contexts: list[str], questions: list[str],
+               ratio: float, tokenizer, model_id: str) -> list[list[int]]:
+        """The kept tokens of each span (the context as the reader's `tokenizer` gives it; the
+        same context as text; the question)."""
+        raise NotImplementedError
+
+
+class Truncate(TokenCompressor):
+    """The first ceil(N / R) tokens of the context."""
+
+    def select(self, spans, contexts, questions, ratio, tokenizer, model_id):
+        return [span[:budget(len(span), ratio)] for span in spans]
+
+
+class RandomTokens(TokenCompressor):
+    """ceil(N / R) of the context's tokens drawn at random (seeded per example), in order."""
+
+    def select(self, spans, contexts, questions, ratio, tokenizer, model_id):
+        out = []
+        for n, span in enumerate(spans):
+            kept = random.Random(self.seed * 1_000_003 + n).sample(range(len(span)),
+                                                                     budget(len(span), ratio))
+            out.append([span[i] for i in sorted(kept)])
+        return out
+
+    def describe(self) -> dict:
+        return {"seed": self.seed}
+
+
+class _ReaderCount:
+    """Stands in for LLMLingua's OpenAI tokenizer (tiktoken's cl100k_base, which it downloads
+    when it starts): token budgets are counted in the reader's own tokens, which is what the
+    study's ratio means, and nothing is fetched."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str, **_) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+
+@dataclass
+class LLMLingua(TokenCompressor):
+    """LLMLingua (query-agnostic) or, with `query_aware`, LongLLMLingua (its question-conditioned
+    ranking and token filter), scored by the reader model, loaded from its local folder. Its
+    output is cut to the exact budget in the reader's tokens when it runs over (LLMLingua's own
+    budget is approximate)."""
+    query_aware: bool = False
+    _compressor: object = field(default=None, repr=False)
+
+    def describe(self) -> dict:
+        return {"scorer": "the reader model", "method": "longllmlingua" if self.query_aware
+                else "llmlingua", "budget": "target_token = ceil(N / R) reader tokens, cut to it"}
+
+    def _load(self, tokenizer, model_id: str):
+        if self._compressor is None:
+            try:
+                from llmlingua import PromptCompressor
+            except ImportError:
+                raise UsageError("--encoder llmlingua/longllmlingua needs llmlingua: "
+                                 "pip install 'latentwire[field]'")
+            from .models import resolve
+
+            with mock.patch("tiktoken.encoding_for_model",
+                            lambda _: _ReaderCount(tokenizer)):
+                self._compressor = PromptCompressor(
+                    resolve(model_id), device_map="cpu",
+                    model_config={"trust_remote_code": False})
+        return self._compressor
+
+    def select(self, spans, contexts, questions, ratio, tokenizer, model_id):
+        compressor, out = self._load(tokenizer, model_id), []
+        count = _ReaderCount(tokenizer)
+        for span, context, question in zip(spans, contexts, questions):
+            keep = budget(len(span), ratio)
+            args = {"question": question, "rank_method": "longllmlingua",
+                    "condition_in_question": "after_condition", "condition_compare": True,
+                    "use_context_level_filter": False} if self.query_aware else {
+                    "use_context_level_filter": False}
+            text = compressor.compress_prompt([context], target_token=keep, **args)[
+                "compressed_prompt"]
+            out.append(count.encode(text)[:keep])
+        return out
+
+
+# -- cache presses -----------------------------------------------------------------------------
+
+# kvpress's presses by our name: its class, and the settings a short paragraph needs where its
+# defaults assume thousands of positions (each recorded in the run's config).
+PRESSES = {
+    "snapkv": "SnapKVPress",
+    "expected_attention": "ExpectedAttentionPress",
+    "tova": "TOVAPress",
+    "knorm": "KnormPress",
+    "streaming_llm": "StreamingLLMPress",
+    "random": "RandomPress",
+}
+SNAPKV_WINDOW = 8  # query-agnostic: the context's last positions observe the rest (64 by default)
+
+
+@dataclass
+class Press(FieldCompressor):
+    """A kvpress press on the context's positions. Query-aware where the setting lets the
+    question be read before the cache is pruned (it then observes it: SnapKV's window is the
+    question, TOVA's query its last position); agnostic otherwise, as kvpress's own pipeline."""
+    name: str = "snapkv"
+    query_aware: bool | None = None
+    trainable = False  # the pruning happens inside the frozen model's pass
+
+    def settings(self, prefix: int, question: int, aware: bool) -> dict:
+        """The press's settings for one prompt: `prefix` positions before the context,
+        `question` after it in the same pass (0 when agnostic)."""
+        if self.name == "snapkv":
+            return {"window_size": question if aware else SNAPKV_WINDOW}
+        if self.name == "streaming_llm":
+            return {"n_sink": prefix}  # the instruction is the sink: the context's last positions stay
+        if self.name == "random":
+            return {"seed": self.seed}
+        return {}
+
+    def describe(self) -> dict:
+        return {"press": PRESSES[self.name], "applied_to": "the context's positions only",
+                "settings": {"snapkv": f"window_size: the question's positions (aware), "
+                                       f"{SNAPKV_WINDOW} (agnostic)",
+                             "streaming_llm": "n_sink: the positions before the context",
+                             "random": f"seed {self.seed}"}.get(self.name, "kvpress defaults")}
+
+    def make(self, prefix: int, context: int, question: int, ratio: float, aware: bool):
+        """The press for one prompt of prefix + context (+ question when aware) positions."""
+        try:
+            import kvpress
+            from kvpress.presses.base_press import BasePress
+        except ImportError:
+            raise UsageError(f"--encoder kvpress:{self.name} needs kvpress: make install "
+                             "installs it (see docs/compression.md, the field's compressors)")
+        keep = budget(context, ratio)
+        total = prefix + context + question
+        inner = getattr(kvpress, PRESSES[self.name])(
+            compression_ratio=(context - keep) / total, **self.settings(prefix, question, aware))
+        return _context_only(BasePress)(inner, prefix, prefix + context, keep)
+
+
+def _context_only(base):
+    @dataclass
+    class ContextOnly(base):
+        """Prunes `inner`'s lowest-scored positions among [start, end) down to `keep`, every
+        other position kept; the kept ones stay in their order."""
+        inner: object = None
+        start: int = 0
+        end: int = 0
+        keep: int = 0
+
+        def post_init_from_model(self, model):
+            self.inner.post_init_from_model(model)
+
+        def forward_hook(self, module, inputs, kwargs, output):
+            # kvpress 0.5.5 was written for transformers < 5.3, whose attention layers took
+            # `past_key_values` (now `cache`) and `cache_position` (now gone), the latter only
+            # to tell a prefill from a decoding step. The press is on for the one prefill pass
+            # alone (answer_pressed), so its positions are those of the whole pass.
+            passed = kwargs["hidden_states"].shape[1]
+            kwargs = {"past_key_values": kwargs.get("cache"),
+                      "cache_position": torch.arange(passed), **kwargs}
+            return super().forward_hook(module, inputs, kwargs, output)
+
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            scores = self.inner.score(module, hidden_states, keys, values, attentions, kwargs)
+            scores = scores.float().clone()
+            scores[..., :self.start] = math.inf
+            scores[..., self.end:] = math.inf
+            kept = keys.shape[2] - (self.end - self.start) + self.keep
+            index = scores.topk(kept, dim=-1).indices.sort(dim=-1).values
+            index = index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+            return keys.gather(2, index).contiguous(), values.gather(2, index).contiguous()
+
+    return ContextOnly
+
+
+@torch.no_grad()
+def answer_pressed(model, prompts: list[tuple], press: Press, ratio: float, aware: bool,
+                   stops, max_new_tokens: int) -> list[list[int]]:
+    """Greedy answer tokens for each prompt (prefix, context, question, anchor), as embeddings:
+    the reader reads prefix + context (+ question when aware) under the press, which prunes the
+    context's keys and values; then the rest and the answer, at their true positions."""
+    from transformers import DynamicCache
+
+    from .generation import cache_argument
+
+    device, name = next(model.parameters()).device, cache_argument(model)
+    answers = []
+    for prefix, context, question, anchor in prompts:
+        first = [prefix, context] + ([question] if aware else [])
+        rest = ([] if aware else [question]) + [anchor]
+        first, rest = torch.cat(first).to(device), torch.cat(rest).to(device)
+        cache = DynamicCache(config=model.config)
+        with press.make(len(prefix), len(context), len(question) if aware else 0, ratio,
+                        aware)(model):
+            model(inputs_embeds=first[None], use_cache=True, **{name: cache})
+        position = first.shape[0]
+        embeds, ids = rest, []
+        for _ in range(max_new_tokens):
+            positions = torch.arange(position, position + embeds.shape[0], device=device)
+            out = model(inputs_embeds=embeds[None], use_cache=True, position_ids=positions[None],
+                        logits_to_keep=1, **{name: cache})
+            position += embeds.shape[0]
+            token = int(out.logits[0, -1].argmax())
+            ids.append(token)
+            if token in stops.ids:  # kept, as the engine keeps it: the answer is cut after
+                break
+            embeds = model.get_input_embeddings()(torch.tensor([token], device=device))
+        answers.append(ids)
+    return answers

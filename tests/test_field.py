@@ -1,0 +1,158 @@
+"""The field's training-free compressors (latentwire/field.py) on tiny in-process models: each
+keeps what it says, at the budget it says, and a run that trains nothing (--samples 0) answers
+exactly as the frozen model answers from what was kept, computed directly."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentwire import prompts
+from latentwire.errors import UsageError
+from latentwire.field import Press, RandomTokens, Truncate, answer_pressed, budget
+from latentwire.generation import StopTokens, generate_reference
+from latentwire.scoring import cut_answer
+from latentwire.training.loop import run
+from latentwire.training.options import validate
+from latentwire.training.trainer import Trainer
+
+from .conftest import tiny_lm
+from .test_training import options, quiet
+
+kvpress = pytest.importorskip("kvpress")
+
+
+def test_budget_is_ceil_n_over_r_and_never_empty():
+    assert [budget(n, 4) for n in (1, 4, 5, 170)] == [1, 1, 2, 43]
+    assert budget(170, 16) == 11 and budget(3, 1) == 3
+
+
+def test_truncate_and_random_tokens_keep_the_budget_in_order():
+    spans = [list(range(100, 100 + n)) for n in (9, 40, 170)]
+    assert Truncate().select(spans, [], [], 4, None, "") == [s[:budget(len(s), 4)] for s in spans]
+    picked = RandomTokens(seed=3).select(spans, [], [], 4, None, "")
+    for span, kept in zip(spans, picked):
+        assert len(kept) == budget(len(span), 4) and kept == sorted(kept)
+        assert set(kept) <= set(span)
+    assert picked == RandomTokens(seed=3).select(spans, [], [], 4, None, "")
+    assert picked != RandomTokens(seed=4).select(spans, [], [], 4, None, "")
+
+
+def _prompt(lm, lengths=(9, 40, 7, 3), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    embed = lm.model.get_input_embeddings()
+    with torch.no_grad():
+        return tuple(embed(torch.randint(3, 200, (n,), generator=g)) for n in lengths)
+
+
+def _stops(lm):
+    return StopTokens(lm.tokenizer, lm.model, lm.model.get_input_embeddings().weight.shape[0])
+
+
+@pytest.mark.parametrize("aware", [False, True])
+def test_a_press_that_keeps_everything_answers_as_the_model_reads_the_whole_prompt(aware):
+    lm = tiny_lm()
+    prompt = _prompt(lm)
+    [ids] = answer_pressed(lm.model, [prompt], Press(name="knorm"), 1.0, aware, _stops(lm), 8)
+    text = cut_answer(lm.tokenizer.decode(ids, skip_special_tokens=True))
+    assert text == generate_reference(lm.model, lm.tokenizer, torch.cat(prompt), 8)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "expected_attention", "tova", "knorm",
+                                  "streaming_llm", "random"])
+@pytest.mark.parametrize("aware", [False, True])
+def test_each_press_prunes_the_context_alone_to_its_budget(name, aware):
+    from transformers import DynamicCache
+
+    lm = tiny_lm()
+    prefix, context, question, _ = _prompt(lm)
+    first = torch.cat([prefix, context] + ([question] if aware else []))
+    cache = DynamicCache(config=lm.model.config)
+    with Press(name=name).make(len(prefix), len(context), len(question) if aware else 0, 4.0,
+                               aware)(lm.model), torch.no_grad():
+        lm.model(inputs_embeds=first[None], cache=cache, use_cache=True)
+    kept = len(prefix) + budget(len(context), 4.0) + (len(question) if aware else 0)
+    full = DynamicCache(config=lm.model.config)
+    with torch.no_grad():
+        lm.model(inputs_embeds=first[None], cache=full, use_cache=True)
+    for pruned, whole in zip(cache.layers, full.layers):
+        assert pruned.keys.shape[2] == kept
+        # The prefix and the question are kept whole, where they were.
+        assert torch.equal(pruned.keys[:, :, :len(prefix)], whole.keys[:, :, :len(prefix)])
+        if aware:
+            assert torch.equal(pruned.keys[:, :, -len(question):],
+                               whole.keys[:, :, -len(question):])
+
+
+def test_knorm_keeps_the_context_keys_of_lowest_norm_per_head():
+    """kvpress's Knorm keeps the keys of smallest norm: computed directly from the full cache."""
+    from transformers import DynamicCache
+
+    lm = tiny_lm()
+    prefix, context, _, _ = _prompt(lm)
+    first = torch.cat([prefix, context])
+    cache, full = (DynamicCache(config=lm.model.config) for _ in range(2))
+    with Press(name="knorm").make(len(prefix), len(context), 0, 4.0, False)(lm.model), \
+            torch.no_grad():
+        lm.model(inputs_embeds=first[None], cache=cache, use_cache=True)
+    with torch.no_grad():
+        lm.model(inputs_embeds=first[None], cache=full, use_cache=True)
+    keep, start = budget(len(context), 4.0), len(prefix)
+    for pruned, whole in zip(cache.layers, full.layers):
+        norms = whole.keys[0, :, start:].norm(dim=-1)  # [heads, context]
+        for head in range(norms.shape[0]):
+            chosen = sorted((norms[head].argsort()[:keep] + start).tolist())
+            expected = whole.keys[0, head, list(range(start)) + chosen]
+            assert torch.equal(pruned.keys[0, head], expected)
+
+
+def test_zero_shot_truncate_answers_from_the_kept_tokens_as_the_model_reads_them(tmp_path):
+    lm = tiny_lm()
+    opts = options(tmp_path, encoder="truncate", compression=4.0, samples=0, eval_samples=4)
+    assert run(opts, quiet, lm) == 0
+    out = Path(opts.output_dir)
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainable_parameters"] == 0 and summary["steps"] == 0
+    t = Trainer(opts, out, quiet, lm)  # the same split and items, for the direct computation
+    a = t.answerers[0]
+    predictions = json.loads((out / "eval" / "epoch1.json").read_text())["predictions"]
+    for item, got in zip(a.eval_items, predictions):
+        ctx = prompts.encode_span(lm.tokenizer, a.fmt, item.example.context,
+                                  item.example.question, True)[0]
+        assert item.span == ctx[:budget(len(ctx), 4.0)] and item.text == len(ctx)
+        row = torch.cat([a.prefix, a.embed_ids(item.span), a.embed_ids(item.question), a.anchor])
+        assert got["prediction"] == generate_reference(lm.model, lm.tokenizer, row,
+                                                       opts.max_new_tokens)
+    assert summary["compression_ratio"] > 1.5
+
+
+def test_zero_shot_press_answers_through_the_pruned_cache(tmp_path):
+    import json
+
+    lm = tiny_lm()
+    opts = options(tmp_path, encoder="kvpress:knorm", compression=4.0, samples=0,
+                   eval_samples=4, keep_question=True)
+    assert run(opts, quiet, lm) == 0
+    out = Path(opts.output_dir)
+    t = Trainer(opts, out, quiet, lm)
+    a = t.answerers[0]
+    rows = [(a.prefix, a.embed_ids(i.span), a.embed_ids(i.question), a.anchor)
+            for i in a.eval_items]
+    direct = [cut_answer(lm.tokenizer.decode(ids, skip_special_tokens=True)) for ids in
+              answer_pressed(lm.model, rows, Press(name="knorm"), 4.0, False, a.stops,
+                             opts.max_new_tokens)]
+    got = json.loads((out / "eval" / "epoch1.json").read_text())["predictions"]
+    assert [p["prediction"] for p in got] == direct
+
+
+@pytest.mark.parametrize("flags, words", [
+    (dict(encoder="kvpress:snapkv", samples=12), "pass --samples 0"),
+    (dict(encoder="longllmlingua", samples=0, keep_question=True), "drop --keep_question"),
+    (dict(encoder="truncate", samples=0, model_id="a,b"), "pass one --model_id"),
+])
+def test_what_a_field_compressor_cannot_do_is_one_line_before_the_model_loads(
+        tmp_path, flags, words):
+    with pytest.raises(UsageError, match=words):
+        validate(options(tmp_path, **flags))
