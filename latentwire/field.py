@@ -14,6 +14,7 @@ own `score` ranks the positions; what is ours is the budget and where it applies
 
 import math
 import random
+import warnings
 from dataclasses import dataclass, field
 from unittest import mock
 
@@ -35,8 +36,6 @@ class FieldCompressor:
     those that draw at random."""
     seed: int = 0
     query_aware: bool | None = False
-    # Whether the reader's small adapter (pool at 1x) can train on what it keeps.
-    trainable = True
 
     def describe(self) -> dict:
         """What a run records of it: its settings beside its name."""
@@ -125,10 +124,29 @@ class LLMLingua(TokenCompressor):
                     "condition_in_question": "after_condition", "condition_compare": True,
                     "use_context_level_filter": False} if self.query_aware else {
                     "use_context_level_filter": False}
-            text = compressor.compress_prompt([context], target_token=keep, **args)[
-                "compressed_prompt"]
-            out.append(count.encode(text)[:keep])
+            with warnings.catch_warnings():  # its own use of transformers' old cache keyword
+                warnings.filterwarnings("ignore", "`past_key_values` is deprecated")
+                text = compressor.compress_prompt([context], target_token=keep, **args)[
+                    "compressed_prompt"]
+            kept = count.encode(text)
+            # Cut to the budget, the rest of a compression that ran over it. A text hardly
+            # shorter is no compression at all, and cutting it would be `truncate` under
+            # LLMLingua's name (llmlingua 0.2.2 with SmolLM2 as its scorer returns the
+            # built-in data's contexts whole).
+            if ratio >= 2 and len(kept) > 0.9 * len(span):
+                raise UsageError(
+                    f"{'longllmlingua' if self.query_aware else 'llmlingua'} returned "
+                    f"{len(kept)} of the context's {len(span)} tokens at --compression "
+                    f"{ratio:g}: llmlingua {_version('llmlingua')} did not compress it with "
+                    f"this model as its scorer; no result is recorded under its name")
+            out.append(kept[:keep])
         return out
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 # -- cache presses -----------------------------------------------------------------------------
@@ -153,7 +171,6 @@ class Press(FieldCompressor):
     question, TOVA's query its last position); agnostic otherwise, as kvpress's own pipeline."""
     name: str = "snapkv"
     query_aware: bool | None = None
-    trainable = False  # the pruning happens inside the frozen model's pass
 
     def settings(self, prefix: int, question: int, aware: bool) -> dict:
         """The press's settings for one prompt: `prefix` positions before the context,

@@ -156,3 +156,36 @@ def test_what_a_field_compressor_cannot_do_is_one_line_before_the_model_loads(
         tmp_path, flags, words):
     with pytest.raises(UsageError, match=words):
         validate(options(tmp_path, **flags))
+
+
+def _llmlingua_case(tiny_model_dir):
+    pytest.importorskip("llmlingua")
+    from latentwire.models import load
+
+    lm = load(str(tiny_model_dir), "cpu")
+    context = "Context: " + " ".join(["the river runs past the old mill"] * 6) + "\n"
+    return lm, context, lm.tokenizer(context, add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("aware", [False, True])
+def test_llmlingua_keeps_at_most_the_budget_in_the_readers_tokens(tiny_model_dir, aware):
+    from latentwire.field import LLMLingua
+
+    lm, context, span = _llmlingua_case(tiny_model_dir)
+    [kept] = LLMLingua(query_aware=aware).select([span], [context], ["where is the mill?"], 4.0,
+                                                 lm.tokenizer, str(tiny_model_dir))
+    assert 0 < len(kept) <= budget(len(span), 4.0)
+
+
+def test_llmlingua_that_does_not_compress_is_refused_not_recorded_as_llmlingua(
+        tiny_model_dir, monkeypatch):
+    """Cutting an uncompressed context to the budget would be `truncate` under its name."""
+    from llmlingua import PromptCompressor
+
+    from latentwire.field import LLMLingua
+
+    lm, context, span = _llmlingua_case(tiny_model_dir)
+    monkeypatch.setattr(PromptCompressor, "compress_prompt",
+                        lambda self, ctx, **_: {"compressed_prompt": ctx[0]})
+    with pytest.raises(UsageError, match="did not compress it"):
+        LLMLingua().select([span], [context], ["where?"], 4.0, lm.tokenizer, str(tiny_model_dir))

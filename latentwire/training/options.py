@@ -387,14 +387,14 @@ def validate(opts: TrainOptions) -> Path:
          f"--latent_dim must be at least 1 (got {opts.latent_dim})")
     if opts.freeze_encoder is not None:
         checkpoint.read_config(opts.freeze_encoder)
-    field = ENCODERS[opts.encoder].field_compressor() if opts.encoder in ENCODERS else None
-    if field is not None:
+    entry = ENCODERS.get(opts.encoder)
+    if entry is not None and entry.field is not None:
         need(len(opts.model_ids()) == 1 and opts.reader_id() == opts.model_ids()[0],
              f"--encoder {opts.encoder} compresses for the one model that reads it; pass one "
              "--model_id and no --encoder_model")
-        need(field.query_aware is not True or not opts.keep_question,
+        need(not (entry.needs_question and opts.keep_question),
              f"--encoder {opts.encoder} reads the question (query-aware): drop --keep_question")
-        need(opts.samples == 0 or field.trainable, f"--encoder {opts.encoder} is measured as "
+        need(opts.samples == 0 or entry.trains, f"--encoder {opts.encoder} is measured as "
              "the frozen model reads it: pass --samples 0 (training a reader on a pruned cache "
              "is not built)")
     need(opts.encoder_lora >= 0, f"--encoder_lora must be >= 0, 0 for none (got {opts.encoder_lora})")

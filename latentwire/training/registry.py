@@ -18,6 +18,8 @@ class EncoderEntry:
     # trains: the small trained adapter the uncompressed reference has.
     field: str | None = None
     field_args: tuple = ()
+    needs_question: bool = False  # query-aware by nature: it has no query-agnostic use
+    trains: bool = True  # False: nothing can train on its output (a pruned cache), --samples 0
 
     def load(self) -> type:
         return load(self.implementation)
@@ -55,7 +57,7 @@ ENCODERS.add("llmlingua", EncoderEntry(
     "them; query-agnostic", POOL, field=f"{FIELD}:LLMLingua"))
 ENCODERS.add("longllmlingua", EncoderEntry(
     "LongLLMLingua (llmlingua): LLMLingua conditioned on the question; query-aware", POOL,
-    field=f"{FIELD}:LLMLingua", field_args=(("query_aware", True),)))
+    field=f"{FIELD}:LLMLingua", field_args=(("query_aware", True),), needs_question=True))
 for _press, _what in (("snapkv", "SnapKV: attention from a window of queries"),
                       ("expected_attention", "ExpectedAttention: attention expected of future queries"),
                       ("tova", "TOVA: attention from the last query"),
@@ -64,4 +66,4 @@ for _press, _what in (("snapkv", "SnapKV: attention from a window of queries"),
                       ("random", "random positions")):
     ENCODERS.add(f"kvpress:{_press}", EncoderEntry(
         f"kvpress, {_what}: prunes the context's keys and values to 1/R", POOL,
-        field=f"{FIELD}:Press", field_args=(("name", _press),)))
+        field=f"{FIELD}:Press", field_args=(("name", _press),), trains=False))

@@ -67,7 +67,9 @@ def cells(opts: StudyOptions) -> list[Cell]:
     alone = models if opts.dedicated else []
     out = []
     for s in settings:
-        grid = [(e, r) for e in encoders for r in ratios]
+        # A compressor that needs the question (LongLLMLingua) has no query-agnostic cell.
+        grid = [(e, r) for e in encoders for r in ratios
+                if not (SETTINGS[s] and ENCODERS[e].needs_question)]
         grid += [("constant", r) for r in ratios] + [("pool", 1.0)]
         for m in [None, *alone]:
             for e, r in grid:
