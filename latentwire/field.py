@@ -14,7 +14,6 @@ own `score` ranks the positions; what is ours is the budget and where it applies
 
 import math
 import random
-import warnings
 from dataclasses import dataclass, field
 from unittest import mock
 
@@ -74,6 +73,30 @@ class RandomTokens(TokenCompressor):
         return {"seed": self.seed}
 
 
+class _PairCache:
+    """LLMLingua's scorer, as llmlingua 0.2.2 expects a model to be: it hands the model, and
+    slices, a cache as one [keys, values] pair per layer, which transformers 5 no longer takes
+    or returns (it wants a Cache object, and iterating one yields more than two tensors). With
+    that, every prompt longer than one of its windows failed or came back whole."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids, attention_mask=None, past_key_values=None, **kwargs):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(past_key_values or []):
+            cache.update(keys, values, layer)
+        kwargs["use_cache"] = True
+        out = self.model(input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
+        out.past_key_values = [[layer.keys, layer.values] for layer in cache.layers]
+        return out
+
+
 class _ReaderCount:
     """Stands in for LLMLingua's OpenAI tokenizer (tiktoken's cl100k_base, which it downloads
     when it starts): token budgets are counted in the reader's own tokens, which is what the
@@ -84,6 +107,9 @@ class _ReaderCount:
 
     def encode(self, text: str, **_) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+
+WINDOW = 32  # LLMLingua's window in tokens: see LLMLingua.select
 
 
 @dataclass
@@ -97,7 +123,8 @@ class LLMLingua(TokenCompressor):
 
     def describe(self) -> dict:
         return {"scorer": "the reader model", "method": "longllmlingua" if self.query_aware
-                else "llmlingua", "budget": "target_token = ceil(N / R) reader tokens, cut to it"}
+                else "llmlingua", "budget": "target_token = ceil(N / R) reader tokens, cut to it",
+                "iterative_size": WINDOW}
 
     def _load(self, tokenizer, model_id: str):
         if self._compressor is None:
@@ -113,6 +140,7 @@ class LLMLingua(TokenCompressor):
                 self._compressor = PromptCompressor(
                     resolve(model_id), device_map="cpu",
                     model_config={"trust_remote_code": False})
+            self._compressor.model = _PairCache(self._compressor.model)
         return self._compressor
 
     def select(self, spans, contexts, questions, ratio, tokenizer, model_id):
@@ -120,19 +148,20 @@ class LLMLingua(TokenCompressor):
         count = _ReaderCount(tokenizer)
         for span, context, question in zip(spans, contexts, questions):
             keep = budget(len(span), ratio)
-            args = {"question": question, "rank_method": "longllmlingua",
-                    "condition_in_question": "after_condition", "condition_compare": True,
-                    "use_context_level_filter": False} if self.query_aware else {
-                    "use_context_level_filter": False}
-            with warnings.catch_warnings():  # its own use of transformers' old cache keyword
-                warnings.filterwarnings("ignore", "`past_key_values` is deprecated")
-                text = compressor.compress_prompt([context], target_token=keep, **args)[
-                    "compressed_prompt"]
+            # Its window (iterative_size, 200 tokens by default) must be shorter than the
+            # context: on a shorter one its window arithmetic keeps every token. A SQuAD
+            # paragraph is 100-250 reader tokens.
+            args = {"use_context_level_filter": False, "iterative_size": WINDOW}
+            if self.query_aware:
+                args.update(question=question, rank_method="longllmlingua",
+                            condition_in_question="after_condition", condition_compare=True,
+                            concate_question=False)
+            text = compressor.compress_prompt([context], target_token=keep, **args)[
+                "compressed_prompt"]
             kept = count.encode(text)
             # Cut to the budget, the rest of a compression that ran over it. A text hardly
-            # shorter is no compression at all, and cutting it would be `truncate` under
-            # LLMLingua's name (llmlingua 0.2.2 with SmolLM2 as its scorer returns the
-            # built-in data's contexts whole).
+            # shorter is no compression at all (what its window arithmetic gives a context
+            # shorter than the window), and cutting it would be `truncate` under its name.
             if ratio >= 2 and len(kept) > 0.9 * len(span):
                 raise UsageError(
                     f"{'longllmlingua' if self.query_aware else 'llmlingua'} returned "

@@ -163,6 +163,7 @@ def _llmlingua_case(tiny_model_dir):
     from latentwire.models import load
 
     lm = load(str(tiny_model_dir), "cpu")
+    # Several of LLMLingua's windows long, so that it reads through its own cache.
     context = "Context: " + " ".join(["the river runs past the old mill"] * 6) + "\n"
     return lm, context, lm.tokenizer(context, add_special_tokens=False).input_ids
 
@@ -175,6 +176,24 @@ def test_llmlingua_keeps_at_most_the_budget_in_the_readers_tokens(tiny_model_dir
     [kept] = LLMLingua(query_aware=aware).select([span], [context], ["where is the mill?"], 4.0,
                                                  lm.tokenizer, str(tiny_model_dir))
     assert 0 < len(kept) <= budget(len(span), 4.0)
+
+
+def test_llmlinguas_scorer_reads_through_its_cache_as_through_the_whole_text(tiny_model_dir):
+    """llmlingua scores a long prompt window by window, handing the model its cache as
+    [keys, values] pairs, which transformers 5 no longer takes: the losses read through that
+    cache must be those of one pass over the whole text."""
+    from latentwire.field import LLMLingua
+
+    lm, context, span = _llmlingua_case(tiny_model_dir)
+    scorer = LLMLingua()._load(lm.tokenizer, str(tiny_model_dir))
+    ids = torch.tensor([span])
+    mask = torch.ones_like(ids)
+    whole = scorer.get_ppl("", "token", ids, mask)
+    first, cache = scorer.get_ppl("", "token", ids, mask, end=30, return_kv=True)
+    rest = scorer.get_ppl("", "token", ids, mask, past_key_values=cache)
+    # Its own bookkeeping skips the loss of the token at the seam.
+    torch.testing.assert_close(first, whole[:29])
+    torch.testing.assert_close(rest, whole[30:], rtol=1e-4, atol=1e-4)
 
 
 def test_llmlingua_that_does_not_compress_is_refused_not_recorded_as_llmlingua(
