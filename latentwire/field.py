@@ -122,8 +122,8 @@ class LLMLingua(TokenCompressor):
     _compressor: object = field(default=None, repr=False)
 
     def describe(self) -> dict:
-        return {"scorer": "the reader model", "method": "longllmlingua" if self.query_aware
-                else "llmlingua", "budget": "target_token = ceil(N / R) reader tokens, cut to it",
+        return {"llmlingua": _version("llmlingua"), "scorer": "the reader model",
+                "method": "longllmlingua" if self.query_aware else "llmlingua", "budget": "target_token = ceil(N / R) reader tokens, cut to it",
                 "iterative_size": WINDOW}
 
     def _load(self, tokenizer, model_id: str):
@@ -213,7 +213,8 @@ class Press(FieldCompressor):
         return {}
 
     def describe(self) -> dict:
-        return {"press": PRESSES[self.name], "applied_to": "the context's positions only",
+        return {"kvpress": _version("kvpress"), "press": PRESSES[self.name],
+                "applied_to": "the context's positions only",
                 "settings": {"snapkv": f"window_size: the question's positions (aware), "
                                        f"{SNAPKV_WINDOW} (agnostic)",
                              "streaming_llm": "n_sink: the positions before the context",

@@ -145,6 +145,9 @@ def test_zero_shot_press_answers_through_the_pruned_cache(tmp_path):
                              opts.max_new_tokens)]
     got = json.loads((out / "eval" / "epoch1.json").read_text())["predictions"]
     assert [p["prediction"] for p in got] == direct
+    recorded = json.loads((out / "config.json").read_text())["provenance"]["field_compressor"]
+    assert recorded["encoder"] == "kvpress:knorm" and recorded["press"] == "KnormPress"
+    assert recorded["kvpress"] == "0.5.5"
 
 
 @pytest.mark.parametrize("flags, words", [

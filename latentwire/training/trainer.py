@@ -456,6 +456,8 @@ class Trainer:
              "eval_examples_sha256": provenance.examples_sha(self.split.eval)},
             {"train_samples": len(self.split.train), "eval_samples": len(self.split.eval)},
             opts.seed, opts.max_new_tokens)
+        if first.field is not None:  # a field compressor's settings, not only its name
+            described["field_compressor"] = {"encoder": opts.encoder, **first.field.describe()}
         trained_on = {"dataset": opts.dataset, "samples": len(self.split.train)}
         if not self.spec.shared:
             return described, {"model": described["model"], "prompt_format": first.fmt.describe(),
