@@ -61,7 +61,7 @@ def test_engine_matches_the_per_example_loop(tmp_path, bundled):
     full prompt: at least 98% identical predictions and F1 within 0.01, for every experiment."""
     from latentwire.scoring import score
 
-    opts = SweepOptions(samples=16, output_dir=str(tmp_path))
+    opts = SweepOptions(samples=10, output_dir=str(tmp_path))
     plan = validate(opts)
     s = runner.Sweep(opts, plan, log=lambda *a: None, lm=bundled)
     inputs, _ = s.source_inputs(plan.sources[0])
