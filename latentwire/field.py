@@ -88,12 +88,14 @@ class _PairCache:
     def __call__(self, input_ids, attention_mask=None, past_key_values=None, **kwargs):
         from transformers import DynamicCache
 
+        from .generation import cache_argument, plain_kv
+
         cache = DynamicCache()
         for layer, (keys, values) in enumerate(past_key_values or []):
             cache.update(keys, values, layer)
-        kwargs["use_cache"] = True
-        out = self.model(input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
-        out.past_key_values = [[layer.keys, layer.values] for layer in cache.layers]
+        kwargs.update(use_cache=True, **{cache_argument(self.model): cache})
+        out = self.model(input_ids, attention_mask=attention_mask, **kwargs)
+        out.past_key_values = plain_kv(cache)
         return out
 
 
@@ -123,7 +125,8 @@ class LLMLingua(TokenCompressor):
 
     def describe(self) -> dict:
         return {"llmlingua": _version("llmlingua"), "scorer": "the reader model",
-                "method": "longllmlingua" if self.query_aware else "llmlingua", "budget": "target_token = ceil(N / R) reader tokens, cut to it",
+                "method": "longllmlingua" if self.query_aware else "llmlingua",
+                "budget": "target_token = ceil(N / R) reader tokens, cut to it",
                 "iterative_size": WINDOW}
 
     def _load(self, tokenizer, model_id: str):
