@@ -5,11 +5,13 @@ of the same steps, and the raw matmul rate of each dtype at the bundled model's 
     .venv/bin/python benchmarks/precision.py
     .venv/bin/python benchmarks/precision.py --encoder lm --encoder_lora 8 --steps 4 --rounds 2
     .venv/bin/python benchmarks/precision.py --fit 496 --out runs/precision   # and final F1
+    .venv/bin/python benchmarks/precision.py --dataset runs/data/squad-train.json \
+        --eval_dataset runs/data/squad-held.json --steps 2                  # on SQuAD paragraphs
 
 accelerate keeps one precision per process, so each measurement is a process of its own; the
 two precisions alternate (fp32, bf16, fp32, bf16, ...) so that a machine shared with other work
 slows both alike. Each process times --steps optimizer steps after one warm-up step, on the
-built-in data, and reports examples/s. `native bf16` says whether the CPU (or GPU) multiplies
+built-in data (or --dataset), and reports examples/s. `native bf16` says whether the CPU (or GPU) multiplies
 bf16 in hardware: where it does not, bf16 is emulated and far slower.
 
 With --fit N each precision also trains one whole run of N examples (`latentwire train`, the
@@ -38,7 +40,8 @@ with tempfile.TemporaryDirectory() as tmp:
     opts = TrainOptions(encoder=args["encoder"], encoder_lora=args["encoder_lora"],
                         compression=4.0, batch_size=args["batch_size"],
                         samples=args["batch_size"] * (args["steps"] + 1), eval_samples=10,
-                        mixed_precision=args["precision"], output_dir=tmp)
+                        mixed_precision=args["precision"], output_dir=tmp,
+                        dataset=args["dataset"], eval_dataset=args["eval_dataset"])
     t = Trainer(opts, validate(opts), log=lambda *a, **k: None)
     batches = t.batches(0)
     t.step(batches[0])
@@ -72,7 +75,10 @@ def fit(args) -> None:
         cmd = [sys.executable, "-m", "latentwire.cli", "train", "--encoder", args.encoder,
                "--encoder_lora", str(args.encoder_lora), "--compression", "4",
                "--batch_size", str(args.batch_size), "--samples", str(args.fit),
-               "--mixed_precision", precision, "--output_dir", str(out), "--resume", "auto"]
+               "--mixed_precision", precision, "--output_dir", str(out), "--resume", "auto",
+               "--dataset", args.dataset, "--eval_samples", str(args.eval_samples)]
+        if args.eval_dataset:
+            cmd += ["--eval_dataset", args.eval_dataset]
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         summary = json.loads((out / "summary.json").read_text())
         last = summary["epochs"][-1]
@@ -99,6 +105,9 @@ def main() -> int:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2, help="fp32/bf16 pairs")
+    p.add_argument("--dataset", default="builtin", help="as train's --dataset")
+    p.add_argument("--eval_dataset", default=None, help="as train's --eval_dataset")
+    p.add_argument("--eval_samples", type=int, default=100, help="--fit's held-out questions")
     p.add_argument("--fit", type=int, default=0, metavar="N",
                    help="also train a whole run of N examples at each precision and compare F1")
     p.add_argument("--out", default="runs/precision", help="where --fit's two runs go")
@@ -114,6 +123,7 @@ def main() -> int:
     fp32, bf16 = (statistics.median(rates[k]) for k in ("no", "bf16"))
     mm32, mm16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16, n=2)
     print(f"{args.encoder} encoder (LoRA {args.encoder_lora}) at 4x, batch {args.batch_size}, "
+          f"{args.dataset}, "
           f"{args.steps} timed steps, {args.rounds} rounds, {torch.get_num_threads()} threads; "
           f"native bf16: {native_bf16('cpu')}")
     print(f"training, fp32:          {fp32:8.3f} examples/s (median)")

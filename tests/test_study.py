@@ -73,6 +73,48 @@ def test_a_study_writes_its_table_and_plot_and_a_rerun_keeps_every_run(tmp_path,
     assert "aware/pool_x1 made with other flags (--lr 0.001 there, 0.01 now)" in capsys.readouterr().err
 
 
+def _write_cells(root, f1s: dict, eval_seconds: float = 2.0) -> None:
+    """Finished cells by hand: each one's per-question F1s, its evaluation's seconds."""
+    for name, scores in f1s.items():
+        run = root / name
+        (run / "eval").mkdir(parents=True)
+        mean = sum(scores) / len(scores)
+        (run / "eval" / "epoch1.json").write_text(json.dumps(
+            {"predictions": [{"f1": f} for f in scores]}))
+        (run / "summary.json").write_text(json.dumps({
+            "status": "finished", "epochs": [{"epoch": 1, "eval_seconds": eval_seconds}],
+            "compression_ratio": 1.0, "split": {"eval_examples": len(scores)},
+            "final": {"f1": mean, "em": mean, "ci": [mean, mean]}, "train_seconds": 1.0,
+            "references": {"text": {"f1": 0.9}, "question_only": {"f1": 0.1}}}))
+
+
+def test_the_table_sets_each_row_against_the_best_training_free_compressor(tmp_path):
+    """The best training-free compressor is the one with the highest F1 at the same setting
+    and compression; every other row's paired difference is against it, computed here
+    directly, and each row's seconds per answer is its evaluation's time per question."""
+    f1s = {"aware/pool_x4": [1.0, 0.5, 0.5, 1.0], "aware/truncate_x4": [0.5, 0.5, 0.0, 0.5],
+           "aware/random_tokens_x4": [0.0, 0.5, 0.0, 0.0], "aware/constant_x4": [0.0] * 4,
+           "aware/pool_x1": [1.0] * 4}
+    _write_cells(tmp_path, f1s, eval_seconds=2.0)
+    opts = study.StudyOptions(encoders="pool,truncate,random_tokens", compressions="4",
+                              settings="aware", output_dir=str(tmp_path))
+    rows = {f"{r['setting']}/{r['encoder']}_x{r['compression']:g}": r
+            for r in study.table(opts, study.cells(opts))}
+    # pool at 1x has no training-free compressor at its compression to be set against.
+    assert rows.pop("aware/pool_x1")["vs_best_field"] is None
+    assert {r["best_field"] for r in rows.values()} == {"truncate"}
+    assert rows["aware/truncate_x4"]["vs_best_field"] is None
+    for name in ("aware/pool_x4", "aware/random_tokens_x4", "aware/constant_x4"):
+        diff = sum(a - b for a, b in zip(f1s[name], f1s["aware/truncate_x4"])) / 4
+        assert rows[name]["vs_best_field"]["diff"] == pytest.approx(diff), name
+    assert rows["aware/pool_x4"]["vs_best_field"]["diff"] == pytest.approx(0.375)
+    assert {r["seconds_per_answer"] for r in rows.values()} == {0.5}
+    table = study.render(list(rows.values()))
+    truncate = next(line for line in table.splitlines() if line.startswith("| aware | truncate |"))
+    assert "| best |" in truncate
+    assert "+0.375" in table and "(truncate)" in table and "| 0.50 |" in table
+
+
 def test_the_table_pairs_each_cell_with_its_own_control_and_reference(tmp_path):
     """Cells written by hand with known per-example F1s: each row's paired difference is against
     the constant control of its own compression and setting, and its share is of the pool 1x
@@ -81,16 +123,7 @@ def test_the_table_pairs_each_cell_with_its_own_control_and_reference(tmp_path):
            "aware/constant_x1": [0.0, 0.0, 0.5, 0.0], "aware/constant_x4": [0.0, 0.5, 0.5, 0.0],
            "agnostic/pool_x1": [0.5, 0.5, 0.5, 0.5], "agnostic/pool_x4": [0.0, 0.5, 0.5, 0.5],
            "agnostic/constant_x1": [0.0] * 4, "agnostic/constant_x4": [0.5, 0.5, 0.5, 0.5]}
-    for name, scores in f1s.items():
-        run = tmp_path / name
-        (run / "eval").mkdir(parents=True)
-        mean = sum(scores) / len(scores)
-        (run / "eval" / "epoch1.json").write_text(json.dumps(
-            {"predictions": [{"f1": f} for f in scores]}))
-        (run / "summary.json").write_text(json.dumps({
-            "status": "finished", "epochs": [{"epoch": 1}], "compression_ratio": 1.0,
-            "final": {"f1": mean, "em": mean, "ci": [mean, mean]}, "references": {},
-            "train_seconds": 1.0}))
+    _write_cells(tmp_path, f1s)
     opts = study.StudyOptions(encoders="pool", compressions="1,4", output_dir=str(tmp_path))
     rows = {f"{r['setting']}/{r['encoder']}_x{r['compression']:g}": r
             for r in study.table(opts, study.cells(opts))}

@@ -252,15 +252,18 @@ def _loaded(opts: StudyOptions, todo: list[Cell]) -> dict:
 def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
     """One row per finished cell (per cell and model, for cells trained for several): F1/EM
     with CIs, the paired difference to the constant control at the same compression and
-    setting, and the share of the uncompressed trained reference (each where that cell
-    finished too, for the same model)."""
+    setting and to the best training-free compressor there, the share of the uncompressed
+    trained reference (each where that cell finished too, for the same model), and the
+    evaluation's seconds per answer (compressing included)."""
     loaded = _loaded(opts, todo)
-    rows = []
+    rows, scores = [], []
     for c, per_model in loaded.items():
         if c.model is not None:  # trained for one model alone: the sharing table's
             continue
-        seconds = json.loads((Path(opts.output_dir) / c.name / "summary.json")
-                             .read_text())["train_seconds"]
+        summary = json.loads((Path(opts.output_dir) / c.name / "summary.json").read_text())
+        seconds = summary["train_seconds"]
+        per_answer = (summary["epochs"][-1]["eval_seconds"]
+                      / (summary["split"]["eval_examples"] * len(per_model)))
         for name, (own, f1s) in per_model.items():
             control = loaded.get(Cell(c.setting, "constant", c.compression), {}).get(name)
             reference = loaded.get(Cell(c.setting, "pool", 1.0), {}).get(name)
@@ -274,8 +277,27 @@ def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
                          "ci": own["final"]["ci"], "vs_constant": vs,
                          "share_of_uncompressed": share, "share_ci": share_ci,
                          "references": own["references"],
-                         "train_seconds": seconds})
+                         "train_seconds": seconds, "seconds_per_answer": per_answer})
+            scores.append(f1s)
+    _against_best_field(rows, scores)
     return rows
+
+
+def _against_best_field(rows: list[dict], scores: list[list]) -> None:
+    """Each row's paired difference to the training-free compressor with the highest F1 at its
+    setting, compression and model (`vs_best_field`; None for that compressor itself and where
+    none finished), and that compressor's name (`best_field`)."""
+    groups = {}
+    for row, f1s in zip(rows, scores):
+        if ENCODERS[row["encoder"]].field is not None:
+            key = (row["setting"], row["compression"], row.get("model"))
+            if key not in groups or row["f1"] > groups[key][0]["f1"]:
+                groups[key] = (row, f1s)
+    for row, f1s in zip(rows, scores):
+        best = groups.get((row["setting"], row["compression"], row.get("model")))
+        row["best_field"] = best[0]["encoder"] if best else None
+        row["vs_best_field"] = (stats.paired_comparison(f1s, best[1])
+                                if best and best[0] is not row else None)
 
 
 def sharing(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
@@ -336,14 +358,18 @@ def render_sharing(rows: list[dict]) -> str:
              "F1 [95% CI] | shared - dedicated (paired) | shared, dedicated of its own "
              "uncompressed trained |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        vs = r["shared_vs_dedicated"]
         lines.append(f"| {r['setting']} | {r['encoder']} | {r['model']} | "
                      f"{r['measured_compression']:.2f}x fewer | {f1(r['shared'])} | "
-                     f"{f1(r['dedicated'])} | {vs['diff']:+.3f} [{vs['diff_ci'][0]:+.3f}, "
-                     f"{vs['diff_ci'][1]:+.3f}] {vs['label']} | "
+                     f"{f1(r['dedicated'])} | {_paired(r['shared_vs_dedicated'])} | "
                      f"{share(r, 'shared_of_own_uncompressed')}, "
                      f"{share(r, 'dedicated_of_own_uncompressed')} |")
     return "\n".join(lines)
+
+
+def _paired(vs) -> str:
+    if not vs:
+        return "-"
+    return f"{vs['diff']:+.3f} [{vs['diff_ci'][0]:+.3f}, {vs['diff_ci'][1]:+.3f}] {vs['label']}"
 
 
 def _percent(share, ci) -> str:
@@ -353,17 +379,18 @@ def _percent(share, ci) -> str:
 def render(rows: list[dict]) -> str:
     several = "model" in rows[0]
     lines = ["| setting | encoder |" + (" model |" if several else "") + " positions vs text | "
-             "F1 [95% CI] | EM | vs constant (paired) | of uncompressed trained |",
-             "|---|---|---|---|---|---|---|" + ("---|" if several else "")]
+             "F1 [95% CI] | EM | vs constant (paired) | vs best training-free (paired) | "
+             "of uncompressed trained | s per answer |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if several else "")]
     for r in rows:
-        vs = r["vs_constant"]
-        vs_text = (f"{vs['diff']:+.3f} [{vs['diff_ci'][0]:+.3f}, {vs['diff_ci'][1]:+.3f}] "
-                   f"{vs['label']}") if vs else "-"
+        best = (_paired(r["vs_best_field"]) + f" ({r['best_field']})" if r["vs_best_field"]
+                else "best" if r["best_field"] == r["encoder"] else "-")
         share = _percent(r["share_of_uncompressed"], r["share_ci"])
         model = f" {r['model']} |" if several else ""
         lines.append(f"| {r['setting']} | {r['encoder']} |{model} {r['measured_compression']:.2f}x fewer "
                      f"| {r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['em']:.3f} "
-                     f"| {vs_text} | {share} |")
+                     f"| {_paired(r['vs_constant'])} | {best} | {share} "
+                     f"| {r['seconds_per_answer']:.2f} |")
     for r in {r.get("model"): r for r in rows}.values():
         whose = f" of {r['model']}" if several else ""
         lines.append("\n" + references_sentence(r["references"], whose))
