@@ -12,14 +12,17 @@ Neither package is reimplemented: LLMLingua's `PromptCompressor` compresses, and
 own `score` ranks the positions; what is ours is the budget and where it applies.
 """
 
+import logging
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from unittest import mock
 
 import torch
 
 from .errors import UsageError
+from .generation import cache_argument, plain_kv
 
 
 def budget(n: int, ratio: float) -> int:
@@ -87,8 +90,6 @@ class _PairCache:
 
     def __call__(self, input_ids, attention_mask=None, past_key_values=None, **kwargs):
         from transformers import DynamicCache
-
-        from .generation import cache_argument, plain_kv
 
         cache = DynamicCache()
         for layer, (keys, values) in enumerate(past_key_values or []):
@@ -192,6 +193,7 @@ PRESSES = {
     "knorm": "KnormPress",
     "streaming_llm": "StreamingLLMPress",
     "random": "RandomPress",
+    "kvzip": "KVzipPress",
 }
 SNAPKV_WINDOW = 8  # query-agnostic: the context's last positions observe the rest (64 by default)
 
@@ -221,10 +223,15 @@ class Press(FieldCompressor):
                 "settings": {"snapkv": f"window_size: the question's positions (aware), "
                                        f"{SNAPKV_WINDOW} (agnostic)",
                              "streaming_llm": "n_sink: the positions before the context",
-                             "random": f"seed {self.seed}"}.get(self.name, "kvpress defaults")}
+                             "random": f"seed {self.seed}",
+                             "kvzip": "kvpress defaults; the repetition is asked for with the "
+                                      "prompt's anchor; query-agnostic in either setting"
+                             }.get(self.name, "kvpress defaults")}
 
-    def make(self, prefix: int, context: int, question: int, ratio: float, aware: bool):
-        """The press for one prompt of prefix + context (+ question when aware) positions."""
+    def make(self, prefix: int, context: int, question: int, ratio: float, aware: bool,
+             reader=None):
+        """The press for one prompt of prefix + context (+ question when aware) positions.
+        `reader`: what KVzip, which has the reader repeat the context, needs of it (Repeat)."""
         try:
             import kvpress
             from kvpress.presses.base_press import BasePress
@@ -233,9 +240,48 @@ class Press(FieldCompressor):
                              "installs it (see docs/compression.md, the field's compressors)")
         keep = budget(context, ratio)
         total = prefix + context + question
+        if self.name == "kvzip":
+            # It warns at every construction that it costs 2-3 prefills; the study's seconds
+            # per answer says what it costs here.
+            logging.getLogger("kvpress.presses.kvzip_press").setLevel(logging.ERROR)
+            return _kvzip_context_only(kvpress.KVzipPress)(
+                compression_ratio=(context - keep) / total, start=prefix, end=prefix + context,
+                keep=keep, reader=reader)
         inner = getattr(kvpress, PRESSES[self.name])(
             compression_ratio=(context - keep) / total, **self.settings(prefix, question, aware))
         return _context_only(BasePress)(inner, prefix, prefix + context, keep)
+
+
+@dataclass
+class Repeat:
+    """What KVzip reads of the prompt to have the reader repeat its context: the prompt's
+    token ids up to the context's end, the ids it asks for an answer with (our prompt's
+    anchor, where kvpress takes its chat template's turn), and the reader's tokenizer."""
+    ids: list[int]
+    suffix: list[int]
+    tokenizer: object
+
+
+def _keep_context(keys, values, scores, start: int, end: int, keep: int):
+    """The keys and values with, per head, only the `keep` best-scored positions of
+    [start, end) and every other position, in their order."""
+    scores = scores.float().clone()
+    scores[..., :start] = math.inf
+    scores[..., end:] = math.inf
+    kept = keys.shape[2] - (end - start) + keep
+    index = scores.topk(kept, dim=-1).indices.sort(dim=-1).values
+    index = index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+    return keys.gather(2, index).contiguous(), values.gather(2, index).contiguous()
+
+
+def _hook_arguments(kwargs: dict) -> dict:
+    """An attention layer's keyword arguments as kvpress 0.5.5 reads them. It was written for
+    transformers < 5.3, whose layers took `past_key_values` (now `cache`) and `cache_position`
+    (now gone), the latter only to tell a prefill from a decoding step: a press is on for
+    prefill passes alone here, so the positions are those of the whole pass."""
+    passed = kwargs["hidden_states"].shape[1]
+    return {"past_key_values": kwargs.get("cache"), "cache_position": torch.arange(passed),
+            **kwargs}
 
 
 def _context_only(base):
@@ -252,47 +298,87 @@ def _context_only(base):
             self.inner.post_init_from_model(model)
 
         def forward_hook(self, module, inputs, kwargs, output):
-            # kvpress 0.5.5 was written for transformers < 5.3, whose attention layers took
-            # `past_key_values` (now `cache`) and `cache_position` (now gone), the latter only
-            # to tell a prefill from a decoding step. The press is on for the one prefill pass
-            # alone (answer_pressed), so its positions are those of the whole pass.
-            passed = kwargs["hidden_states"].shape[1]
-            kwargs = {"past_key_values": kwargs.get("cache"),
-                      "cache_position": torch.arange(passed), **kwargs}
-            return super().forward_hook(module, inputs, kwargs, output)
+            return super().forward_hook(module, inputs, _hook_arguments(kwargs), output)
 
         def compress(self, module, hidden_states, keys, values, attentions, kwargs):
             scores = self.inner.score(module, hidden_states, keys, values, attentions, kwargs)
-            scores = scores.float().clone()
-            scores[..., :self.start] = math.inf
-            scores[..., self.end:] = math.inf
-            kept = keys.shape[2] - (self.end - self.start) + self.keep
-            index = scores.topk(kept, dim=-1).indices.sort(dim=-1).values
-            index = index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-            return keys.gather(2, index).contiguous(), values.gather(2, index).contiguous()
+            return _keep_context(keys, values, scores, self.start, self.end, self.keep)
 
     return ContextOnly
 
 
+def _kvzip_context_only(base):
+    @dataclass
+    class ContextKVzip(base):
+        """kvpress's KVzip on [start, end) alone: the reader reads the prompt, then repeats the
+        context after it (kvpress's own passes and scores: each position's highest attention
+        from the repetition), and the `keep` best-scored context positions per head are kept,
+        every other position with them. kvpress itself spreads its budget over layers and
+        heads and masks rather than prunes; ours is the same per head for every press."""
+        start: int = 0
+        end: int = 0
+        keep: int = 0
+        reader: Repeat | None = None
+
+        @contextmanager
+        def __call__(self, model):
+            cache = {}
+            forward, name = model.model.forward, cache_argument(model.model)
+
+            def read(*args, **kwargs):
+                # The prefill's cache, which the repetition extends; kvpress 0.5.5 hands it on
+                # as `past_key_values`, transformers' name for it before 5.3 (5.40 drops it).
+                if "past_key_values" in kwargs:
+                    kwargs[name] = kwargs.pop("past_key_values")
+                cache.setdefault("prompt", kwargs.get(name))
+                return forward(*args, **kwargs)
+
+            model.model.forward = read
+            try:
+                yield
+                if len(self.reader.ids) != self.end:
+                    raise ValueError(f"KVzip was given {len(self.reader.ids)} prompt ids for a "
+                                     f"prompt whose context ends at position {self.end}")
+                self._context_ids = torch.tensor([self.reader.ids])
+                self._cache, self.prefix_length = cache["prompt"], self.start
+                self._suffix_ids = torch.tensor([self.reader.suffix])
+                self._perform_kvzip_compression(model, self.reader.tokenizer)
+            finally:
+                model.model.forward = forward
+                self._reset_internal_parameters()
+
+        def forward_hook(self, module, inputs, kwargs, output):
+            return super().forward_hook(module, inputs, _hook_arguments(kwargs), output)
+
+        def compress_post(self, model):
+            for layer in model.model.layers:
+                i = int(layer.self_attn.layer_idx)
+                kept = self._cache.layers[i]
+                kept.keys, kept.values = _keep_context(
+                    kept.keys, kept.values, self.score_val[i], self.start, self.end, self.keep)
+
+    return ContextKVzip
+
+
 @torch.no_grad()
 def answer_pressed(model, prompts: list[tuple], press: Press, ratio: float, aware: bool,
-                   stops, max_new_tokens: int) -> list[list[int]]:
+                   stops, max_new_tokens: int, repeats: list | None = None) -> list[list[int]]:
     """Greedy answer tokens for each prompt (prefix, context, question, anchor), as embeddings:
-    the reader reads prefix + context (+ question when aware) under the press, which prunes the
-    context's keys and values; then the rest and the answer, at their true positions."""
+    the reader reads prefix + context (+ question when aware, and the press does not refuse
+    it) under the press, which prunes the context's keys and values; then the rest and the
+    answer, at their true positions. `repeats`: each prompt's Repeat, for KVzip."""
     from transformers import DynamicCache
 
-    from .generation import cache_argument
-
     device, name = next(model.parameters()).device, cache_argument(model)
+    aware = aware and press.query_aware is not False
     answers = []
-    for prefix, context, question, anchor in prompts:
+    for n, (prefix, context, question, anchor) in enumerate(prompts):
         first = [prefix, context] + ([question] if aware else [])
         rest = ([] if aware else [question]) + [anchor]
         first, rest = torch.cat(first).to(device), torch.cat(rest).to(device)
         cache = DynamicCache(config=model.config)
         with press.make(len(prefix), len(context), len(question) if aware else 0, ratio,
-                        aware)(model):
+                        aware, repeats[n] if repeats else None)(model):
             model(inputs_embeds=first[None], use_cache=True, **{name: cache})
         position = first.shape[0]
         embeds, ids = rest, []

@@ -106,6 +106,85 @@ def test_knorm_keeps_the_context_keys_of_lowest_norm_per_head():
             assert torch.equal(pruned.keys[0, head], expected)
 
 
+def _kvzip_scores(lm, prompt_ids: list[int], start: int, repeat_ids: list[int]) -> list:
+    """KVzip's score, computed directly: per layer and key/value head, each context position's
+    highest attention from the reader's repetition of the context (queries over the first
+    n_sink positions, the context and the repetition, causal within it), over the repetition's
+    queries and the heads sharing the key."""
+    from transformers import DynamicCache
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cache, seen = DynamicCache(config=lm.model.config), {}
+    with torch.no_grad():
+        lm.model(torch.tensor([prompt_ids]), cache=cache, use_cache=True)
+        hooks = [layer.self_attn.register_forward_hook(
+            lambda m, a, k, o: seen.__setitem__(m.layer_idx, (k["hidden_states"],
+                                                              k["position_embeddings"])),
+            with_kwargs=True) for layer in lm.model.model.layers]
+        lm.model(torch.tensor([repeat_ids]), cache=cache, use_cache=True)
+        for h in hooks:
+            h.remove()
+    scores, n, sink = [], len(repeat_ids), min(4, start)
+    for layer in lm.model.model.layers:
+        attn = layer.self_attn
+        hidden, (cos, sin) = seen[attn.layer_idx]
+        q = attn.q_proj(hidden).view(1, n, -1, attn.head_dim).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        keys = cache.layers[attn.layer_idx].keys
+        heads, kv = q.shape[1], keys.shape[1]
+        mine = torch.cat([keys[:, :, :sink], keys[:, :, start:len(prompt_ids)],
+                          keys[:, :, -n:]], dim=2).repeat_interleave(heads // kv, dim=1)
+        logits = q @ mine.transpose(-1, -2) / attn.head_dim ** 0.5
+        logits[..., -n:] += torch.full((n, n), float("-inf")).triu(1)
+        weights = logits.softmax(-1)[..., sink:sink + len(prompt_ids) - start]
+        scores.append(weights.view(1, kv, heads // kv, n, -1).amax(dim=(2, 3)))
+    return scores
+
+
+@pytest.mark.parametrize("aware", [False, True])
+def test_kvzip_keeps_the_context_positions_its_repetition_attends_to_most(aware):
+    """KVzip (kvpress's, driven through our prompt) keeps ceil(N/R) context positions per head:
+    those of highest score computed directly, the prefix whole; it is query-agnostic, so the
+    question is read after the pruning in either setting."""
+    from kvpress.presses.kvzip_press import KVzipPress
+    from transformers import DynamicCache
+
+    from latentwire.field import Repeat
+
+    lm, g = tiny_lm(), torch.Generator().manual_seed(5)
+    prefix, context, question, anchor = (torch.randint(3, 200, (n,), generator=g).tolist()
+                                         for n in (6, 30, 5, 3))
+    prompt = prefix + context
+    tok = lm.tokenizer
+    press = Press(name="kvzip", query_aware=False)
+    repeat = Repeat(prompt, anchor, tok)
+    cache = DynamicCache(config=lm.model.config)
+    with press.make(len(prefix), len(context), 0, 4.0, False, repeat)(lm.model), torch.no_grad():
+        lm.model(torch.tensor([prompt]), cache=cache, use_cache=True)
+    full = DynamicCache(config=lm.model.config)
+    with torch.no_grad():
+        lm.model(torch.tensor([prompt]), cache=full, use_cache=True)
+    # What kvpress asks the reader for: its first chunk's request, our anchor, the context.
+    ask = tok.encode("\n\nRepeat the previous context exactly.", add_special_tokens=False)
+    scores = _kvzip_scores(lm, prompt, len(prefix), ask + anchor + context)
+    keep, start = budget(len(context), 4.0), len(prefix)
+    assert KVzipPress.chunk_size > len(context)  # one repetition: the request above is its
+    for pruned, whole, score in zip(cache.layers, full.layers, scores):
+        assert pruned.keys.shape[2] == start + keep
+        for head in range(score.shape[1]):
+            chosen = sorted((score[0, head].argsort(descending=True)[:keep] + start).tolist())
+            assert torch.equal(pruned.keys[0, head], whole.keys[0, head, list(range(start)) + chosen])
+            assert torch.equal(pruned.values[0, head],
+                               whole.values[0, head, list(range(start)) + chosen])
+    # In the query-aware setting too, the question is read after the pruning, as text.
+    embed = lm.model.get_input_embeddings()
+    with torch.no_grad():
+        parts = tuple(embed(torch.tensor(ids)) for ids in (prefix, context, question, anchor))
+    answers = [answer_pressed(lm.model, [parts], press, 4.0, a, _stops(lm), 6, [repeat])
+               for a in (False, aware)]
+    assert answers[0] == answers[1]
+
+
 def test_zero_shot_truncate_answers_from_the_kept_tokens_as_the_model_reads_them(tmp_path):
     lm = tiny_lm()
     opts = options(tmp_path, encoder="truncate", compression=4.0, samples=0, eval_samples=4)

@@ -67,3 +67,8 @@ for _press, _what in (("snapkv", "SnapKV: attention from a window of queries"),
     ENCODERS.add(f"kvpress:{_press}", EncoderEntry(
         f"kvpress, {_what}: prunes the context's keys and values to 1/R", POOL,
         field=f"{FIELD}:Press", field_args=(("name", _press),), trains=False))
+ENCODERS.add("kvpress:kvzip", EncoderEntry(
+    "kvpress, KVzip: how much the reader attends to each position when it repeats the "
+    "context; query-agnostic: prunes the context's keys and values to 1/R", POOL,
+    field=f"{FIELD}:Press", field_args=(("name", "kvzip"), ("query_aware", False)),
+    trains=False))

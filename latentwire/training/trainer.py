@@ -25,7 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .. import data, experiments, models, prompts, provenance, stats
 from ..embed_experiments import NonFiniteError
 from ..errors import UsageError
-from ..field import Press, TokenCompressor, answer_pressed, budget
+from ..field import Press, Repeat, TokenCompressor, answer_pressed, budget
 from ..generation import StopTokens, cache_argument, generate, plain_kv, returned_cache
 from ..scoring import cut_answer, score_answers
 from ..stats import bootstrap_ci
@@ -158,8 +158,8 @@ class Answerer:
         self.fmt = prompts.make_format(tok, opts.prompt)
         self.embed = model.get_input_embeddings()
         self.vocab = VocabSpace.from_model(model, len(tok))
-        prefix, _, anchor = prompts.encode(tok, self.fmt, "", "")
-        self.prefix, self.anchor = self.embed_ids(prefix), self.embed_ids(anchor)
+        self.prefix_ids, _, self.anchor_ids = prompts.encode(tok, self.fmt, "", "")
+        self.prefix, self.anchor = self.embed_ids(self.prefix_ids), self.embed_ids(self.anchor_ids)
         # A field compressor keeps part of the context; the question follows as text in both
         # settings, and it reads the question only where the setting is query-aware.
         self.field = ENCODERS[opts.encoder].field_compressor(opts.seed)
@@ -315,11 +315,13 @@ class Answerer:
                     "cosine_to_nearest_token": float(sims[:, 0].mean())})
         if isinstance(self.field, Press):
             tok = self.lm.tokenizer
+            repeats = [Repeat(self.prefix_ids + i.span, self.anchor_ids, tok)
+                       for i in self.eval_items]
             answers = [(cut_answer(tok.decode(ids, skip_special_tokens=True)), len(ids))
                        for ids in answer_pressed(
                            self.lm.model, [(self.prefix, z, q, self.anchor) for z, q in prompts_],
                            self.field, self.opts.compression, not self.opts.keep_question,
-                           self.stops, self.opts.max_new_tokens)]
+                           self.stops, self.opts.max_new_tokens, repeats)]
         else:
             answers = self._answer([torch.cat([z, q, self.anchor]) for z, q in prompts_])
         result = self._score(answers)
