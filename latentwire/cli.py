@@ -17,7 +17,8 @@ from . import data, experiments, raycluster
 from .analysis.insights import AnalyzeOptions
 from .errors import StorageError, UsageError
 from .memory import keep_freed_memory
-from .options import HelpFormatter, Parser, add_options, from_args, is_option, option
+from .options import (HelpFormatter, Parser, add_options, from_args, is_option, option,
+                      read_config)
 from .sweep.options import SweepOptions
 from .training.options import (CELL_OPTIONS, SCHEDULE, TRANSFORM, TRIAL_OPTIONS, ScreenOptions,
                                StudyOptions, TrainOptions)
@@ -55,6 +56,7 @@ TRAIN_EXAMPLES = """examples:
   WANDB_MODE=offline latentwire train --report_to wandb   # W&B without network
   torchrun --nproc_per_node 2 latentwire/train.py --batch_size 16   # data parallel
   latentwire train --model_id bundled:SmolLM2-135M-Instruct,./qwen.gguf --encoder lm   # one latent, two models
+  latentwire train --config recipe.yaml --samples 200   # a recipe file, one of its options changed
 """
 
 STUDY_EXAMPLES = """examples:
@@ -171,6 +173,14 @@ def cmd_screen(args) -> int:
 
 
 @dataclass
+class Recipe:
+    config: str | None = option(
+        None, metavar="FILE",
+        help="read the options from this recipe file (YAML, or JSON by its suffix: option name "
+             "-> value, e.g. `encoder: lm`); flags on the command line override it")
+
+
+@dataclass
 class Command:
     run: Callable
     options: Callable[[], list]  # the option fields its parser has
@@ -200,7 +210,7 @@ COMMANDS = {
         "failed and the command to run next; write the plots and report.html beside it.",
         ANALYZE_EXAMPLES),
     "train": Command(
-        cmd_train, lambda: options_of(TrainOptions),
+        cmd_train, lambda: options_of(Recipe) + options_of(TrainOptions),
         "train an encoder whose latents the frozen model reads",
         "Train an encoder that turns text into a few latent vectors read by the frozen model, "
         "with a sweep transform inside the graph; every epoch is evaluated beside the text "
@@ -222,7 +232,8 @@ COMMANDS = {
 }
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The whole command line; `defaults`: a command's options set by its --config."""
     top = Parser(
         prog="latentwire",
         description="Which transformation of input embeddings keeps a frozen LLM answering "
@@ -237,13 +248,24 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=c.help, description=c.description, epilog=c.epilog,
                            usage=f"latentwire {name} [options]", formatter_class=HelpFormatter)
         add_options(p, c.options(), last_group=raycluster.GROUP, regroup=c.regroup)
+        if defaults and name in defaults:
+            p.set_defaults(**defaults[name])
     return top
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, over its --config recipe where it names one."""
+    args = parser().parse_args(argv)
+    if getattr(args, "config", None):
+        recipe = read_config(args.config, COMMANDS[args.command].options(), args.command)
+        args = parser({args.command: recipe}).parse_args(argv)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
-    args = parser().parse_args(argv)
     try:
+        args = parse(argv)
         return COMMANDS[args.command].run(args)
     except (UsageError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)

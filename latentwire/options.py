@@ -123,6 +123,56 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
+def read_config(path: str, options: list, command: str) -> dict:
+    """A recipe file's values (YAML, or JSON by its suffix: option name -> value), each typed
+    as its option, for the parser to take as defaults: the command line overrides them."""
+    import json
+
+    import yaml
+
+    from .errors import UsageError
+
+    try:
+        text = open(path, encoding="utf-8").read()
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except OSError as e:
+        raise UsageError(f"cannot read --config {path} ({e.strerror or e}); pass a recipe file "
+                         "(YAML or JSON: option name -> value)")
+    except (ValueError, yaml.YAMLError) as e:
+        where = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"--config {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}"
+                         f" ({where}); fix the file")
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must map option names to values (`lr: 0.001`), "
+                         f"not hold a {type(values).__name__}")
+    known = {f.name: f for f in options}
+    out = {}
+    for name, value in values.items():
+        key = str(name).replace("-", "_")
+        if key not in known:
+            raise UsageError(f"--config {path}: {name!r} is not an option of `latentwire "
+                             f"{command}`; see `latentwire {command} --help`")
+        f = known[key]
+        kind = value_type(f)
+        try:
+            if value is None or kind is bool and isinstance(value, bool):
+                out[key] = value
+            elif kind is bool:
+                out[key] = to_bool(str(value))
+            else:
+                out[key] = kind(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise UsageError(f"--config {path}: {name} takes {kind.__name__} (got {value!r})")
+        choices = f.metadata.get("choices")
+        choices = choices() if callable(choices) else choices
+        if choices is not None and out[key] is not None and out[key] not in choices:
+            raise UsageError(f"--config {path}: {name} {out[key]!r} is not one of "
+                             f"{', '.join(map(str, choices))}")
+    return out
+
+
 def from_args(cls, args, **extra):
     """`cls` from parsed arguments: every option of cls the parser had; the rest as defaults."""
     given = vars(args)

@@ -64,6 +64,13 @@ CASES = [
     (["train", "--encoder_lora", "8"], "--encoder_lora adapts the reader of --encoder lm"),
     (["train", "--report_to", "nowhere"], "nowhere"),
     (["train", "--samples", "4", "--batch_size", "8"], "smaller than --batch_size"),
+    (["train", "--config", "missing.yaml"], "cannot read --config missing.yaml"),
+    (["train", "--config", "broken.yaml"], "--config broken.yaml is not valid YAML"),
+    (["train", "--config", "unknown.yaml"], "'lrr' is not an option of `latentwire train`"),
+    (["train", "--config", "typed.yaml"], "samples takes int (got 'many')"),
+    (["train", "--config", "choice.yaml"], "encoder 'mlp' is not one of"),
+    (["train", "--config", "listed.yaml"], "must map option names to values"),
+    (["train", "--config", "small.yaml"], "smaller than --batch_size"),
     # study
     (["study", "--compressions", "0"], "--compressions must each be at least 1"),
     (["study", "--compressions", "abc"], "--compressions takes numbers"),
@@ -96,6 +103,10 @@ def door(tmp_path, monkeypatch):
     (tmp_path / "datadir").mkdir()
     (tmp_path / "blocker").write_text("a file where a folder should be\n")
     (tmp_path / "summary.json").write_text('{"results": [')
+    for name, text in {"broken": "encoder: [pool,\n", "unknown": "lrr: 0.1\n",
+                       "typed": "samples: many\n", "choice": "encoder: mlp\n",
+                       "listed": "- encoder\n", "small": "samples: 4\nbatch_size: 8\n"}.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("LATENTWIRE_CACHE", str(tmp_path / "cache"))

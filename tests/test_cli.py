@@ -171,3 +171,23 @@ def test_analyze_takes_a_sweeps_folder_as_well_as_its_summary(tmp_path, capsys):
     assert main(["analyze", "--summary", str(tmp_path)]) == 0
     assert "TOP 5 PERFORMERS" in capsys.readouterr().out
     assert (tmp_path / "report.html").is_file()  # beside the summary, not above its folder
+
+
+@pytest.mark.parametrize("suffix", ["yaml", "json"])
+def test_a_recipe_sets_the_options_and_the_command_line_overrides_it(tmp_path, suffix):
+    from latentwire.cli import parse
+    from latentwire.options import from_args
+    from latentwire.training.options import TrainOptions
+
+    recipe = {"encoder": "lm", "encoder_lora": 8, "compression": 4, "keep_question": True,
+              "lr": 0.0003, "samples": 600}
+    path = tmp_path / f"recipe.{suffix}"
+    path.write_text(json.dumps(recipe) if suffix == "json"
+                    else "".join(f"{k}: {str(v).lower() if v is True else v}\n"
+                                 for k, v in recipe.items()))
+    opts = from_args(TrainOptions, parse(["train", "--config", str(path), "--samples", "40",
+                                          "--no_keep_question"]))
+    assert (opts.encoder, opts.encoder_lora, opts.compression, opts.lr) == ("lm", 8, 4.0, 0.0003)
+    assert isinstance(opts.compression, float)
+    assert (opts.samples, opts.keep_question) == (40, False)  # the command line's
+    assert from_args(TrainOptions, parse(["train"])) == TrainOptions()
