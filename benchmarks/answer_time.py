@@ -4,6 +4,8 @@ paragraph's cached latents, side by side in one run.
 
     .venv/bin/python benchmarks/answer_time.py --checkpoint runs/squad/lm4q/checkpoints/best \
         --dataset runs/data/squad-held.json --paragraphs 24
+    .venv/bin/python benchmarks/answer_time.py --encoder kvpress:snapkv --compression 4 \
+        --dataset runs/data/squad-held.json --paragraphs 24     # a field compressor instead
 
 The checkpoint must be query-agnostic (trained with --keep_question): its encoder never sees the
 question, so a paragraph's latents are made once and serve every question asked of it (SQuAD
@@ -20,6 +22,13 @@ each through the sweep's engine with the instruction prefix cached once:
   tokenised on its own, so its answers can differ slightly from the text arm's): what a server
   that caches documents as text would do, for the fair comparison of time.
 
+With --encoder, a query-agnostic field compressor (latentwire list) takes the latents' place:
+a token compressor's kept tokens are the paragraph's "latents" (compressed once per
+paragraph, timed), in both latents arms; a press has no latents, only its pruned cache, so its
+one arm, pressed_kv, reads each paragraph under the press once and answers its questions one
+at a time behind a copy of the pruned cache (as kvpress's own pipeline serves several
+questions on one context).
+
 Every arm tokenises what it reads inside the timing. The arms run in order and then in reverse
 (--repeats times), so drift on a shared machine falls on all; each figure is a ratio of summed
 times. Also reported: key/value positions a paragraph holds in each form (what a cache of it
@@ -28,6 +37,7 @@ pass of each arm (greedy decoding gives the same answers every pass; checked).
 """
 
 import argparse
+import copy
 import random
 import sys
 import time
@@ -35,6 +45,57 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+def trained(path: str):
+    """A query-agnostic checkpoint's compressor, to build once the model is loaded, and its
+    config."""
+    from latentwire.errors import UsageError
+    from latentwire.training import checkpoint
+    from latentwire.training.encoders import Compressor
+    from latentwire.training.spec import CompressorSpec
+
+    try:
+        weights, config = checkpoint.load(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"cannot read checkpoint {path} ({e}); pass a checkpoint folder such "
+                         "as runs/train/<run>/checkpoints/best")
+    spec = CompressorSpec.from_json(config["compressor"])
+    if not spec.keep_question:
+        raise UsageError(f"{path} reads the question (trained without --keep_question), so its "
+                         "latents cannot be reused across questions; pass a --keep_question "
+                         "checkpoint")
+    answerers, reader = checkpoint.answerers(config), checkpoint.reader(config)
+    if len(answerers) > 1 or reader["model"] != answerers[0]["model"]:
+        names = ", ".join(a["model"]["id"] for a in answerers)
+        raise UsageError(f"{path} answers with {names}, reading the text with "
+                         f"{reader['model']['id']}; this benchmark times one model that reads "
+                         "its own text: pass a checkpoint trained with one --model_id and no "
+                         "--encoder_model")
+
+    def build(vocab, model):
+        compressor = Compressor(spec, vocab, model)
+        compressor.load_state_dict(weights)
+        return compressor.eval()
+
+    return build, config
+
+
+def field(name: str):
+    """A query-agnostic field compressor by its encoder name."""
+    from latentwire.errors import UsageError
+    from latentwire.training.registry import ENCODERS
+
+    entry = ENCODERS[name] if name in ENCODERS else None
+    if entry is None or entry.field is None:
+        fields = ", ".join(n for n in ENCODERS if ENCODERS[n].field is not None)
+        raise UsageError(f"--encoder {name} is not a field compressor (one of: {fields}); "
+                         "pass a learned encoder's checkpoint as --checkpoint")
+    compressor = entry.field_compressor()
+    if compressor.query_aware is True:
+        raise UsageError(f"--encoder {name} reads the question, so what it keeps cannot be "
+                         "reused across questions; this benchmark times query-agnostic ones")
+    return compressor
 
 
 def main() -> int:
@@ -45,19 +106,24 @@ def main() -> int:
 
     from latentwire import data, models, prompts
     from latentwire.errors import UsageError
+    from latentwire.field import Press, Repeat, TokenCompressor, answer_after, pressed
     from latentwire.files import write_json
     from latentwire.generation import StopTokens, generate
-    from latentwire.scoring import score_answers
+    from latentwire.scoring import cut_answer, score_answers
     from latentwire.stats import bootstrap_ci, paired_comparison
     from latentwire.training import checkpoint
-    from latentwire.training.encoders import Compressor
-    from latentwire.training.spec import CompressorSpec
+    from latentwire.training.options import TrainOptions
     from latentwire.vocab import VocabSpace
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="a query-agnostic checkpoint folder (trained with --keep_question)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint",
+                       help="a query-agnostic checkpoint folder (trained with --keep_question)")
+    which.add_argument("--encoder", help="or a query-agnostic field compressor, by name")
+    p.add_argument("--model_id", default="bundled:SmolLM2-135M-Instruct",
+                   help="with --encoder: the reader")
+    p.add_argument("--compression", type=float, default=4.0, help="with --encoder: its ratio")
     p.add_argument("--dataset", default="runs/data/squad-held.json",
                    help="questions on paragraphs the checkpoint never trained on")
     p.add_argument("--paragraphs", type=int, default=24, help="paragraphs drawn (seeded)")
@@ -68,40 +134,27 @@ def main() -> int:
     args = p.parse_args()
 
     try:
-        weights, config = checkpoint.load(args.checkpoint)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"error: cannot read checkpoint {args.checkpoint} ({e}); pass a checkpoint folder "
-              "such as runs/train/<run>/checkpoints/best", file=sys.stderr)
-        return 2
-    spec = CompressorSpec.from_json(config["compressor"])
-    if not spec.keep_question:
-        print(f"error: {args.checkpoint} reads the question (trained without --keep_question), "
-              "so its latents cannot be reused across questions; pass a --keep_question "
-              "checkpoint", file=sys.stderr)
-        return 2
-    answerers, reader = checkpoint.answerers(config), checkpoint.reader(config)
-    if len(answerers) > 1 or reader["model"] != answerers[0]["model"]:
-        names = ", ".join(a["model"]["id"] for a in answerers)
-        print(f"error: {args.checkpoint} answers with {names}, reading the text with "
-              f"{reader['model']['id']}; this benchmark times one model that reads its own "
-              "text: pass a checkpoint trained with one --model_id and no --encoder_model",
-              file=sys.stderr)
-        return 2
-    try:
         examples = data.load_all(args.dataset)
+        if args.checkpoint:
+            compressor, config = trained(args.checkpoint)
+            model_id, prompt = config["model"]["id"], config["prompt_format"]["name"]
+            source = {"checkpoint": str(args.checkpoint),
+                      "checkpoint_digest": checkpoint.digest(args.checkpoint)}
+        else:
+            compressor, model_id, prompt = field(args.encoder), args.model_id, TrainOptions.prompt
+            source = {"encoder": args.encoder, "compression": args.compression,
+                      "field_compressor": compressor.describe()}
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    lm = models.load(config["model"]["id"], "cpu")
+    lm = models.load(model_id, "cpu")
     model, tok = lm.model, lm.tokenizer
     model.eval().requires_grad_(False)
-    fmt = prompts.make_format(tok, config["prompt_format"]["name"])
+    fmt = prompts.make_format(tok, prompt)
     embed = model.get_input_embeddings()
-    vocab = VocabSpace.from_model(model, len(tok))
-    compressor = Compressor(spec, vocab, model)
-    compressor.load_state_dict(weights)
-    compressor.eval()
+    if args.checkpoint:
+        compressor = compressor(VocabSpace.from_model(model, len(tok)), model)
     stops = StopTokens(tok, model, embed.weight.shape[0])
     prefix_ids, _, anchor_ids = prompts.encode(tok, fmt, "", "")
 
@@ -124,15 +177,21 @@ def main() -> int:
 
     def encoded():
         """Every paragraph's latents, the paragraphs encoded together in batches as a server
-        would encode the documents it holds."""
+        would encode the documents it holds (a token compressor's: its kept tokens)."""
         out = {}
         for s in range(0, len(contexts), 16):
             chunk = contexts[s:s + 16]
             spans = [ids(fmt.context_text(c)) for c in chunk]
-            z, offsets, _ = compressor(embedded([t for span in spans for t in span]).float(),
-                                       [len(span) for span in spans])
-            for n, (c, span) in enumerate(zip(chunk, spans)):
-                out[c] = z[offsets[n]:offsets[n + 1]].to(embed.weight.dtype)
+            if isinstance(compressor, TokenCompressor):
+                kept = compressor.select(spans, [fmt.context_text(c) for c in chunk],
+                                         [""] * len(chunk), args.compression, tok, model_id)
+                latents = [embedded(k) for k in kept]
+            else:
+                z, offsets, _ = compressor(embedded([t for span in spans for t in span]).float(),
+                                           [len(span) for span in spans])
+                latents = [z[offsets[n]:offsets[n + 1]] for n in range(len(chunk))]
+            for c, span, z in zip(chunk, spans, latents):
+                out[c] = z.to(embed.weight.dtype)
                 positions[c] = (len(span), out[c].shape[0])
         return out
 
@@ -158,8 +217,24 @@ def main() -> int:
                             args.max_new_tokens, prefix=torch.cat([prefix, heads[c]]))
         return out
 
-    arms = {"text": text, "latents": latents,
-            "latents_kv": lambda: per_paragraph(encoded()),
+    def pressed_kv():
+        """Each paragraph read once under the press; its questions answered one at a time
+        behind a copy of what the press kept."""
+        out = []
+        for c in contexts:
+            span = ids(fmt.context_text(c))
+            cache, position = pressed(model, prefix, embedded(span), None, compressor,
+                                      args.compression, Repeat(prefix_ids + span, anchor_ids, tok))
+            positions[c] = (len(span), cache.layers[0].keys.shape[2] - len(prefix_ids))
+            for e in by_context[c]:
+                got = answer_after(model, copy.deepcopy(cache), position, question(e), stops,
+                                   args.max_new_tokens)
+                out.append((cut_answer(tok.decode(got, skip_special_tokens=True)), len(got)))
+        return out
+
+    arms = {"text": text,
+            **({"pressed_kv": pressed_kv} if isinstance(compressor, Press) else
+               {"latents": latents, "latents_kv": lambda: per_paragraph(encoded())}),
             "text_kv": lambda: per_paragraph(
                 {c: embedded(ids(fmt.context_text(c))) for c in contexts})}
     timings = {name: [] for name in arms}
@@ -173,8 +248,7 @@ def main() -> int:
                 if answers.setdefault(name, got) != got:
                     raise AssertionError(f"the {name} pass answered differently on a rerun")
 
-    result = {"checkpoint": str(args.checkpoint), "checkpoint_digest": checkpoint.digest(
-        args.checkpoint), "model": config["model"]["id"], "dataset": args.dataset,
+    result = {**source, "model": model_id, "dataset": args.dataset,
         "paragraphs": len(contexts), "questions": len(questions),
         "torch_threads": torch.get_num_threads(), "seconds": timings}
     scores = {}
@@ -189,14 +263,14 @@ def main() -> int:
     text_kv = [n for n, _ in positions.values()]
     latent_kv = [m for _, m in positions.values()]
     for name in arms:
-        held = latent_kv if name.startswith("latents") else text_kv
+        held = text_kv if name.startswith("text") else latent_kv
         result[name]["kv_positions_per_paragraph"] = sum(held) / len(held)
         result[name]["time_over_text"] = sum(timings[name]) / sum(timings["text"])
         result[name]["f1_minus_text"] = paired_comparison(scores[name], scores["text"])
     result["shared_prefix_positions"] = len(prefix_ids)
     write_json(Path(args.out), result)
 
-    print(f"{len(questions)} questions on {len(contexts)} paragraphs, {config['model']['id']}, "
+    print(f"{len(questions)} questions on {len(contexts)} paragraphs, {model_id}, "
           f"{torch.get_num_threads()} thread(s), {len(timings['text'])} timed passes each; the "
           f"{len(prefix_ids)}-position instruction prefix is cached once in every arm")
     print(f"{'':<11} {'s/question':>10} {'x text':>7} {'KV/paragraph':>13} {'F1 [95% CI]':>22} "

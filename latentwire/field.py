@@ -367,30 +367,47 @@ def answer_pressed(model, prompts: list[tuple], press: Press, ratio: float, awar
     the reader reads prefix + context (+ question when aware, and the press does not refuse
     it) under the press, which prunes the context's keys and values; then the rest and the
     answer, at their true positions. `repeats`: each prompt's Repeat, for KVzip."""
-    from transformers import DynamicCache
-
-    device, name = next(model.parameters()).device, cache_argument(model)
     aware = aware and press.query_aware is not False
     answers = []
     for n, (prefix, context, question, anchor) in enumerate(prompts):
-        first = [prefix, context] + ([question] if aware else [])
+        cache, position = pressed(model, prefix, context, question if aware else None, press,
+                                  ratio, repeats[n] if repeats else None)
         rest = ([] if aware else [question]) + [anchor]
-        first, rest = torch.cat(first).to(device), torch.cat(rest).to(device)
-        cache = DynamicCache(config=model.config)
-        with press.make(len(prefix), len(context), len(question) if aware else 0, ratio,
-                        aware, repeats[n] if repeats else None)(model):
-            model(inputs_embeds=first[None], use_cache=True, **{name: cache})
-        position = first.shape[0]
-        embeds, ids = rest, []
-        for _ in range(max_new_tokens):
-            positions = torch.arange(position, position + embeds.shape[0], device=device)
-            out = model(inputs_embeds=embeds[None], use_cache=True, position_ids=positions[None],
-                        logits_to_keep=1, **{name: cache})
-            position += embeds.shape[0]
-            token = int(out.logits[0, -1].argmax())
-            ids.append(token)
-            if token in stops.ids:  # kept, as the engine keeps it: the answer is cut after
-                break
-            embeds = model.get_input_embeddings()(torch.tensor([token], device=device))
-        answers.append(ids)
+        answers.append(answer_after(model, cache, position, torch.cat(rest), stops,
+                                    max_new_tokens))
     return answers
+
+
+@torch.no_grad()
+def pressed(model, prefix, context, question, press: Press, ratio: float, repeat=None):
+    """The cache of prefix + context (+ `question`, for a press that observes it) as the press
+    leaves it, and the position the next token takes (the prompt's length: what was pruned
+    keeps its place)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    first = torch.cat([prefix, context] + ([question] if question is not None else [])).to(device)
+    cache = DynamicCache(config=model.config)
+    with press.make(len(prefix), len(context), len(question) if question is not None else 0,
+                    ratio, question is not None, repeat)(model):
+        model(inputs_embeds=first[None], use_cache=True, **{cache_argument(model): cache})
+    return cache, first.shape[0]
+
+
+@torch.no_grad()
+def answer_after(model, cache, position: int, rest, stops, max_new_tokens: int) -> list[int]:
+    """Greedy answer tokens after a (pressed) cache: `rest` (embeddings) read from `position`
+    on, then one token at a time; the cache grows as it goes."""
+    device, name = next(model.parameters()).device, cache_argument(model)
+    embeds, ids = rest.to(device), []
+    for _ in range(max_new_tokens):
+        positions = torch.arange(position, position + embeds.shape[0], device=device)
+        out = model(inputs_embeds=embeds[None], use_cache=True, position_ids=positions[None],
+                    logits_to_keep=1, **{name: cache})
+        position += embeds.shape[0]
+        token = int(out.logits[0, -1].argmax())
+        ids.append(token)
+        if token in stops.ids:  # kept, as the engine keeps it: the answer is cut after
+            break
+        embeds = model.get_input_embeddings()(torch.tensor([token], device=device))
+    return ids
