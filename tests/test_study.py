@@ -25,6 +25,10 @@ def test_grid_always_holds_the_controls():
     names = [c.name for c in study.cells(opts)]
     assert names == ["aware/attn_x4", "aware/attn_x8", "aware/constant_x4", "aware/constant_x8",
                      "aware/pool_x1"]
+    # Nothing trained: no learned-prefix control, the uncompressed reference still.
+    zero_shot = study.StudyOptions(encoders="truncate", compressions="4", settings="aware",
+                                   base=TrainOptions(samples=0))
+    assert [c.name for c in study.cells(zero_shot)] == ["aware/truncate_x4", "aware/pool_x1"]
     with pytest.raises(UsageError, match="unknown encoder 'mlp'"):
         study.cells(study.StudyOptions(encoders="mlp"))
     with pytest.raises(UsageError, match="unknown setting"):

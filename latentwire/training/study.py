@@ -70,7 +70,11 @@ def cells(opts: StudyOptions) -> list[Cell]:
         # A compressor that needs the question (LongLLMLingua) has no query-agnostic cell.
         grid = [(e, r) for e in encoders for r in ratios
                 if not (SETTINGS[s] and ENCODERS[e].needs_question)]
-        grid += [("constant", r) for r in ratios] + [("pool", 1.0)]
+        # The learned-prefix control is a control of training: untrained (--samples 0) it is
+        # an arbitrary prefix, and the question-alone reference already says what no context
+        # gives. pool at 1x untrained is the text itself, the uncompressed reference.
+        controls = [("constant", r) for r in ratios] if opts.base.samples else []
+        grid += controls + [("pool", 1.0)]
         for m in [None, *alone]:
             for e, r in grid:
                 if Cell(s, e, r, m) not in out:
