@@ -6,6 +6,7 @@ once into a plain safetensors directory under the cache and loaded from there af
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -81,6 +82,22 @@ def check(model_id: str, flag: str = "--model_id") -> None:
         return
     if _looks_like_path(model_id):
         raise UsageError(f"model folder {what} does not exist; pass {anything}")
+
+
+def layer_count(model_id: str) -> int | None:
+    """The model's decoder layers where its files say so without a load (a folder's
+    config.json, a GGUF file's header); None where they do not (a hub id)."""
+    path = bundled_gguf() if model_id == BUNDLED else Path(model_id).expanduser()
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        return config.get("num_hidden_layers")
+    if path.is_file() and path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+        count = fields.get(f"{fields['general.architecture'].contents()}.block_count")
+        return None if count is None else int(count.contents())
+    return None
 
 
 def checked_ids(spec: str, flag: str = "--model_id") -> list[str]:

@@ -373,6 +373,11 @@ def validate(opts: TrainOptions) -> Path:
     models.checked_ids(opts.model_id)
     if opts.encoder_model is not None:
         models.check(opts.encoder_model, "--encoder_model")
+    if opts.encoder_layer is not None:
+        reader = opts.encoder_model or opts.model_ids()[0]
+        layers = models.layer_count(reader)
+        need(layers is None or 1 <= opts.encoder_layer <= layers, f"--encoder_layer must be "
+             f"between 1 and {layers}, the layers of {reader} (got {opts.encoder_layer})")
     names = [models.model_dirname(m) for m in opts.model_ids()]
     need(len(set(names)) == len(names), f"--model_id names models alike ({', '.join(names)}); "
          "pass them by paths with different final names")
