@@ -378,11 +378,11 @@ def answer_pressed(model, prompts: list[tuple], press: Press, ratio: float, awar
     return answers
 
 
-@torch.no_grad()
 def pressed(model, prefix, context, question, press: Press, ratio: float, repeat=None):
     """The cache of prefix + context (+ `question`, for a press that observes it) as the press
     leaves it, and the position the next token takes (the prompt's length: what was pruned
-    keeps its place)."""
+    keeps its place). Under autograd where the caller is: the kept keys and values carry the
+    gradient to the context."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device

@@ -399,9 +399,6 @@ def validate(opts: TrainOptions) -> Path:
              "--model_id and no --encoder_model")
         need(not (entry.needs_question and opts.keep_question),
              f"--encoder {opts.encoder} reads the question (query-aware): drop --keep_question")
-        need(opts.samples == 0 or entry.trains, f"--encoder {opts.encoder} is measured as "
-             "the frozen model reads it: pass --samples 0 (training a reader on a pruned cache "
-             "is not built)")
     need(opts.encoder_lora >= 0, f"--encoder_lora must be >= 0, 0 for none (got {opts.encoder_lora})")
     need(not opts.encoder_lora or opts.encoder == "lm", "--encoder_lora adapts the reader of "
          f"--encoder lm; --encoder {opts.encoder} has none")

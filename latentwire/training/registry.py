@@ -19,7 +19,6 @@ class EncoderEntry:
     field: str | None = None
     field_args: tuple = ()
     needs_question: bool = False  # query-aware by nature: it has no query-agnostic use
-    trains: bool = True  # False: nothing can train on its output (a pruned cache), --samples 0
 
     def load(self) -> type:
         return load(self.implementation)
@@ -66,9 +65,8 @@ for _press, _what in (("snapkv", "SnapKV: attention from a window of queries"),
                       ("random", "random positions")):
     ENCODERS.add(f"kvpress:{_press}", EncoderEntry(
         f"kvpress, {_what}: prunes the context's keys and values to 1/R", POOL,
-        field=f"{FIELD}:Press", field_args=(("name", _press),), trains=False))
+        field=f"{FIELD}:Press", field_args=(("name", _press),)))
 ENCODERS.add("kvpress:kvzip", EncoderEntry(
     "kvpress, KVzip: how much the reader attends to each position when it repeats the "
     "context; query-agnostic: prunes the context's keys and values to 1/R", POOL,
-    field=f"{FIELD}:Press", field_args=(("name", "kvzip"), ("query_aware", False)),
-    trains=False))
+    field=f"{FIELD}:Press", field_args=(("name", "kvzip"), ("query_aware", False))))

@@ -25,7 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .. import data, experiments, models, prompts, provenance, stats
 from ..embed_experiments import NonFiniteError
 from ..errors import UsageError
-from ..field import Press, Repeat, TokenCompressor, answer_pressed, budget
+from ..field import Press, Repeat, TokenCompressor, answer_pressed, budget, pressed
 from ..generation import StopTokens, cache_argument, generate, plain_kv, returned_cache
 from ..scoring import cut_answer, score_answers
 from ..stats import bootstrap_ci
@@ -196,33 +196,17 @@ class Answerer:
     def loss(self, z: torch.Tensor, offsets, items: list[Item], teacher: list | None = None):
         """Sum over the items of each one's loss on these latents, and its parts, summed
         likewise."""
-        o, dtype = self.opts, self.embed.weight.dtype
-        cache = self.prefix_cache(len(items))
-        lead = self.prefix if cache is None else self.prefix[:0]
-        rows, targets, starts = [], [], []
-        for n, item in enumerate(items):
-            row = torch.cat([lead, z[offsets[n]:offsets[n + 1]].to(dtype),
-                             self.embed_ids(item.question), self.anchor,
-                             self.embed_ids(item.answer[:-1])])
-            # The last anchor token predicts the first answer token, and so on.
-            starts.append(row.shape[0] - len(item.answer))
-            rows.append(row)
-            targets += item.answer
-        width = max(r.shape[0] for r in rows)
-        # Right padding needs no mask: under causal attention no real token sees a pad.
-        batch = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
-        at_row = torch.cat([torch.full((len(i.answer),), n) for n, i in enumerate(items)])
-        at_col = torch.cat([torch.arange(s, s + len(i.answer)) for s, i in zip(starts, items)])
-        with self.autocast():
-            base = self.lm.model.base_model
-            hidden = base(inputs_embeds=batch, use_cache=cache is not None,
-                          **{cache_argument(base): cache}).last_hidden_state
-            logits = self.lm.model.get_output_embeddings()(hidden[at_row, at_col]).float()
-        target = torch.tensor(targets, device=logits.device)
+        o = self.opts
+        if isinstance(self.field, Press):
+            logits = self.pressed_logits(z, offsets, items)
+        else:
+            logits = self.answer_logits(z, offsets, items)
+        target = torch.tensor([t for i in items for t in i.answer], device=logits.device)
         ce = F.cross_entropy(logits, target, reduction="none")
         first_at = torch.tensor([0] + [len(i.answer) for i in items[:-1]]).cumsum(0)
         sizes = torch.tensor([len(i.answer) for i in items], device=ce.device)
-        segment = at_row.to(ce.device)
+        segment = torch.cat([torch.full((len(i.answer),), n, device=ce.device)
+                             for n, i in enumerate(items)])
         per_item_ce = torch.zeros(len(items), device=ce.device).index_add(0, segment, ce) / sizes
         first = ce[first_at.to(ce.device)]
         total = per_item_ce + o.first_token_ce_weight * first
@@ -236,6 +220,54 @@ class Answerer:
             total = total + o.kd_weight * per_item_kd
             parts["kd"] = float(per_item_kd.detach().sum())
         return total.sum(), parts
+
+    def answer_logits(self, z: torch.Tensor, offsets, items: list[Item]) -> torch.Tensor:
+        """The logits at every answer position of every item (in order), the items read in one
+        batch behind the shared prefix: latents, question, anchor, the answer so far."""
+        dtype = self.embed.weight.dtype
+        cache = self.prefix_cache(len(items))
+        lead = self.prefix if cache is None else self.prefix[:0]
+        rows, starts = [], []
+        for n, item in enumerate(items):
+            row = torch.cat([lead, z[offsets[n]:offsets[n + 1]].to(dtype),
+                             self.embed_ids(item.question), self.anchor,
+                             self.embed_ids(item.answer[:-1])])
+            # The last anchor token predicts the first answer token, and so on.
+            starts.append(row.shape[0] - len(item.answer))
+            rows.append(row)
+        width = max(r.shape[0] for r in rows)
+        # Right padding needs no mask: under causal attention no real token sees a pad.
+        batch = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
+        at_row = torch.cat([torch.full((len(i.answer),), n) for n, i in enumerate(items)])
+        at_col = torch.cat([torch.arange(s, s + len(i.answer)) for s, i in zip(starts, items)])
+        with self.autocast():
+            base = self.lm.model.base_model
+            hidden = base(inputs_embeds=batch, use_cache=cache is not None,
+                          **{cache_argument(base): cache}).last_hidden_state
+            return self.lm.model.get_output_embeddings()(hidden[at_row, at_col]).float()
+
+    def pressed_logits(self, z: torch.Tensor, offsets, items: list[Item]) -> torch.Tensor:
+        """As answer_logits, each item read as evaluate() reads it under a press: the prompt
+        (with the question where the press observes it) pruned by the press, then the rest and
+        the answer so far at their true positions; one item at a time, since the press prunes
+        each prompt's own cache. The gradient reaches the latents through the positions kept."""
+        aware = not self.opts.keep_question and self.field.query_aware is not False
+        model, out = self.lm.model, []
+        base = model.base_model
+        for n, item in enumerate(items):
+            question = self.embed_ids(item.question)
+            with self.autocast():
+                cache, position = pressed(
+                    model, self.prefix, z[offsets[n]:offsets[n + 1]].to(self.embed.weight.dtype),
+                    question if aware else None, self.field, self.opts.compression,
+                    Repeat(self.prefix_ids + item.span, self.anchor_ids, self.lm.tokenizer))
+                rest = torch.cat(([] if aware else [question])
+                                 + [self.anchor, self.embed_ids(item.answer[:-1])])
+                positions = torch.arange(position, position + rest.shape[0], device=self.device)
+                hidden = base(inputs_embeds=rest[None], position_ids=positions[None],
+                              use_cache=True, **{cache_argument(base): cache}).last_hidden_state
+                out.append(model.get_output_embeddings()(hidden[0, -len(item.answer):]).float())
+        return torch.cat(out)
 
     def prefix_cache(self, rows: int):
         """The prompt prefix's keys and values, shared by every row: the prefix is the same
