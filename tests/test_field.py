@@ -2,6 +2,7 @@
 keeps what it says, at the budget it says, and a run that trains nothing (--samples 0) answers
 exactly as the frozen model answers from what was kept, computed directly."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,17 @@ def test_zero_shot_truncate_answers_from_the_kept_tokens_as_the_model_reads_them
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainable_parameters"] == 0 and summary["steps"] == 0
+    # Nothing trained, nothing kept but the evaluation; a rerun has nothing to do.
+    assert summary["checkpoints"] is None and not (out / "checkpoints").exists()
+    assert {"summary.json", "config.json", "references.json", "eval"} <= {
+        p.name for p in out.iterdir()}
+    said = []
+    assert run(replace(opts, resume="auto"), lambda *a, **k: said.append(a[0]), lm) == 0
+    assert said == [f"nothing to train: {out} holds this evaluation, finished"]
+    with pytest.raises(UsageError, match="holds a run already"):
+        run(opts, quiet, lm)  # without --resume: refused, as any run's folder
+    with pytest.raises(UsageError, match="holds another run"):
+        run(replace(opts, resume="auto", compression=2.0), quiet, lm)
     t = Trainer(opts, out, quiet, lm)  # the same split and items, for the direct computation
     a = t.answerers[0]
     predictions = json.loads((out / "eval" / "epoch1.json").read_text())["predictions"]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..files import read_json, write_json
 from . import tracking
-from .options import TrainOptions, resume_mode, validate
+from .options import TrainOptions, made_otherwise, resume_mode, validate
 from .summary import (MetricsLog, model_lines, plot, reference_lines, render, summary,
                       without_predictions, write_split)
 from .trainer import NonFiniteLoss, State, Trainer
@@ -30,6 +30,9 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
     `references_from` is an earlier run's folder whose references this run takes over when they
     are its own (see `earlier_references`)."""
     started = time.time()
+    if opts.samples == 0 and opts.resume != "no" and finished(opts):
+        log(f"nothing to train: {opts.run_dir()} holds this evaluation, finished")
+        return 0
     opts = resume_mode(opts)
     out = validate(opts)
     trainer = Trainer(opts, out, log, lm)
@@ -81,6 +84,12 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
         trackers.close(ended)
     trainer.accelerator.end_training()
     return code
+
+
+def finished(opts: TrainOptions) -> bool:
+    """The run folder holds this run, finished: its summary says so, made with these flags."""
+    done = (read_json(opts.run_dir() / "summary.json") or {}).get("status") == "finished"
+    return done and not made_otherwise(opts)
 
 
 def fit(trainer: Trainer, state: State, progress: "Progress", started: float,
@@ -150,10 +159,13 @@ def evaluate_epoch(trainer: Trainer, state: State, progress: "Progress", started
     state.epochs.append(entry)
     write_json(out / "eval" / f"epoch{state.epoch}.json", result)
     progress.evaluation(state, result)
+    trains = bool(trainer.split.train)  # a compressor evaluated as it stands has no weights
     if state.best is None or result["f1"] > state.best["f1"]:
         state.best = {"epoch": state.epoch, "f1": result["f1"], "em": result["em"]}
-        trainer.save("best", state)
-    trainer.save("last", state)
+        if trains:
+            trainer.save("best", state)
+    if trains:
+        trainer.save("last", state)
     write_json(out / "summary.json", summary(trainer, state, "running", time.time() - started))
     progress.trackers.files([out / "summary.json", *plot(out)], state.step)
     trained = (f"epoch {state.epoch}/{trainer.opts.epochs}: train loss {loss:.3f}"

@@ -100,7 +100,9 @@ def summary(trainer, state, status: str, wall: float) -> dict:
         "steps": state.step, "train_seconds": round(state.elapsed, 1), "wall_seconds": round(wall, 1),
         "trainable_parameters": sum(p.numel() for p in trainer.params),
         "split": trainer.split.describe(),
-        "checkpoints": {"last": "checkpoints/last", "best": "checkpoints/best"},
+        # Nothing trained (--samples 0): nothing to keep but the evaluation.
+        "checkpoints": ({"last": "checkpoints/last", "best": "checkpoints/best"}
+                        if trainer.split.train else None),
     }
     if len(trainer.answerers) > 1:
         out["models"] = {a.name: model_section(a, last["models"][a.name] if last else None,
