@@ -195,6 +195,7 @@ def test_zero_shot_truncate_answers_from_the_kept_tokens_as_the_model_reads_them
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainable_parameters"] == 0 and summary["steps"] == 0
+    assert summary["eval_compress_seconds"] >= 0
     # Nothing trained, nothing kept but the evaluation; a rerun has nothing to do.
     assert summary["checkpoints"] is None and not (out / "checkpoints").exists()
     assert {"summary.json", "config.json", "references.json", "eval"} <= {

@@ -266,7 +266,8 @@ def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
             continue
         summary = json.loads((Path(opts.output_dir) / c.name / "summary.json").read_text())
         seconds = summary["train_seconds"]
-        per_answer = (summary["epochs"][-1]["eval_seconds"]
+        per_answer = ((summary["epochs"][-1]["eval_seconds"]
+                       + summary.get("eval_compress_seconds", 0.0))
                       / (summary["split"]["eval_examples"] * len(per_model)))
         for name, (own, f1s) in per_model.items():
             control = loaded.get(Cell(c.setting, "constant", c.compression), {}).get(name)

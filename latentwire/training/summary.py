@@ -99,6 +99,7 @@ def summary(trainer, state, status: str, wall: float) -> dict:
         "epochs": [epoch(e) for e in state.epochs],
         "steps": state.step, "train_seconds": round(state.elapsed, 1), "wall_seconds": round(wall, 1),
         "trainable_parameters": sum(p.numel() for p in trainer.params),
+        "eval_compress_seconds": round(sum(a.compress_seconds for a in trainer.answerers), 2),
         "split": trainer.split.describe(),
         # Nothing trained (--samples 0): nothing to keep but the evaluation.
         "checkpoints": ({"last": "checkpoints/last", "best": "checkpoints/best"}

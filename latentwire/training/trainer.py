@@ -11,6 +11,7 @@ also runs the graph at --mixed_precision); loop.py drives the steps.
 
 import contextlib
 import math
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -165,7 +166,11 @@ class Answerer:
         self.field = ENCODERS[opts.encoder].field_compressor(opts.seed)
         as_text = opts.keep_question or self.field is not None
         self.train_items = self.kept(encode_items(tok, self.fmt, split.train, as_text))
+        started = time.perf_counter()
         self.eval_items = self.kept(encode_items(tok, self.fmt, split.eval, as_text))
+        # What a token compressor took to compress the evaluation contexts, done here once:
+        # part of the time its answers cost, beside the evaluation's own.
+        self.compress_seconds = time.perf_counter() - started
         self.stops = StopTokens(tok, model, self.embed.weight.shape[0])
         self.teacher = None  # teacher_targets(), once per run with --kd_weight
         self._prefix_kv = None
