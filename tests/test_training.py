@@ -629,6 +629,20 @@ def test_a_run_takes_over_an_earlier_runs_references_only_when_they_are_its_own(
     assert run(own, quiet, lm) == 0
     refs = [json.loads((tmp_path / n / "references.json").read_text()) for n in "abc"]
     assert refs[0] == refs[1] == refs[2]
+    # The vocabulary's statistics in their last digits (as another thread count sums them):
+    # the same model, taken over; further off, another model, computed afresh.
+    config = tmp_path / "a" / "config.json"
+    saved = json.loads(config.read_text())
+    for n, factor, taken in [("f", 1 + 1e-9, True), ("g", 1 + 1e-3, False)]:
+        vocabulary = {**saved["provenance"]["vocabulary"]}
+        vocabulary["mean_rms"] *= factor
+        config.write_text(json.dumps({**saved, "provenance": {**saved["provenance"],
+                                                              "vocabulary": vocabulary}}))
+        lines.clear()
+        assert run(options(tmp_path, output_dir=str(tmp_path / n)), log, lm,
+                   references_from=tmp_path / "a") == 0
+        assert any(line.startswith("references: those of") for line in lines) == taken
+    config.write_text(json.dumps(saved))
     # Other evaluation examples, or another answer length: computed afresh.
     for n, changed in [("d", {"eval_samples": 3}), ("e", {"max_new_tokens": 3})]:
         lines.clear()

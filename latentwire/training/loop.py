@@ -9,6 +9,7 @@ What the step computes is in trainer.py; what the run writes about itself in sum
 what it also sends to TensorBoard, MLflow or W&B (--report_to) in tracking.py.
 """
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -138,10 +139,22 @@ def earlier_references(trainer: Trainer, folder: Path) -> dict | None:
     if not config or not refs:
         return None
     theirs, ours = config.get("provenance", {}), trainer.provenance
-    same = all(theirs.get(k) == ours.get(k) for k in REFERENCE_KEYS) and (
+    same = all(alike(theirs.get(k), ours.get(k)) for k in REFERENCE_KEYS) and (
         theirs.get("dataset", {}).get("eval_examples_sha256")
         == ours["dataset"]["eval_examples_sha256"])
     return refs if same else None
+
+
+def alike(a, b) -> bool:
+    """Equal, floats to 1e-6 relative: the vocabulary's statistics are sums whose last digits
+    follow the thread count, and the same model read with another count is the same model."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(alike(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(alike(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def evaluate_epoch(trainer: Trainer, state: State, progress: "Progress", started: float,
