@@ -228,6 +228,11 @@ class Press(FieldCompressor):
                                       "prompt's anchor; query-agnostic in either setting"
                              }.get(self.name, "kvpress defaults")}
 
+    def reads_question(self, aware: bool) -> bool:
+        """Whether it reads the question before pruning in a setting (`aware`): where the
+        setting allows it and the press can use it (KVzip never does)."""
+        return aware and self.query_aware is not False
+
     def make(self, prefix: int, context: int, question: int, ratio: float, aware: bool,
              reader=None):
         """The press for one prompt of prefix + context (+ question when aware) positions.
@@ -367,7 +372,7 @@ def answer_pressed(model, prompts: list[tuple], press: Press, ratio: float, awar
     the reader reads prefix + context (+ question when aware, and the press does not refuse
     it) under the press, which prunes the context's keys and values; then the rest and the
     answer, at their true positions. `repeats`: each prompt's Repeat, for KVzip."""
-    aware = aware and press.query_aware is not False
+    aware = press.reads_question(aware)
     answers = []
     for n, (prefix, context, question, anchor) in enumerate(prompts):
         cache, position = pressed(model, prefix, context, question if aware else None, press,

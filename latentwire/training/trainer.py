@@ -256,7 +256,7 @@ class Answerer:
         (with the question where the press observes it) pruned by the press, then the rest and
         the answer so far at their true positions; one item at a time, since the press prunes
         each prompt's own cache. The gradient reaches the latents through the positions kept."""
-        aware = not self.opts.keep_question and self.field.query_aware is not False
+        aware = self.field.reads_question(not self.opts.keep_question)
         model, out = self.lm.model, []
         base = model.base_model
         for n, item in enumerate(items):
