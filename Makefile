@@ -34,7 +34,8 @@ bench: install
 	$(PY) benchmarks/throughput.py
 
 # kvpress's own tests, from its sdist, in .venv: the check that our transformers, pandas and
-# cachetools (newer than kvpress pins) run the presses. Needs the network for the sdist only.
+# cachetools (newer than kvpress pins) run the presses, adapted as latentwire runs them
+# (latentwire.field.adapt_kvpress). Needs the network for the sdist only.
 KVPRESS_SRC := $(VENV)/src/kvpress-0.5.5
 $(KVPRESS_SRC): $(STAMP)
 	mkdir -p $(VENV)/src

@@ -12,6 +12,7 @@ Neither package is reimplemented: LLMLingua's `PromptCompressor` compresses, and
 own `score` ranks the positions; what is ours is the budget and where it applies.
 """
 
+import functools
 import logging
 import math
 import random
@@ -243,6 +244,7 @@ class Press(FieldCompressor):
         except ImportError:
             raise UsageError(f"--encoder kvpress:{self.name} needs kvpress: make install "
                              "installs it (see docs/compression.md, the field's compressors)")
+        adapt_kvpress()
         keep = budget(context, ratio)
         total = prefix + context + question
         if self.name == "kvzip":
@@ -279,16 +281,70 @@ def _keep_context(keys, values, scores, start: int, end: int, keep: int):
     return keys.gather(2, index).contiguous(), values.gather(2, index).contiguous()
 
 
-def _hook_arguments(kwargs: dict) -> dict:
-    """An attention layer's keyword arguments as kvpress 0.5.5 reads them. It was written for
-    transformers < 5.3, whose layers took `past_key_values` (now `cache`) and `cache_position`
-    (now gone), the latter only to tell a prefill from a decoding step: a press is on for
-    prefill passes alone here, so the positions are those of the whole pass."""
+def adapt_kvpress() -> None:
+    """Lets kvpress 0.5.5's presses run on this transformers (5.x; kvpress was written for
+    < 5.3), which renamed the cache argument from `past_key_values` to `cache` and no longer
+    passes `cache_position`, read by the presses only to tell a prefill from a later pass.
+    Every press class's forward_hook is given both again (the positions being those the pass
+    wrote into the layer's cache), and a press that replaces the model's forward while it is
+    on (KVzip) receives the cache under the name it reads. Idempotent; a transformers that
+    still passes them is left alone. `make kvpress-tests` runs kvpress's own suite with this
+    applied, the way the presses run here."""
+    import kvpress  # noqa: F401  (registers every press class)
+    from kvpress.presses.base_press import BasePress
+
+    def classes(cls):
+        yield cls
+        for sub in cls.__subclasses__():
+            yield from classes(sub)
+
+    for cls in set(classes(BasePress)):
+        hook, call = cls.__dict__.get("forward_hook"), cls.__dict__.get("__call__")
+        if hook is not None and not getattr(hook, "adapted", False):
+            cls.forward_hook = _with_hook_arguments(hook)
+        if call is not None and not getattr(call, "adapted", False):
+            cls.__call__ = _with_cache_renamed(call)
+
+
+def _with_hook_arguments(hook):
+    def forward_hook(self, module, inputs, kwargs, output):
+        if "past_key_values" not in kwargs:
+            kwargs = _hook_arguments(module, kwargs)
+        return hook(self, module, inputs, kwargs, output)
+
+    forward_hook.adapted = True
+    return forward_hook
+
+
+def _with_cache_renamed(call):
+    @contextmanager
+    def renamed(self, model):
+        before = model.model.__dict__.get("forward")
+        with call(self, model):
+            installed = model.model.__dict__.get("forward")
+            if installed is not before:  # the press's own forward, which reads past_key_values
+
+                def forward(*args, **kwargs):
+                    if "cache" in kwargs:
+                        kwargs["past_key_values"] = kwargs.pop("cache")
+                    return installed(*args, **kwargs)
+
+                model.model.forward = forward
+            yield
+
+    renamed.adapted = True
+    return renamed
+
+
+def _hook_arguments(module, kwargs: dict) -> dict:
     passed = kwargs["hidden_states"].shape[1]
-    return {"past_key_values": kwargs.get("cache"), "cache_position": torch.arange(passed),
+    cache = kwargs.get("cache")
+    end = cache.get_seq_length(module.layer_idx) if cache is not None else passed
+    return {"past_key_values": cache, "cache_position": torch.arange(end - passed, end),
             **kwargs}
 
 
+@functools.cache  # one class per press base, not one per prompt
 def _context_only(base):
     @dataclass
     class ContextOnly(base):
@@ -302,9 +358,6 @@ def _context_only(base):
         def post_init_from_model(self, model):
             self.inner.post_init_from_model(model)
 
-        def forward_hook(self, module, inputs, kwargs, output):
-            return super().forward_hook(module, inputs, _hook_arguments(kwargs), output)
-
         def compress(self, module, hidden_states, keys, values, attentions, kwargs):
             scores = self.inner.score(module, hidden_states, keys, values, attentions, kwargs)
             return _keep_context(keys, values, scores, self.start, self.end, self.keep)
@@ -312,6 +365,7 @@ def _context_only(base):
     return ContextOnly
 
 
+@functools.cache
 def _kvzip_context_only(base):
     @dataclass
     class ContextKVzip(base):
@@ -351,9 +405,6 @@ def _kvzip_context_only(base):
             finally:
                 model.model.forward = forward
                 self._reset_internal_parameters()
-
-        def forward_hook(self, module, inputs, kwargs, output):
-            return super().forward_hook(module, inputs, _hook_arguments(kwargs), output)
 
         def compress_post(self, model):
             for layer in model.model.layers:

@@ -107,6 +107,26 @@ def test_knorm_keeps_the_context_keys_of_lowest_norm_per_head():
             assert torch.equal(pruned.keys[0, head], expected)
 
 
+def test_kvpress_as_adapted_prunes_a_prefill_and_leaves_a_later_pass_alone():
+    """kvpress's own KnormPress, unwrapped, under adapt_kvpress: on transformers 5 it reads the
+    cache and the pass's positions as on the transformers it was written for, so it prunes the
+    first pass to its ratio and, as kvpress intends, not a pass that extends a cache."""
+    from transformers import DynamicCache
+
+    from latentwire.field import adapt_kvpress
+
+    adapt_kvpress()
+    lm = tiny_lm()
+    first, later = _prompt(lm, lengths=(20, 6))
+    cache = DynamicCache(config=lm.model.config)
+    with kvpress.KnormPress(compression_ratio=0.5)(lm.model), torch.no_grad():
+        lm.model(inputs_embeds=first[None], cache=cache, use_cache=True)
+        assert cache.get_seq_length() == 10
+        lm.model(inputs_embeds=later[None], cache=cache, use_cache=True,
+                 position_ids=torch.arange(20, 26)[None])
+    assert cache.get_seq_length() == 16
+
+
 def _kvzip_scores(lm, prompt_ids: list[int], start: int, repeat_ids: list[int]) -> list:
     """KVzip's score, computed directly: per layer and key/value head, each context position's
     highest attention from the reader's repetition of the context (queries over the first
