@@ -132,9 +132,24 @@ def read_config(path: str, options: list, command: str) -> dict:
 
     from .errors import UsageError
 
+    def unique(pairs):
+        names = [name for name, _ in pairs]
+        twice = sorted({str(n) for n in names if names.count(n) > 1})
+        if twice:  # both loaders would keep the last value without a word
+            raise UsageError(f"--config {path} names {', '.join(twice)} more than once; keep "
+                             "one value for each option")
+        return dict(pairs)
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            return unique([(self.construct_object(key, deep=deep),
+                            self.construct_object(value, deep=deep))
+                           for key, value in node.value])
+
     try:
         text = open(path, encoding="utf-8").read()
-        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        values = (json.loads(text, object_pairs_hook=unique) if path.endswith(".json")
+                  else yaml.load(text, Loader=Loader))
     except OSError as e:
         raise UsageError(f"cannot read --config {path} ({e.strerror or e}); pass a recipe file "
                          "(YAML or JSON: option name -> value)")

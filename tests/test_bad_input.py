@@ -72,6 +72,8 @@ CASES = [
     (["train", "--config", "choice.yaml"], "encoder 'mlp' is not one of"),
     (["train", "--config", "listed.yaml"], "must map option names to values"),
     (["train", "--config", "small.yaml"], "smaller than --batch_size"),
+    (["train", "--config", "twice.yaml"], "names lr more than once"),
+    (["train", "--config", "twice.json"], "names lr more than once"),
     # study
     (["study", "--compressions", "0"], "--compressions must each be at least 1"),
     (["study", "--compressions", "abc"], "--compressions takes numbers"),
@@ -108,6 +110,8 @@ def door(tmp_path, monkeypatch):
                        "typed": "samples: many\n", "choice": "encoder: mlp\n",
                        "listed": "- encoder\n", "small": "samples: 4\nbatch_size: 8\n"}.items():
         (tmp_path / f"{name}.yaml").write_text(text)
+    (tmp_path / "twice.yaml").write_text("lr: 0.1\nsamples: 8\nlr: 0.2\n")
+    (tmp_path / "twice.json").write_text('{"lr": 0.1, "lr": 0.2}')
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("LATENTWIRE_CACHE", str(tmp_path / "cache"))
