@@ -23,7 +23,7 @@ from unittest import mock
 import torch
 
 from .errors import UsageError
-from .generation import cache_argument, plain_kv
+from .generation import answer_from_caches, cache_argument, plain_kv
 
 
 def budget(n: int, ratio: float) -> int:
@@ -421,17 +421,18 @@ def answer_pressed(model, prompts: list[tuple], press: Press, ratio: float, awar
                    stops, max_new_tokens: int, repeats: list | None = None) -> list[list[int]]:
     """Greedy answer tokens for each prompt (prefix, context, question, anchor), as embeddings:
     the reader reads prefix + context (+ question when aware, and the press does not refuse
-    it) under the press, which prunes the context's keys and values; then the rest and the
-    answer, at their true positions. `repeats`: each prompt's Repeat, for KVzip."""
+    it) under the press, which prunes the context's keys and values, one prompt at a time;
+    then the rest and the answer, at their true positions, the prompts decoding together.
+    `repeats`: each prompt's Repeat, for KVzip."""
     aware = press.reads_question(aware)
-    answers = []
+    caches, positions, rests = [], [], []
     for n, (prefix, context, question, anchor) in enumerate(prompts):
         cache, position = pressed(model, prefix, context, question if aware else None, press,
                                   ratio, repeats[n] if repeats else None)
-        rest = ([] if aware else [question]) + [anchor]
-        answers.append(answer_after(model, cache, position, torch.cat(rest), stops,
-                                    max_new_tokens))
-    return answers
+        caches.append(cache)
+        positions.append(position)
+        rests.append(torch.cat(([] if aware else [question]) + [anchor]))
+    return answer_from_caches(model, caches, positions, rests, stops, max_new_tokens)
 
 
 def pressed(model, prefix, context, question, press: Press, ratio: float, repeat=None):

@@ -332,6 +332,47 @@ def _decode(model, state: _Prefilled, stops: StopTokens, max_new_tokens: int, pa
     return result
 
 
+@torch.no_grad()
+def answer_from_caches(model, caches: list, positions: list[int], rests: list[torch.Tensor],
+                       stops: StopTokens, max_new_tokens: int, pad_id: int = 0) -> list[list[int]]:
+    """Greedy answer tokens for prompts that each already sit in a cache of their own, of any
+    length (as a press leaves it): row i reads `rests[i]` (embeddings) from position
+    `positions[i]` on, alone, then the rows decode together, left-padded to the longest cache,
+    MAX_DECODE_ROWS at a time. One row at a time, each step would read every weight for one
+    token. The caches grow by their rest."""
+    from transformers import DynamicCache
+
+    device, name = next(model.parameters()).device, cache_argument(model)
+    answers = []
+    for at in range(0, len(caches), MAX_DECODE_ROWS):
+        rows = range(at, min(at + MAX_DECODE_ROWS, len(caches)))
+        first, last = [], []
+        for r in rows:
+            n = rests[r].shape[0]
+            out = model(inputs_embeds=rests[r][None].to(device), use_cache=True,
+                        position_ids=torch.arange(positions[r], positions[r] + n,
+                                                  device=device)[None],
+                        logits_to_keep=1, **{name: caches[r]})
+            first.append(int(out.logits[0, -1].argmax()))
+            last.append(positions[r] + n - 1)
+        lengths = [caches[r].get_seq_length() for r in rows]
+        width = max(lengths)
+        batch = DynamicCache(config=model.config)
+        for layer in range(len(caches[rows[0]].layers)):
+            # Zeros in the gaps, not garbage: masked, yet multiplied by 0 (0 x NaN is NaN).
+            keys, values = ([torch.nn.functional.pad(getattr(caches[r].layers[layer], part),
+                                                     (0, 0, width - n, 0))
+                             for r, n in zip(rows, lengths)] for part in ("keys", "values"))
+            batch.update(torch.cat(keys), torch.cat(values), layer)
+        mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
+        for i, n in enumerate(lengths):
+            mask[i, width - n:] = 1
+        state = _Prefilled(torch.tensor(first, device=device), batch, mask,
+                           torch.tensor(last, device=device)[:, None])
+        answers += _decode(model, state, stops, max_new_tokens, pad_id, {})
+    return answers
+
+
 def plan_batches(lengths: list[int], token_budget: int, max_batch: int = 256) -> list[list[int]]:
     """Indices grouped into batches, longest prompts first, each within the token budget."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

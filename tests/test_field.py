@@ -59,6 +59,25 @@ def test_a_press_that_keeps_everything_answers_as_the_model_reads_the_whole_prom
     assert text == generate_reference(lm.model, lm.tokenizer, torch.cat(prompt), 8)
 
 
+@pytest.mark.parametrize("aware", [False, True])
+def test_prompts_decoding_together_answer_as_each_alone(aware):
+    """Prompts of different lengths, pruned one at a time, then decoding as one left-padded
+    batch: each gets the tokens it gets alone, read and decoded step by step (answer_after)."""
+    from latentwire.field import answer_after, pressed
+
+    lm = tiny_lm()
+    prompts = [_prompt(lm, lengths=lengths, seed=seed) for seed, lengths in
+               enumerate([(9, 40, 7, 3), (5, 23, 11, 3), (9, 61, 4, 2)])]
+    press, stops = Press(name="knorm"), _stops(lm)
+    together = answer_pressed(lm.model, prompts, press, 4.0, aware, stops, 10)
+    for (prefix, context, question, anchor), got in zip(prompts, together):
+        cache, position = pressed(lm.model, prefix, context, question if aware else None,
+                                  press, 4.0)
+        rest = torch.cat(([] if aware else [question]) + [anchor])
+        assert got == answer_after(lm.model, cache, position, rest, stops, 10)
+    assert len({tuple(t) for t in together}) > 1  # the rows did not all answer alike
+
+
 @pytest.mark.parametrize("name", ["snapkv", "expected_attention", "tova", "knorm",
                                   "streaming_llm", "random"])
 @pytest.mark.parametrize("aware", [False, True])
