@@ -106,9 +106,9 @@ def main() -> int:
 
     from latentwire import data, models, prompts
     from latentwire.errors import UsageError
-    from latentwire.field import Press, Repeat, TokenCompressor, answer_after, pressed
+    from latentwire.field import Press, Repeat, TokenCompressor, pressed
     from latentwire.files import write_json
-    from latentwire.generation import StopTokens, generate
+    from latentwire.generation import StopTokens, answer_from_caches, generate
     from latentwire.scoring import cut_answer, score_answers
     from latentwire.stats import bootstrap_ci, paired_comparison
     from latentwire.training import checkpoint
@@ -218,17 +218,18 @@ def main() -> int:
         return out
 
     def pressed_kv():
-        """Each paragraph read once under the press; its questions answered one at a time
-        behind a copy of what the press kept."""
+        """Each paragraph read once under the press; its questions answered as one batch, each
+        behind its own copy of what the press kept."""
         out = []
         for c in contexts:
             span = ids(fmt.context_text(c))
             cache, position = pressed(model, prefix, embedded(span), None, compressor,
                                       args.compression, Repeat(prefix_ids + span, anchor_ids, tok))
             positions[c] = (len(span), cache.layers[0].keys.shape[2] - len(prefix_ids))
-            for e in by_context[c]:
-                got = answer_after(model, copy.deepcopy(cache), position, question(e), stops,
-                                   args.max_new_tokens)
+            questions = [question(e) for e in by_context[c]]
+            for got in answer_from_caches(model, [copy.deepcopy(cache) for _ in questions],
+                                          [position] * len(questions), questions, stops,
+                                          args.max_new_tokens):
                 out.append((cut_answer(tok.decode(got, skip_special_tokens=True)), len(got)))
         return out
 

@@ -449,22 +449,3 @@ def pressed(model, prefix, context, question, press: Press, ratio: float, repeat
                     ratio, question is not None, repeat)(model):
         model(inputs_embeds=first[None], use_cache=True, **{cache_argument(model): cache})
     return cache, first.shape[0]
-
-
-@torch.no_grad()
-def answer_after(model, cache, position: int, rest, stops, max_new_tokens: int) -> list[int]:
-    """Greedy answer tokens after a (pressed) cache: `rest` (embeddings) read from `position`
-    on, then one token at a time; the cache grows as it goes."""
-    device, name = next(model.parameters()).device, cache_argument(model)
-    embeds, ids = rest.to(device), []
-    for _ in range(max_new_tokens):
-        positions = torch.arange(position, position + embeds.shape[0], device=device)
-        out = model(inputs_embeds=embeds[None], use_cache=True, position_ids=positions[None],
-                    logits_to_keep=1, **{name: cache})
-        position += embeds.shape[0]
-        token = int(out.logits[0, -1].argmax())
-        ids.append(token)
-        if token in stops.ids:  # kept, as the engine keeps it: the answer is cut after
-            break
-        embeds = model.get_input_embeddings()(torch.tensor([token], device=device))
-    return ids

@@ -59,11 +59,28 @@ def test_a_press_that_keeps_everything_answers_as_the_model_reads_the_whole_prom
     assert text == generate_reference(lm.model, lm.tokenizer, torch.cat(prompt), 8)
 
 
+@torch.no_grad()
+def _answer_alone(model, cache, position: int, rest, stops, max_new_tokens: int) -> list[int]:
+    """Greedy tokens after a cache, directly: `rest` read from `position` on, then one token
+    per pass, the stop token kept."""
+    embeds, ids = rest, []
+    for _ in range(max_new_tokens):
+        positions = torch.arange(position, position + embeds.shape[0])
+        out = model(inputs_embeds=embeds[None], use_cache=True, position_ids=positions[None],
+                    cache=cache)
+        position += embeds.shape[0]
+        ids.append(int(out.logits[0, -1].argmax()))
+        if ids[-1] in stops.ids:
+            break
+        embeds = model.get_input_embeddings()(torch.tensor([ids[-1]]))
+    return ids
+
+
 @pytest.mark.parametrize("aware", [False, True])
 def test_prompts_decoding_together_answer_as_each_alone(aware):
     """Prompts of different lengths, pruned one at a time, then decoding as one left-padded
-    batch: each gets the tokens it gets alone, read and decoded step by step (answer_after)."""
-    from latentwire.field import answer_after, pressed
+    batch: each gets the tokens it gets alone, read and decoded one step at a time."""
+    from latentwire.field import pressed
 
     lm = tiny_lm()
     prompts = [_prompt(lm, lengths=lengths, seed=seed) for seed, lengths in
@@ -74,7 +91,7 @@ def test_prompts_decoding_together_answer_as_each_alone(aware):
         cache, position = pressed(lm.model, prefix, context, question if aware else None,
                                   press, 4.0)
         rest = torch.cat(([] if aware else [question]) + [anchor])
-        assert got == answer_after(lm.model, cache, position, rest, stops, 10)
+        assert got == _answer_alone(lm.model, cache, position, rest, stops, 10)
     assert len({tuple(t) for t in together}) > 1  # the rows did not all answer alike
 
 
