@@ -257,7 +257,8 @@ def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
     """One row per finished cell (per cell and model, for cells trained for several): F1/EM
     with CIs, the paired difference to the constant control at the same compression and
     setting and to the best training-free compressor there, the share of the uncompressed
-    trained reference (each where that cell finished too, for the same model), and the
+    reference, `pool` at 1x, trained as the study trains (each where that cell finished too,
+    for the same model), and the
     evaluation's seconds per answer (compressing included)."""
     loaded = _loaded(opts, todo)
     rows, scores = [], []
@@ -385,7 +386,7 @@ def render(rows: list[dict]) -> str:
     several = "model" in rows[0]
     lines = ["| setting | encoder |" + (" model |" if several else "") + " positions vs text | "
              "F1 [95% CI] | EM | vs constant (paired) | vs best training-free (paired) | "
-             "of uncompressed trained | s per answer |",
+             "of uncompressed (pool 1x, paired) | s per answer |",
              "|---|---|---|---|---|---|---|---|---|" + ("---|" if several else "")]
     for r in rows:
         best = (_paired(r["vs_best_field"]) + f" ({r['best_field']})" if r["vs_best_field"]
