@@ -18,7 +18,7 @@ from latentwire.training.options import validate
 from latentwire.training.trainer import Trainer
 
 from .conftest import tiny_lm
-from .test_training import options, quiet
+from .test_training import options, quiet, trainer
 
 kvpress = pytest.importorskip("kvpress")
 
@@ -57,6 +57,18 @@ def test_a_press_that_keeps_everything_answers_as_the_model_reads_the_whole_prom
     [ids] = answer_pressed(lm.model, [prompt], Press(name="knorm"), 1.0, aware, _stops(lm), 8)
     text = cut_answer(lm.tokenizer.decode(ids, skip_special_tokens=True))
     assert text == generate_reference(lm.model, lm.tokenizer, torch.cat(prompt), 8)
+
+
+@pytest.mark.parametrize("encoder", ["truncate", "kvpress:knorm"])
+def test_a_ratio_beyond_the_shortest_context_is_refused_in_one_line(tmp_path, encoder):
+    """Keeping at least one token of a context shorter than the ratio is not that ratio."""
+    lm = tiny_lm()
+    shortest = min(i.text for i in trainer(tmp_path / "ok", lm, encoder=encoder,
+                                           compression=2.0, samples=0).answerers[0].eval_items)
+    with pytest.raises(UsageError, match=f"shortest context here is {shortest} tokens"):
+        trainer(tmp_path / "far", lm, encoder=encoder, compression=float(shortest + 1),
+                samples=0)
+    trainer(tmp_path / "edge", lm, encoder=encoder, compression=float(shortest), samples=0)
 
 
 @torch.no_grad()

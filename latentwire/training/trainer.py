@@ -165,15 +165,31 @@ class Answerer:
         # settings, and it reads the question only where the setting is query-aware.
         self.field = ENCODERS[opts.encoder].field_compressor(opts.seed)
         as_text = opts.keep_question or self.field is not None
-        self.train_items = self.kept(encode_items(tok, self.fmt, split.train, as_text))
+        train = encode_items(tok, self.fmt, split.train, as_text)
+        evaluated = encode_items(tok, self.fmt, split.eval, as_text)
+        if self.field is not None:
+            self.reachable(train + evaluated)
+        self.train_items = self.kept(train)
         started = time.perf_counter()
-        self.eval_items = self.kept(encode_items(tok, self.fmt, split.eval, as_text))
+        self.eval_items = self.kept(evaluated)
         # What a token compressor took to compress the evaluation contexts, done here once:
         # part of the time its answers cost, beside the evaluation's own.
         self.compress_seconds = time.perf_counter() - started
         self.stops = StopTokens(tok, model, self.embed.weight.shape[0])
         self.teacher = None  # teacher_targets(), once per run with --kd_weight
         self._prefix_kv = None
+
+    def reachable(self, items: list[Item]) -> None:
+        """A training-free compressor keeps at least one of a context's tokens or positions: a
+        context shorter than the ratio cannot be compressed that much, and its row would
+        report a ratio it never had."""
+        ratio = self.opts.compression
+        shortest = min(len(i.span) for i in items)
+        if shortest < ratio:
+            raise UsageError(f"--compression {ratio:g}: the shortest context here is {shortest} "
+                             f"tokens in {self.model_id}'s tokenizer, and --encoder "
+                             f"{self.opts.encoder} keeps at least one; pass --compression "
+                             f"{shortest} or less")
 
     def kept(self, items: list[Item]) -> list[Item]:
         """The items with only what a token compressor keeps of each context."""
