@@ -281,14 +281,15 @@ def _keep_context(keys, values, scores, start: int, end: int, keep: int):
     return keys.gather(2, index).contiguous(), values.gather(2, index).contiguous()
 
 
+@functools.cache  # once per process, before the first press: every press class exists then
 def adapt_kvpress() -> None:
     """Lets kvpress 0.5.5's presses run on this transformers (5.x; kvpress was written for
     < 5.3), which renamed the cache argument from `past_key_values` to `cache` and no longer
     passes `cache_position`, read by the presses only to tell a prefill from a later pass.
     Every press class's forward_hook is given both again (the positions being those the pass
     wrote into the layer's cache), and a press that replaces the model's forward while it is
-    on (KVzip) receives the cache under the name it reads. Idempotent; a transformers that
-    still passes them is left alone. `make kvpress-tests` runs kvpress's own suite with this
+    on (KVzip) receives the cache under the name it reads. A transformers that still passes
+    them is left alone. `make kvpress-tests` runs kvpress's own suite with this
     applied, the way the presses run here."""
     import kvpress  # noqa: F401  (registers every press class)
     from kvpress.presses.base_press import BasePress
@@ -300,9 +301,9 @@ def adapt_kvpress() -> None:
 
     for cls in set(classes(BasePress)):
         hook, call = cls.__dict__.get("forward_hook"), cls.__dict__.get("__call__")
-        if hook is not None and not getattr(hook, "adapted", False):
+        if hook is not None:
             cls.forward_hook = _with_hook_arguments(hook)
-        if call is not None and not getattr(call, "adapted", False):
+        if call is not None:
             cls.__call__ = _with_cache_renamed(call)
 
 
@@ -312,7 +313,6 @@ def _with_hook_arguments(hook):
             kwargs = _hook_arguments(module, kwargs)
         return hook(self, module, inputs, kwargs, output)
 
-    forward_hook.adapted = True
     return forward_hook
 
 
@@ -332,7 +332,6 @@ def _with_cache_renamed(call):
                 model.model.forward = forward
             yield
 
-    renamed.adapted = True
     return renamed
 
 

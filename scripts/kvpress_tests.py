@@ -8,19 +8,18 @@ transformers 5 renamed or dropped, given back), which is applied before the suit
 
 Its tests load a tiny unit-test Llama from the Hugging Face hub, which this machine cannot
 reach: the same architecture, built here at random and saved under that name, stands in for it
-(its tests check what the presses do to the cache, not what the model says). Tests that need another model, a tokenizer
-or a dataset from the hub, or a GPU, cannot run offline: they are listed apart from real
-failures, and so are the failures of presses latentwire does not offer (NOT_OFFERED) and
+(its tests check what the presses do to the cache, not what the model says). Tests that need
+another model, a tokenizer or a dataset from the hub, or a GPU, cannot run offline: they are
+listed apart from real failures, and so are the failures of presses latentwire does not offer (NOT_OFFERED) and
 those of the stand-in's random weights (STAND_IN). Exit code 1 when any test fails for
 another reason.
 """
 
+import os
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-
-import os
 
 import pytest
 import torch

@@ -258,8 +258,7 @@ def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
     with CIs, the paired difference to the constant control at the same compression and
     setting and to the best training-free compressor there, the share of the uncompressed
     reference, `pool` at 1x, trained as the study trains (each where that cell finished too,
-    for the same model), and the
-    evaluation's seconds per answer (compressing included)."""
+    for the same model), and the evaluation's seconds per answer (compressing included)."""
     loaded = _loaded(opts, todo)
     rows, scores = [], []
     for c, per_model in loaded.items():
