@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import random
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from unittest import mock
@@ -75,6 +76,64 @@ class RandomTokens(TokenCompressor):
 
     def describe(self) -> dict:
         return {"seed": self.seed}
+
+
+_WORD = re.compile(r"\w+")
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+@dataclass
+class Sentences(TokenCompressor):
+    """Extractive selection with no model: the context's sentences ranked by the question's
+    words they hold, each word weighted by how few of the paragraph's sentences hold it
+    (log(1 + S / df), so words every sentence shares count for little, without a stop list),
+    taken whole in that order (ties: the earlier) while they fit in ceil(N / R) tokens; the
+    first that does not fit gives its window of that many tokens holding the most weight.
+    Kept in the context's order."""
+    query_aware: bool = True
+
+    def describe(self) -> dict:
+        return {"unit": "sentence", "weight": "log(1 + sentences / sentences holding the word)",
+                "overflow": "the heaviest window of the first sentence that does not fit"}
+
+    def select(self, spans, contexts, questions, ratio, tokenizer, model_id):
+        return [self._one(span, context, question, budget(len(span), ratio), tokenizer)
+                for span, context, question in zip(spans, contexts, questions)]
+
+    @staticmethod
+    def _one(span: list[int], context: str, question: str, keep: int, tokenizer) -> list[int]:
+        encoded = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
+        if encoded.input_ids != list(span):
+            raise UsageError("--encoder sentences needs the context's tokens to be the reader's "
+                             "tokenisation of its text; this tokenizer gives another")
+        ends = [m.end() for m in _SENTENCE_END.finditer(context)]
+        # Each token's sentence is the one its first character falls in.
+        sentence = [sum(start >= e for e in ends) for start, _ in encoded.offset_mapping]
+        words = [(m.start(), m.end(), m.group().lower()) for m in _WORD.finditer(context)]
+        word_sentence = [sum(start >= e for e in ends) for start, _, _ in words]
+        count = max(sentence) + 1
+        holders: dict[str, set] = {}
+        for (_, _, w), s in zip(words, word_sentence):
+            holders.setdefault(w, set()).add(s)
+        asked = {w.lower() for w in _WORD.findall(question)} & holders.keys()
+        weight = {w: math.log(1 + count / len(holders[w])) for w in asked}
+        score = [sum(weight[w] for w in asked if s in holders[w]) for s in range(count)]
+        # A token carries the weight of the heaviest asked word it overlaps.
+        heavy = [(a, b, weight[w]) for a, b, w in words if w in weight]
+        token_weight = [max([v for a, b, v in heavy if a < end and b > start], default=0.0)
+                        for start, end in encoded.offset_mapping]
+        kept: list[int] = []
+        for s in sorted(range(count), key=lambda s: (-score[s], s)):
+            room = keep - len(kept)
+            if room == 0:
+                break
+            members = [i for i, t in enumerate(sentence) if t == s]
+            if len(members) > room:
+                best = max(range(len(members) - room + 1),
+                           key=lambda j: (sum(token_weight[i] for i in members[j:j + room]), -j))
+                members = members[best:best + room]
+            kept += members
+        return [span[i] for i in sorted(kept)]
 
 
 class _PairCache:

@@ -10,14 +10,14 @@ import torch
 
 from latentwire import prompts
 from latentwire.errors import UsageError
-from latentwire.field import Press, RandomTokens, Truncate, answer_pressed, budget
+from latentwire.field import Press, RandomTokens, Sentences, Truncate, answer_pressed, budget
 from latentwire.generation import StopTokens, generate_reference
 from latentwire.scoring import cut_answer
 from latentwire.training.loop import run
 from latentwire.training.options import validate
 from latentwire.training.trainer import Trainer
 
-from .conftest import tiny_lm
+from .conftest import byte_tokenizer, other_byte_tokenizer, tiny_lm
 from .test_training import options, quiet, trainer
 
 kvpress = pytest.importorskip("kvpress")
@@ -37,6 +37,39 @@ def test_truncate_and_random_tokens_keep_the_budget_in_order():
         assert set(kept) <= set(span)
     assert picked == RandomTokens(seed=3).select(spans, [], [], 4, None, "")
     assert picked != RandomTokens(seed=4).select(spans, [], [], 4, None, "")
+
+
+def _sentences(context: str, question: str, keep: int, tokenizer=None) -> str:
+    """What `sentences` keeps of a context at a ratio that leaves `keep` of its tokens."""
+    tok = tokenizer or byte_tokenizer()
+    span = tok(context, add_special_tokens=False).input_ids
+    [kept] = Sentences().select([span], [context], [question], len(span) / (keep - 0.5), tok, "")
+    assert len(kept) == keep == budget(len(span), len(span) / (keep - 0.5))
+    return tok.decode(kept)
+
+
+def test_sentences_keeps_whole_the_sentences_holding_the_questions_rarest_words():
+    # "the" and "is" are in four of five sentences; "river" in one. Counted, the first sentence
+    # holds two of the question's words and the river's one; weighted by rarity, the river's
+    # sentence outweighs it (2 log(1 + 5/4) < log(1 + 5)).
+    context = "The city is big. A river flows here. The cat is small. The sky is blue. The day is long."
+    river = " A river flows here."
+    assert _sentences(context, "Is the river wide?", len(river)) == river
+    # Room for two: the river's, then the next heaviest (the earlier of four level ones), in
+    # the context's order.
+    assert _sentences(context, "Is the river wide?", len(river) + len("The city is big.")) \
+        == "The city is big." + river
+    # A sentence longer than what is left gives its window holding the most weight.
+    assert _sentences(context, "What flows?", 5) == "flows"
+    # Nothing asked is in the context: the first sentences, as truncate would keep.
+    assert _sentences(context, "Why?", 10) == context[:10]
+
+
+def test_sentences_refuses_a_span_that_is_not_the_readers_tokens_of_the_text():
+    context = "A river flows here. The cat is small."
+    span = byte_tokenizer()(context, add_special_tokens=False).input_ids
+    with pytest.raises(UsageError, match="tokenisation"):
+        Sentences().select([span], [context], ["river?"], 4, other_byte_tokenizer(), "")
 
 
 def _prompt(lm, lengths=(9, 40, 7, 3), seed=1):

@@ -51,6 +51,9 @@ ENCODERS.add("truncate", EncoderEntry(
 ENCODERS.add("random_tokens", EncoderEntry(
     "control without a model: 1/R of the context's tokens at random, in order", POOL,
     field=f"{FIELD}:RandomTokens"))
+ENCODERS.add("sentences", EncoderEntry(
+    "control without a model: the context's sentences holding most of the question's words, "
+    "whole while they fit; query-aware", POOL, field=f"{FIELD}:Sentences", needs_question=True))
 ENCODERS.add("llmlingua", EncoderEntry(
     "LLMLingua (llmlingua): drops the context's least informative tokens as the reader scores "
     "them; query-agnostic", POOL, field=f"{FIELD}:LLMLingua"))
