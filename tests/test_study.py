@@ -29,6 +29,15 @@ def test_grid_always_holds_the_controls():
     zero_shot = study.StudyOptions(encoders="truncate", compressions="4", settings="aware",
                                    base=TrainOptions(samples=0))
     assert [c.name for c in study.cells(zero_shot)] == ["aware/truncate_x4", "aware/pool_x1"]
+    # A compressor that never reads the question has one cell for both settings (the
+    # agnostic one); one that needs it, only the aware one; a press that reads it where it may,
+    # both.
+    both = study.StudyOptions(encoders="truncate,sentences,kvpress:snapkv", compressions="4",
+                              settings="aware,agnostic", base=TrainOptions(samples=0))
+    assert [c.name for c in study.cells(both)] == [
+        "aware/sentences_x4", "aware/kvpress:snapkv_x4", "aware/pool_x1",
+        "agnostic/truncate_x4", "agnostic/kvpress:snapkv_x4", "agnostic/pool_x1"]
+    assert "aware/truncate_x4" in [c.name for c in study.cells(replace(both, settings="aware"))]
     with pytest.raises(UsageError, match="unknown encoder 'mlp'"):
         study.cells(study.StudyOptions(encoders="mlp"))
     with pytest.raises(UsageError, match="unknown setting"):
@@ -124,6 +133,31 @@ def test_the_table_sets_each_row_against_the_best_training_free_compressor(tmp_p
     line = next(line for line in table.splitlines() if line.startswith("| aware | truncate |"))
     assert "| best |" in line and line.endswith("| 1.00 |")
     assert "+0.375" in table and "(truncate)" in table and "| 0.50 |" in table
+
+
+def test_a_question_blind_compressors_agnostic_cell_is_its_aware_row_too(tmp_path):
+    """truncate never reads the question: the aware setting's row reads its agnostic run, set
+    against the aware setting's reference and best training-free compressor, computed here
+    directly, and says which run it reads."""
+    f1s = {"agnostic/truncate_x4": [0.5, 0.5, 0.0, 0.5], "agnostic/pool_x1": [1.0] * 4,
+           "aware/sentences_x4": [1.0, 0.5, 0.5, 0.5], "aware/pool_x1": [1.0, 1.0, 0.5, 0.5]}
+    _write_cells(tmp_path, f1s)
+    opts = study.StudyOptions(encoders="truncate,sentences", compressions="4",
+                              settings="aware,agnostic", output_dir=str(tmp_path),
+                              base=TrainOptions(samples=0))
+    rows = study.table(opts, study.cells(opts))
+    assert [(r["setting"], r["encoder"]) for r in rows] == [
+        ("aware", "sentences"), ("aware", "pool"), ("aware", "truncate"),
+        ("agnostic", "truncate"), ("agnostic", "pool")]
+    aware, agnostic = rows[2], rows[3]
+    assert aware["run"] == "agnostic/truncate_x4" and "run" not in agnostic
+    assert aware["f1"] == agnostic["f1"] == pytest.approx(0.375)
+    assert aware["share_of_uncompressed"] == pytest.approx(0.375 / 0.75)
+    assert agnostic["share_of_uncompressed"] == pytest.approx(0.375)
+    assert aware["best_field"] == "sentences" and aware["vs_best_field"]["diff"] == pytest.approx(
+        -0.25)
+    assert agnostic["vs_best_field"] is None and agnostic["best_field"] == "truncate"
+    assert "| aware | truncate (reads no question: agnostic/truncate_x4) |" in study.render(rows)
 
 
 def test_the_table_pairs_each_cell_with_its_own_control_and_reference(tmp_path):

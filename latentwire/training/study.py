@@ -67,9 +67,12 @@ def cells(opts: StudyOptions) -> list[Cell]:
     alone = models if opts.dedicated else []
     out = []
     for s in settings:
-        # A compressor that needs the question (LongLLMLingua) has no query-agnostic cell.
+        # A compressor that needs the question (LongLLMLingua) has no query-agnostic cell; one
+        # that never reads it answers the same in both settings, so its agnostic cell stands
+        # for its aware one (see _rows) instead of repeating it.
         grid = [(e, r) for e in encoders for r in ratios
-                if not (SETTINGS[s] and ENCODERS[e].needs_question)]
+                if not (SETTINGS[s] and ENCODERS[e].needs_question)
+                and not (not SETTINGS[s] and "agnostic" in settings and _question_blind(e))]
         # The learned-prefix control is a control of training: untrained (--samples 0) it is
         # an arbitrary prefix, and the question-alone reference already says what no context
         # gives. pool at 1x untrained is the text itself, the uncompressed reference.
@@ -80,6 +83,26 @@ def cells(opts: StudyOptions) -> list[Cell]:
                 if Cell(s, e, r, m) not in out:
                     out.append(Cell(s, e, r, m))
     return out
+
+
+def _question_blind(encoder: str) -> bool:
+    """A training-free compressor that never reads the question (truncate, KVzip, LLMLingua):
+    the question follows as text in both settings, so its aware run would be its agnostic run
+    again, answer for answer."""
+    entry = ENCODERS[encoder]
+    return entry.field is not None and entry.field_compressor().query_aware is False
+
+
+def _rows(todo: list[Cell]) -> list[tuple[Cell, Cell]]:
+    """(the cell a row shows, the cell whose run it reads), settings in the study's order: each
+    cell itself, and a question-blind compressor's agnostic cell once more for the aware
+    setting, where the study has both."""
+    settings = list(dict.fromkeys(c.setting for c in todo))
+    pairs = [(c, c) for c in todo]
+    if "aware" in settings:
+        pairs += [(replace(c, setting="aware"), c) for c in todo
+                  if c.setting == "agnostic" and _question_blind(c.encoder)]
+    return sorted(pairs, key=lambda pair: settings.index(pair[0].setting))
 
 
 def _chosen(opts: StudyOptions, todo: list[Cell]) -> set[str]:
@@ -258,13 +281,16 @@ def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
     with CIs, the paired difference to the constant control at the same compression and
     setting and to the best training-free compressor there, the share of the uncompressed
     reference, `pool` at 1x, trained as the study trains (each where that cell finished too,
-    for the same model), and the evaluation's seconds per answer (compressing included)."""
+    for the same model), and the evaluation's seconds per answer (compressing included). A
+    question-blind compressor's agnostic cell is a row of the aware setting too, against that
+    setting's control and reference; `run` names the cell it reads."""
     loaded = _loaded(opts, todo)
     rows, scores = [], []
-    for c, per_model in loaded.items():
-        if c.model is not None:  # trained for one model alone: the sharing table's
+    for c, source in _rows(todo):
+        per_model = loaded.get(source)
+        if per_model is None or c.model is not None:  # the sharing table's: one model alone
             continue
-        summary = json.loads((Path(opts.output_dir) / c.name / "summary.json").read_text())
+        summary = json.loads((Path(opts.output_dir) / source.name / "summary.json").read_text())
         seconds = summary["train_seconds"]
         per_answer = ((summary["epochs"][-1]["eval_seconds"]
                        + summary.get("eval_compress_seconds", 0.0))
@@ -277,6 +303,7 @@ def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
             share, share_ci = _share(f1s, reference)
             rows.append({"setting": c.setting, "encoder": c.encoder, "compression": c.compression,
                          **({"model": name} if name is not None else {}),
+                         **({"run": source.name} if source != c else {}),
                          "measured_compression": own["compression_ratio"],
                          "f1": own["final"]["f1"], "em": own["final"]["em"],
                          "ci": own["final"]["ci"], "vs_constant": vs,
@@ -392,7 +419,8 @@ def render(rows: list[dict]) -> str:
                 else "best" if r["best_field"] == r["encoder"] else "-")
         share = _percent(r["share_of_uncompressed"], r["share_ci"])
         model = f" {r['model']} |" if several else ""
-        lines.append(f"| {r['setting']} | {r['encoder']} |{model} {r['measured_compression']:.2f}x fewer "
+        encoder = r["encoder"] + (f" (reads no question: {r['run']})" if "run" in r else "")
+        lines.append(f"| {r['setting']} | {encoder} |{model} {r['measured_compression']:.2f}x fewer "
                      f"| {r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['em']:.3f} "
                      f"| {_paired(r['vs_constant'])} | {best} | {share} "
                      f"| {r['seconds_per_answer']:.2f} |")
