@@ -60,7 +60,8 @@ def main() -> int:
         print(f"answer_kept: {e}", file=sys.stderr)
         return 2
     contexts = [fmt.context_text(e.context) for e in examples]
-    spans = [tokenizer(c, add_special_tokens=False).input_ids for c in contexts]
+    # The context as a training run hands it to a token compressor (question as text after it).
+    spans = [prompts.encode_span(tokenizer, fmt, e.context, e.question, True)[0] for e in examples]
     questions = [e.question for e in examples]
     print(f"{len(examples)} questions of {args.dataset}, budgets in {args.model_id}'s tokens\n")
     print("| compressor | ratio | answer kept whole |")

@@ -12,6 +12,7 @@ Neither package is reimplemented: LLMLingua's `PromptCompressor` compresses, and
 own `score` ranks the positions; what is ours is the budget and where it applies.
 """
 
+import bisect
 import functools
 import logging
 import math
@@ -107,15 +108,17 @@ class Sentences(TokenCompressor):
             raise UsageError("--encoder sentences needs the context's tokens to be the reader's "
                              "tokenisation of its text; this tokenizer gives another")
         ends = [m.end() for m in _SENTENCE_END.finditer(context)]
-        # Each token's sentence is the one its first character falls in.
-        sentence = [sum(start >= e for e in ends) for start, _ in encoded.offset_mapping]
+        # A token's (or word's) sentence is the one its first character falls in.
+        sentence = [bisect.bisect_right(ends, start) for start, _ in encoded.offset_mapping]
         words = [(m.start(), m.end(), m.group().lower()) for m in _WORD.finditer(context)]
-        word_sentence = [sum(start >= e for e in ends) for start, _, _ in words]
+        word_sentence = [bisect.bisect_right(ends, start) for start, _, _ in words]
         count = max(sentence) + 1
         holders: dict[str, set] = {}
         for (_, _, w), s in zip(words, word_sentence):
             holders.setdefault(w, set()).add(s)
-        asked = {w.lower() for w in _WORD.findall(question)} & holders.keys()
+        # Sorted: summed in a fixed order, level sentences stay level in every process (a set's
+        # order follows the process's hash seed, and float sums follow their order).
+        asked = sorted({w.lower() for w in _WORD.findall(question)} & holders.keys())
         weight = {w: math.log(1 + count / len(holders[w])) for w in asked}
         score = [sum(weight[w] for w in asked if s in holders[w]) for s in range(count)]
         # A token carries the weight of the heaviest asked word it overlaps.
