@@ -76,4 +76,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # it writes nothing, so nothing is lost
+        print("answer_kept: interrupted", file=sys.stderr)
+        sys.exit(130)
