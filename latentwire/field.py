@@ -57,23 +57,33 @@ class TokenCompressor(FieldCompressor):
         raise NotImplementedError
 
 
-class Truncate(TokenCompressor):
+class Extractive(TokenCompressor):
+    """A token compressor that keeps some of the span's own tokens as they are: where each kept
+    token stood is known, which an encoder that reads the whole context around them needs."""
+
+    def positions(self, spans, contexts, questions, ratio, tokenizer,
+                  model_id) -> list[list[int]]:
+        """Each span's kept positions, ascending."""
+        raise NotImplementedError
+
+    def select(self, spans, contexts, questions, ratio, tokenizer, model_id):
+        kept = self.positions(spans, contexts, questions, ratio, tokenizer, model_id)
+        return [[span[i] for i in at] for span, at in zip(spans, kept)]
+
+
+class Truncate(Extractive):
     """The first ceil(N / R) tokens of the context."""
 
-    def select(self, spans, contexts, questions, ratio, tokenizer, model_id):
-        return [span[:budget(len(span), ratio)] for span in spans]
+    def positions(self, spans, contexts, questions, ratio, tokenizer, model_id):
+        return [list(range(budget(len(span), ratio))) for span in spans]
 
 
-class RandomTokens(TokenCompressor):
+class RandomTokens(Extractive):
     """ceil(N / R) of the context's tokens drawn at random (seeded per example), in order."""
 
-    def select(self, spans, contexts, questions, ratio, tokenizer, model_id):
-        out = []
-        for n, span in enumerate(spans):
-            kept = random.Random(self.seed * 1_000_003 + n).sample(range(len(span)),
-                                                                     budget(len(span), ratio))
-            out.append([span[i] for i in sorted(kept)])
-        return out
+    def positions(self, spans, contexts, questions, ratio, tokenizer, model_id):
+        return [sorted(random.Random(self.seed * 1_000_003 + n).sample(
+            range(len(span)), budget(len(span), ratio))) for n, span in enumerate(spans)]
 
     def describe(self) -> dict:
         return {"seed": self.seed}
@@ -84,7 +94,7 @@ _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
 @dataclass
-class Sentences(TokenCompressor):
+class Sentences(Extractive):
     """Extractive selection with no model: the context's sentences ranked by the question's
     words they hold, each word weighted by how few of the paragraph's sentences hold it
     (log(1 + S / df), so words every sentence shares count for little, without a stop list),
@@ -97,7 +107,7 @@ class Sentences(TokenCompressor):
         return {"unit": "sentence", "weight": "log(1 + sentences / sentences holding the word)",
                 "overflow": "the heaviest window of the first sentence that does not fit"}
 
-    def select(self, spans, contexts, questions, ratio, tokenizer, model_id):
+    def positions(self, spans, contexts, questions, ratio, tokenizer, model_id):
         return [self._one(span, context, question, budget(len(span), ratio), tokenizer)
                 for span, context, question in zip(spans, contexts, questions)]
 
@@ -136,7 +146,7 @@ class Sentences(TokenCompressor):
                            key=lambda j: (sum(token_weight[i] for i in members[j:j + room]), -j))
                 members = members[best:best + room]
             kept += members
-        return [span[i] for i in sorted(kept)]
+        return sorted(kept)
 
 
 class _PairCache:

@@ -446,3 +446,50 @@ def test_llmlingua_that_does_not_compress_is_refused_not_recorded_as_llmlingua(
                         lambda self, ctx, **_: {"compressed_prompt": ctx[0]})
     with pytest.raises(UsageError, match="did not compress it"):
         LLMLingua().select([span], [context], ["where?"], 4.0, lm.tokenizer, str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("encoder,aware", [("offset:sentences", True), ("offset:truncate", False)])
+def test_an_offset_encoder_starts_as_its_selector_and_reads_the_models_states_at_its_tokens(
+        tmp_path, encoder, aware):
+    lm = tiny_lm()
+    t = trainer(tmp_path, lm, encoder=encoder, compression=4.0, keep_question=not aware)
+    selector = Sentences() if aware else Truncate()
+    a = t.answerers[0]
+    items = a.train_items[:4]
+    # Step 0: the latents are the tokens the selector keeps, exactly.
+    for item in items:
+        ctx = prompts.encode_span(lm.tokenizer, a.fmt, item.example.context,
+                                  item.example.question, True)[0]
+        [kept] = selector.select([ctx], [a.fmt.context_text(item.example.context)],
+                                 [item.example.question], 4.0, lm.tokenizer, "")
+        assert item.context == ctx and item.span == kept == [ctx[p] for p in item.kept_at]
+    z, offsets, _ = t.latents(range(4))[0]
+    assert torch.equal(z, a.embed_ids([tok for i in items for tok in i.span]).float())
+    # Each state is the model's last state at that kept token of the context's second reading,
+    # after the question (query-aware): computed directly, one prefix at a time.
+    model, embed = lm.model, lm.model.get_input_embeddings()
+    for row, item in enumerate(items):
+        question = item.question if aware else []
+        ids = question + item.context + item.context
+        got = t.states(item, (False, row))
+        for n, p in enumerate(item.kept_at):
+            upto = embed(torch.tensor(ids[:len(question) + len(item.context) + p + 1]))
+            direct = model.base_model(inputs_embeds=upto[None]).last_hidden_state[0, -1]
+            torch.testing.assert_close(got[n], direct, rtol=1e-4, atol=1e-5)
+        # Kept: the next epoch is given the very states the first computed.
+        assert t.states(item, (False, row)) is got
+    # It trains: the offset moves the latents away from the selector's tokens.
+    loss, _ = t.loss(range(4))
+    loss.backward()
+    assert t.compressor.encoder.mlp[-1].weight.grad.abs().sum() > 0
+
+
+def test_an_offset_encoder_trains_and_is_evaluated_end_to_end(tmp_path):
+    import json
+
+    lm = tiny_lm()
+    opts = options(tmp_path, encoder="offset:sentences", compression=4.0)
+    assert run(opts, quiet, lm) == 0
+    summary = json.loads((Path(opts.output_dir) / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["trainable_parameters"] > 0
+    assert summary["compression_ratio"] > 1.5

@@ -258,6 +258,57 @@ class ModelReader(nn.Module):
         return self.vocab_mean + self.vocab_std * self.proj(z)
 
 
+class StateOffset(nn.Module):
+    """The tokens a selector kept, each plus what the frozen model read around it.
+
+    The selector (an extractive field compressor) keeps ceil(N / R) of the context's own
+    tokens; this encoder adds to each kept token's embedding a learned function of the frozen
+    model's hidden state at that token, read over the question (query-aware) and the whole
+    context twice: under causal attention a state sees only what came before it, and in the
+    second reading that is the whole context, so a kept token can carry what the selector
+    dropped on either side of it. The function's last layer starts at zero: at step 0 the
+    latents are the selector's tokens exactly, and training moves them from the selector's F1.
+    The states are the frozen model's, with no gradient: `states` computes them once per
+    example and the trainer caches them across epochs.
+    """
+
+    def __init__(self, d_model: int, max_latents: int, scale: float, model=None, vocab=None,
+                 layer: int | None = None, lora: int = 0):
+        super().__init__()
+        layers = model.config.num_hidden_layers
+        if layer is not None and not 1 <= layer <= layers:
+            raise UsageError(f"--encoder_layer must be between 1 and {layers}, the model's "
+                             f"layers (got {layer})")
+        self.scale, self.layer = scale, (None if layer in (None, layers) else layer)
+        self.reader = (model,)  # frozen, and not the checkpoint's
+        self.norm_token, self.norm_state = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(2 * d_model, 2 * d_model), nn.GELU(),
+                                 nn.Linear(2 * d_model, d_model))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    @torch.no_grad()
+    def states(self, question: list[int], context: list[int], kept: list[int]) -> torch.Tensor:
+        """[len(kept), d] float32: the frozen model's states at the kept positions of the
+        context's second reading, after the question (empty: query-agnostic)."""
+        (model,) = self.reader
+        embed = model.get_input_embeddings()
+        ids = torch.tensor(question + context + context, device=embed.weight.device)
+        out = model.base_model(inputs_embeds=embed(ids)[None], use_cache=False,
+                               output_hidden_states=self.layer is not None)
+        hidden = out.last_hidden_state if self.layer is None else out.hidden_states[self.layer]
+        at = torch.tensor(kept, device=ids.device) + len(question) + len(context)
+        return hidden[0, at].float()
+
+    def forward(self, x: torch.Tensor, layout: Layout, states: torch.Tensor | None = None):
+        if states is None:
+            raise UsageError("this encoder reads the frozen model's states over the whole "
+                             "context, which only `latentwire train` and `study` compute; it "
+                             "cannot be replayed from its latents alone")
+        both = torch.cat([self.norm_token(x), self.norm_state(states)], 1)
+        return x + self.scale * self.mlp(both)
+
+
 def similar_widths(widths: list[int], ratio: float = 0.8) -> list[list[int]]:
     """Indices grouped so that every row of a group is at least `ratio` of its widest: padded
     to one width, a group wastes at most a quarter of its positions. Real paragraphs vary
@@ -363,16 +414,17 @@ class Compressor(nn.Module):
         if hasattr(self.encoder, "calibrate"):
             self.encoder.calibrate(x.float(), Layout.of(lengths, self.spec.counts(lengths), x.device))
 
-    def forward(self, x: torch.Tensor, lengths: list[int]):
-        """(latents [M, d], offsets [E + 1], the transform's diagnostics) for packed spans."""
+    def forward(self, x: torch.Tensor, lengths: list[int], states: torch.Tensor | None = None):
+        """(latents [M, d], offsets [E + 1], the transform's diagnostics) for packed spans (and
+        the frozen model's states at them, for an encoder that reads them)."""
         layout = Layout.of(lengths, self.spec.counts(lengths), x.device)
-        z = self.encoder(x.float(), layout)
+        z = self.encoder(x.float(), layout, **({} if states is None else {"states": states}))
         return _transformed(self.spec, self.vocab, self.codebook_key,
                             getattr(self, "codes", None), z, layout.offsets)
 
-    def per_model(self, x: torch.Tensor, lengths: list[int]) -> list[tuple]:
+    def per_model(self, x: torch.Tensor, lengths: list[int], states=None) -> list[tuple]:
         """The latents of the one model that reads them, as a list like SharedCompressor's."""
-        return [self(x, lengths)]
+        return [self(x, lengths, states)]
 
 
 class Adapter(nn.Module):

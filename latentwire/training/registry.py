@@ -19,6 +19,9 @@ class EncoderEntry:
     field: str | None = None
     field_args: tuple = ()
     needs_question: bool = False  # query-aware by nature: it has no query-agnostic use
+    # Reads the frozen model's states over the whole context at the positions its (extractive)
+    # field compressor kept: the trainer computes them once per example and passes them.
+    reads_states: bool = False
 
     def load(self) -> type:
         return load(self.implementation)
@@ -73,3 +76,14 @@ ENCODERS.add("kvpress:kvzip", EncoderEntry(
     "kvpress, KVzip: how much the reader attends to each position when it repeats the "
     "context; query-agnostic: prunes the context's keys and values to 1/R", POOL,
     field=f"{FIELD}:Press", field_args=(("name", "kvzip"), ("query_aware", False))))
+
+# Learned on top of a field compressor: it starts as the compressor's output and trains from there.
+ENCODERS.add("offset:sentences", EncoderEntry(
+    "the tokens `sentences` keeps, each plus a learned offset from the frozen model's state "
+    "there after reading the question and the whole context (the kept tokens at step 0)",
+    f"{HERE}:StateOffset", needs_model=True, field=f"{FIELD}:Sentences", needs_question=True,
+    reads_states=True))
+ENCODERS.add("offset:truncate", EncoderEntry(
+    "the context's first 1/R tokens, each plus a learned offset from the frozen model's state "
+    "there after reading the whole context (the kept tokens at step 0); reads no question",
+    f"{HERE}:StateOffset", needs_model=True, field=f"{FIELD}:Truncate", reads_states=True))
