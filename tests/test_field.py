@@ -493,3 +493,17 @@ def test_an_offset_encoder_trains_and_is_evaluated_end_to_end(tmp_path):
     summary = json.loads((Path(opts.output_dir) / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["trainable_parameters"] > 0
     assert summary["compression_ratio"] > 1.5
+
+
+def test_an_offset_encoders_states_at_a_lower_layer_are_that_layers_output(tmp_path):
+    lm = tiny_lm()
+    t = trainer(tmp_path, lm, encoder="offset:truncate", compression=4.0, keep_question=True,
+                encoder_layer=1)
+    item = t.answerers[0].train_items[0]
+    got = t.states(item, (False, 0))
+    ids = torch.tensor(item.context + item.context)
+    whole = lm.model.base_model(inputs_embeds=lm.model.get_input_embeddings()(ids)[None],
+                                output_hidden_states=True)
+    at = torch.tensor(item.kept_at) + len(item.context)
+    torch.testing.assert_close(got, whole.hidden_states[1][0, at])
+    assert not torch.allclose(got, whole.last_hidden_state[0, at])
