@@ -471,13 +471,18 @@ def test_an_offset_encoder_starts_as_its_selector_and_reads_the_models_states_at
     for row, item in enumerate(items):
         question = item.question if aware else []
         ids = question + item.context + item.context
-        got = t.states(item, (False, row))
+        got = t.states(item)
         for n, p in enumerate(item.kept_at):
             upto = embed(torch.tensor(ids[:len(question) + len(item.context) + p + 1]))
             direct = model.base_model(inputs_embeds=upto[None]).last_hidden_state[0, -1]
             torch.testing.assert_close(got[n], direct, rtol=1e-4, atol=1e-5)
-        # Kept: the next epoch is given the very states the first computed.
-        assert t.states(item, (False, row)) is got
+    # Kept, once per context it read (with the question, once per question): a later epoch,
+    # or another question on the same paragraph (query-agnostic), reuses them.
+    reads = {(tuple(i.question) if aware else (), tuple(i.context)) for i in items}
+    assert len(t._states) == len(reads)
+    computed = t._states[next(iter(reads))]
+    t.states(items[0])
+    assert len(t._states) == len(reads) and t._states[next(iter(reads))] is computed
     # It trains: the offset moves the latents away from the selector's tokens.
     loss, _ = t.loss(range(4))
     loss.backward()
@@ -500,7 +505,7 @@ def test_an_offset_encoders_states_at_a_lower_layer_are_that_layers_output(tmp_p
     t = trainer(tmp_path, lm, encoder="offset:truncate", compression=4.0, keep_question=True,
                 encoder_layer=1)
     item = t.answerers[0].train_items[0]
-    got = t.states(item, (False, 0))
+    got = t.states(item)
     ids = torch.tensor(item.context + item.context)
     whole = lm.model.base_model(inputs_embeds=lm.model.get_input_embeddings()(ids)[None],
                                 output_hidden_states=True)

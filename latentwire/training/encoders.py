@@ -292,13 +292,13 @@ class StateOffset(nn.Module):
         nn.init.zeros_(self.mlp[-1].bias)
 
     @torch.no_grad()
-    def states(self, question: list[int], context: list[int], kept: list[int]) -> torch.Tensor:
-        """[len(kept), d] float32: the frozen model's states at the kept positions of the
-        context's second reading, after the question (empty: query-agnostic)."""
+    def states(self, question: list[int], context: list[int]) -> torch.Tensor:
+        """[len(context), d] float32: the frozen model's states over the context's second
+        reading, after the question (empty: query-agnostic)."""
         (model,) = self.reader
         embed = model.get_input_embeddings()
         ids = torch.tensor(question + context + context, device=embed.weight.device)
-        at = torch.tensor(kept, device=ids.device) + len(question) + len(context)
+        at = slice(len(question) + len(context), None)
         base = model.base_model
         if self.layer is None:
             out = base(inputs_embeds=embed(ids)[None], use_cache=False)

@@ -445,7 +445,7 @@ class Trainer:
         self.split = self.setup_data()
         self.answerers, self.reader = self.setup_models(lm)
         self.spec, self.compressor, self.params, self.optimizer = self.setup_compressor()
-        self._states: dict = {}  # states(): (evaluating, row) -> the frozen model's states
+        self._states: dict = {}  # states(): (question, context) -> the frozen model's states
         self.provenance, self.checkpoint_config = self.record()
 
     # -- setup ------------------------------------------------------------------------------
@@ -581,19 +581,20 @@ class Trainer:
         spans = [items[r].span for r in rows]
         states = None
         if ENCODERS[self.opts.encoder].reads_states:
-            states = torch.cat([self.states(items[r], (evaluating, r)) for r in rows])
+            states = torch.cat([self.states(items[r]) for r in rows])
         return self.compressor.per_model(self.reader.embed_ids([t for s in spans for t in s]).float(),
                                          [len(s) for s in spans], states)
 
-    def states(self, item: Item, key: tuple) -> torch.Tensor:
-        """The frozen model's states at an item's kept tokens, computed on first use and kept:
-        the model never changes, so every later epoch reuses them (about 0.75 GB for the 7,203
-        training questions on the bundled model at 4x)."""
+    def states(self, item: Item) -> torch.Tensor:
+        """The frozen model's states at an item's kept tokens. The model never changes, so a
+        context's states are computed once and kept, whatever epoch or question reads them
+        again: read without the question (query-agnostic), a SQuAD paragraph's states serve
+        its five or so questions."""
+        question = () if self.opts.keep_question else tuple(item.question)
+        key = (question, tuple(item.context))
         if key not in self._states:
-            question = [] if self.opts.keep_question else item.question
-            self._states[key] = self.compressor.encoder.states(question, item.context,
-                                                               item.kept_at)
-        return self._states[key]
+            self._states[key] = self.compressor.encoder.states(list(question), item.context)
+        return self._states[key][item.kept_at]
 
     def loss(self, rows: list[int]):
         """The weighted sum over the answering models of each one's answer loss on these
