@@ -448,11 +448,14 @@ def test_llmlingua_that_does_not_compress_is_refused_not_recorded_as_llmlingua(
         LLMLingua().select([span], [context], ["where?"], 4.0, lm.tokenizer, str(tiny_model_dir))
 
 
-@pytest.mark.parametrize("encoder,aware", [("offset:sentences", True), ("offset:truncate", False)])
+@pytest.mark.parametrize("encoder,setting,aware", [("offset:sentences", "aware", True),
+                                                   ("offset:truncate", "agnostic", False),
+                                                   ("offset:truncate", "aware", False)])
 def test_an_offset_encoder_starts_as_its_selector_and_reads_the_models_states_at_its_tokens(
-        tmp_path, encoder, aware):
+        tmp_path, encoder, setting, aware):
     lm = tiny_lm()
-    t = trainer(tmp_path, lm, encoder=encoder, compression=4.0, keep_question=not aware)
+    t = trainer(tmp_path, lm, encoder=encoder, compression=4.0,
+                keep_question=setting == "agnostic")
     selector = Sentences() if aware else Truncate()
     a = t.answerers[0]
     items = a.train_items[:4]
@@ -466,7 +469,8 @@ def test_an_offset_encoder_starts_as_its_selector_and_reads_the_models_states_at
     z, offsets, _ = t.latents(range(4))[0]
     assert torch.equal(z, a.embed_ids([tok for i in items for tok in i.span]).float())
     # Each state is the model's last state at that kept token of the context's second reading,
-    # after the question (query-aware): computed directly, one prefix at a time.
+    # after the question where the selector reads it (`sentences`; `truncate` never does):
+    # computed directly, one prefix at a time.
     model, embed = lm.model, lm.model.get_input_embeddings()
     for row, item in enumerate(items):
         question = item.question if aware else []

@@ -588,9 +588,12 @@ class Trainer:
     def states(self, item: Item) -> torch.Tensor:
         """The frozen model's states at an item's kept tokens. The model never changes, so a
         context's states are computed once and kept, whatever epoch or question reads them
-        again: read without the question (query-agnostic), a SQuAD paragraph's states serve
-        its five or so questions."""
-        question = () if self.opts.keep_question else tuple(item.question)
+        again: read without the question, a SQuAD paragraph's states serve its five or so
+        questions. The question is read where its selector reads it (`sentences`, query-aware),
+        never with one that does not (`truncate`): the encoder is as question-blind as its
+        selector, and a study runs it once for both settings."""
+        reads = not self.opts.keep_question and self.reader.field.query_aware
+        question = tuple(item.question) if reads else ()
         key = (question, tuple(item.context))
         if key not in self._states:
             self._states[key] = self.compressor.encoder.states(list(question), item.context)
