@@ -515,4 +515,7 @@ def test_an_offset_encoders_states_at_a_lower_layer_are_that_layers_output(tmp_p
                                 output_hidden_states=True)
     at = torch.tensor(item.kept_at) + len(item.context)
     torch.testing.assert_close(got, whole.hidden_states[1][0, at])
+    # The cache keeps the context's states alone, not the whole pass they were cut from.
+    kept = t._states[((), tuple(item.context))]
+    assert kept.untyped_storage().nbytes() == kept.numel() * 4
     assert not torch.allclose(got, whole.last_hidden_state[0, at])

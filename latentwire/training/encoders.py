@@ -258,6 +258,12 @@ class ModelReader(nn.Module):
         return self.vocab_mean + self.vocab_std * self.proj(z)
 
 
+def _owned(states: torch.Tensor) -> torch.Tensor:
+    """A float32 copy: a slice of the pass's output would keep all of it (the question and the
+    first reading too) alive in the trainer's cache, 2-3x the memory."""
+    return states.to(torch.float32, copy=True)
+
+
 class _Stop(Exception):
     """Ends a forward pass early, once the layer whose states are wanted has run."""
 
@@ -302,7 +308,7 @@ class StateOffset(nn.Module):
         base = model.base_model
         if self.layer is None:
             out = base(inputs_embeds=embed(ids)[None], use_cache=False)
-            return out.last_hidden_state[0, at].float()
+            return _owned(out.last_hidden_state[0, at])
         # The layers above --encoder_layer change nothing read here: the pass stops once that
         # layer has run (at 8 of the bundled model's 30, a quarter of the cost).
         got = []
@@ -318,7 +324,7 @@ class StateOffset(nn.Module):
             pass
         finally:
             hook.remove()
-        return got[0][0, at].float()
+        return _owned(got[0][0, at])
 
     def forward(self, x: torch.Tensor, layout: Layout, states: torch.Tensor | None = None):
         if states is None:
