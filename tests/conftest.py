@@ -8,6 +8,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+# The tests check the graph against direct fp32 computations. An unset --mixed_precision means
+# bf16 autocast on a CPU that multiplies bf16 natively (AVX-512 BF16), fp32 elsewhere; capping
+# oneDNN at AVX2 makes it fp32 in the test process and in every process it starts (the CLI's
+# subprocesses, Ray's workers), on any CPU. bf16 is tested where a test asks for it.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parent.parent
