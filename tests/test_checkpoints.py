@@ -41,4 +41,6 @@ def test_a_checkpoint_from_before_the_typed_spec_gives_the_same_latents(name, an
         outs = comp.per_model(expected["x"], LENGTHS)
     assert len(outs) == len(answerers or [0])
     for i, (latents, _, _) in enumerate(outs):
-        assert torch.equal(latents, expected[f"latents{i}"])
+        # The fixtures were written on another CPU, whose kernels may round the last bits
+        # differently: the same maths, to float32's precision.
+        torch.testing.assert_close(latents, expected[f"latents{i}"], rtol=1e-5, atol=1e-6)

@@ -515,10 +515,11 @@ class SharedCompressor(nn.Module):
         self.adapters = nn.ModuleDict({str(i): Adapter(latent_dim, spec, v)
                                        for i, v in (vocabs or {}).items()})
 
-    def shared(self, x: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, Layout]:
+    def shared(self, x: torch.Tensor, lengths: list[int],
+               states: torch.Tensor | None = None) -> tuple[torch.Tensor, Layout]:
         """(the latents every model is given [M, latent_dim], their layout)."""
         layout = Layout.of(lengths, self.spec.counts(lengths), x.device)
-        z = self.encoder(x.float(), layout)
+        z = self.encoder(x.float(), layout, **({} if states is None else {"states": states}))
         return (self.latent(z) if hasattr(self, "latent") else z), layout
 
     def calibrate(self, x: torch.Tensor, lengths: list[int], encoder: bool = True) -> None:
@@ -531,9 +532,9 @@ class SharedCompressor(nn.Module):
         for adapter in self.adapters.values():
             adapter.calibrate(z)
 
-    def forward(self, x: torch.Tensor, lengths: list[int]) -> list[tuple]:
+    def forward(self, x: torch.Tensor, lengths: list[int], states=None) -> list[tuple]:
         """Per adapter built, in order: (latents [M, d_i], offsets [E + 1], diagnostics)."""
-        z, layout = self.shared(x, lengths)
+        z, layout = self.shared(x, lengths, states)
         return [adapter(z, layout.offsets) for adapter in self.adapters.values()]
 
     per_model = forward
