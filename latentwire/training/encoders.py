@@ -138,6 +138,16 @@ class Constant(nn.Module):
         return self.latents[layout.slot.clamp_max(len(self.latents) - 1)]
 
 
+def _handover_layer(model, layer: int | None) -> int | None:
+    """The layer whose states an encoder that reads with `model` takes (--encoder_layer), None
+    for the last: its output is the model's own last state."""
+    layers = model.config.num_hidden_layers
+    if layer is not None and not 1 <= layer <= layers:
+        raise UsageError(f"--encoder_layer must be between 1 and {layers}, the model's "
+                         f"layers (got {layer})")
+    return None if layer in (None, layers) else layer
+
+
 class ModelReader(nn.Module):
     """A language model hands over what it read at a few memory slots (gist tokens, ICAE).
 
@@ -158,11 +168,7 @@ class ModelReader(nn.Module):
     def __init__(self, d_model: int, max_latents: int, scale: float, model=None, vocab=None,
                  layer: int | None = None, lora: int = 0):
         super().__init__()
-        layers = model.config.num_hidden_layers
-        if layer is not None and not 1 <= layer <= layers:
-            raise UsageError(f"--encoder_layer must be between 1 and {layers}, the model's "
-                             f"layers (got {layer})")
-        self.layer = None if layer in (None, layers) else layer
+        self.layer = _handover_layer(model, layer)
         reader = _lora_copy(model, lora) if lora else model
         if lora and self.layer is not None and _keep_first_layers(reader, self.layer):
             # The copy now ends at that layer, with no final norm: its last state is the state
@@ -278,18 +284,14 @@ class StateOffset(nn.Module):
     second reading that is the whole context, so a kept token can carry what the selector
     dropped on either side of it. The function's last layer starts at zero: at step 0 the
     latents are the selector's tokens exactly, and training moves them from the selector's F1.
-    The states are the frozen model's, with no gradient: `states` computes them once per
-    example and the trainer caches them across epochs.
+    The states are the frozen model's, with no gradient: `states` computes them, and the
+    trainer keeps them per (question, paragraph) read, across epochs and questions.
     """
 
     def __init__(self, d_model: int, max_latents: int, scale: float, model=None, vocab=None,
                  layer: int | None = None, lora: int = 0):
         super().__init__()
-        layers = model.config.num_hidden_layers
-        if layer is not None and not 1 <= layer <= layers:
-            raise UsageError(f"--encoder_layer must be between 1 and {layers}, the model's "
-                             f"layers (got {layer})")
-        self.scale, self.layer = scale, (None if layer in (None, layers) else layer)
+        self.scale, self.layer = scale, _handover_layer(model, layer)
         self.reader = (model,)  # frozen, and not the checkpoint's
         self.norm_token, self.norm_state = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(2 * d_model, 2 * d_model), nn.GELU(),
