@@ -33,7 +33,9 @@ def main() -> int:
     p.add_argument("--blocks", type=int, default=3, help="blocks per recipe (default: 3)")
     args = p.parse_args()
     if args.steps < 1 or args.blocks < 1:
-        p.error("--steps and --blocks must be at least 1")
+        print(f"error: --steps and --blocks must be at least 1 (got {args.steps} and "
+              f"{args.blocks})", file=sys.stderr)
+        return 2
 
     from latentwire import cli
     from latentwire.errors import StorageError, UsageError
