@@ -78,6 +78,19 @@ class Truncate(Extractive):
         return [list(range(budget(len(span), ratio))) for span in spans]
 
 
+class Stride(Extractive):
+    """One token in every R, spread over the whole context: the last token of each of ceil(N / R)
+    near-equal chunks, so every part of the context has a kept token near it (with `truncate`
+    the last three quarters have none at 4x)."""
+
+    def positions(self, spans, contexts, questions, ratio, tokenizer, model_id):
+        out = []
+        for span in spans:
+            n, k = len(span), budget(len(span), ratio)
+            out.append([(j + 1) * n // k - 1 for j in range(k)])
+        return out
+
+
 class RandomTokens(Extractive):
     """ceil(N / R) of the context's tokens drawn at random (seeded per example), in order."""
 

@@ -10,7 +10,8 @@ import torch
 
 from latentwire import prompts
 from latentwire.errors import UsageError
-from latentwire.field import Press, RandomTokens, Sentences, Truncate, answer_pressed, budget
+from latentwire.field import (Press, RandomTokens, Sentences, Stride, Truncate, answer_pressed,
+                              budget)
 from latentwire.generation import StopTokens, generate_reference
 from latentwire.scoring import cut_answer
 from latentwire.training.loop import run
@@ -37,6 +38,18 @@ def test_truncate_and_random_tokens_keep_the_budget_in_order():
         assert set(kept) <= set(span)
     assert picked == RandomTokens(seed=3).select(spans, [], [], 4, None, "")
     assert picked != RandomTokens(seed=4).select(spans, [], [], 4, None, "")
+
+
+def test_stride_keeps_one_token_in_every_chunk_of_the_context_ending_at_its_last():
+    for n in (1, 3, 9, 40, 170):
+        for ratio in (1.0, 4.0, 16.0):
+            [at] = Stride().positions([list(range(n))], [], [], ratio, None, "")
+            k = budget(n, ratio)
+            # The chunks each kept position ends: k of them, covering all n positions, as even
+            # as integers allow (sizes differ by at most one), each ending at its kept token.
+            sizes = [b - a for a, b in zip([-1] + at, at)]
+            assert len(at) == k and sum(sizes) == n and at[-1] == n - 1
+            assert set(sizes) <= {n // k, -(-n // k)}
 
 
 def _sentences(context: str, question: str, keep: int, tokenizer=None) -> str:
@@ -450,13 +463,15 @@ def test_llmlingua_that_does_not_compress_is_refused_not_recorded_as_llmlingua(
 
 @pytest.mark.parametrize("encoder,setting,aware", [("offset:sentences", "aware", True),
                                                    ("offset:truncate", "agnostic", False),
-                                                   ("offset:truncate", "aware", False)])
+                                                   ("offset:truncate", "aware", False),
+                                                   ("offset:stride", "agnostic", False)])
 def test_an_offset_encoder_starts_as_its_selector_and_reads_the_models_states_at_its_tokens(
         tmp_path, encoder, setting, aware):
     lm = tiny_lm()
     t = trainer(tmp_path, lm, encoder=encoder, compression=4.0,
                 keep_question=setting == "agnostic")
-    selector = Sentences() if aware else Truncate()
+    selector = {"offset:sentences": Sentences(), "offset:truncate": Truncate(),
+                "offset:stride": Stride()}[encoder]
     a = t.answerers[0]
     items = a.train_items[:4]
     # Step 0: the latents are the tokens the selector keeps, exactly.

@@ -54,6 +54,9 @@ ENCODERS.add("truncate", EncoderEntry(
 ENCODERS.add("random_tokens", EncoderEntry(
     "control without a model: 1/R of the context's tokens at random, in order", POOL,
     field=f"{FIELD}:RandomTokens"))
+ENCODERS.add("stride", EncoderEntry(
+    "control without a model: one token in every R, the last of each of ceil(N/R) equal "
+    "chunks of the context", POOL, field=f"{FIELD}:Stride"))
 ENCODERS.add("sentences", EncoderEntry(
     "control without a model: the context's sentences holding most of the question's words, "
     "whole while they fit; query-aware", POOL, field=f"{FIELD}:Sentences", needs_question=True))
@@ -87,3 +90,8 @@ ENCODERS.add("offset:truncate", EncoderEntry(
     "the context's first 1/R tokens, each plus a learned offset from the frozen model's state "
     "there after reading the whole context (the kept tokens at step 0); reads no question",
     f"{HERE}:StateOffset", needs_model=True, field=f"{FIELD}:Truncate", reads_states=True))
+ENCODERS.add("offset:stride", EncoderEntry(
+    "one token in every R of the context (`stride`), each plus a learned offset from the frozen "
+    "model's state there after reading the whole context (the kept tokens at step 0); reads no "
+    "question", f"{HERE}:StateOffset", needs_model=True, field=f"{FIELD}:Stride",
+    reads_states=True))
