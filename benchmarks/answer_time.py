@@ -9,7 +9,10 @@ paragraph's cached latents, side by side in one run.
 
 The checkpoint must be query-agnostic (trained with --keep_question): its encoder never sees the
 question, so a paragraph's latents are made once and serve every question asked of it (SQuAD
-asks about five per paragraph). Over the questions of N paragraphs (a seeded draw), four arms,
+asks about five per paragraph). A checkpoint trained on a field compressor's output (`truncate`
+with the adapter, `offset:truncate`, ...) compresses as it trained: the selector first, then, for
+an encoder that reads the frozen model's states, that model's pass over the paragraph (read
+twice, up to the checkpoint's --encoder_layer), all inside the latents' timing. Over the questions of N paragraphs (a seeded draw), four arms,
 each through the sweep's engine with the instruction prefix cached once:
 
 - text: each question read with its whole paragraph, the engine as it is (prompts batched by
@@ -48,11 +51,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def trained(path: str):
-    """A query-agnostic checkpoint's compressor, to build once the model is loaded, and its
-    config."""
+    """A query-agnostic checkpoint's compressor, to build once the model is loaded, its config,
+    and the field compressor it was trained behind (None for a learned encoder)."""
     from latentwire.errors import UsageError
+    from latentwire.field import TokenCompressor
+    from latentwire.files import read_json
     from latentwire.training import checkpoint
     from latentwire.training.encoders import Compressor
+    from latentwire.training.registry import ENCODERS
     from latentwire.training.spec import CompressorSpec
 
     try:
@@ -73,12 +79,23 @@ def trained(path: str):
                          "its own text: pass a checkpoint trained with one --model_id and no "
                          "--encoder_model")
 
+    selector = None
+    if spec.field:
+        # A selector that draws at random draws with the run's seed, kept in the run's folder.
+        run = Path(path).resolve().parent.parent / "config.json"
+        seed = read_json(run)["options"]["seed"] if run.exists() else None
+        selector = ENCODERS[spec.encoder].field_compressor(seed or 0)
+        if not isinstance(selector, TokenCompressor) or (seed is None and "seed" in selector.describe()):
+            raise UsageError(f"{path} was trained behind --encoder {spec.encoder}, which this "
+                             "benchmark cannot replay from a checkpoint alone; time the "
+                             f"compressor itself with --encoder {spec.encoder}")
+
     def build(vocab, model):
         compressor = Compressor(spec, vocab, model)
         compressor.load_state_dict(weights)
         return compressor.eval()
 
-    return build, config
+    return build, config, selector
 
 
 def field(name: str):
@@ -106,13 +123,14 @@ def main() -> int:
 
     from latentwire import data, models, prompts
     from latentwire.errors import UsageError
-    from latentwire.field import Press, Repeat, TokenCompressor, pressed
+    from latentwire.field import Extractive, Press, Repeat, TokenCompressor, pressed
     from latentwire.files import write_json
     from latentwire.generation import StopTokens, answer_from_caches, generate
     from latentwire.scoring import cut_answer, score_answers
     from latentwire.stats import bootstrap_ci, paired_comparison
     from latentwire.training import checkpoint
     from latentwire.training.options import TrainOptions
+    from latentwire.training.registry import ENCODERS
     from latentwire.vocab import VocabSpace
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -136,12 +154,13 @@ def main() -> int:
     try:
         examples = data.load_all(args.dataset)
         if args.checkpoint:
-            compressor, config = trained(args.checkpoint)
+            compressor, config, selector = trained(args.checkpoint)
             model_id, prompt = config["model"]["id"], config["prompt_format"]["name"]
             source = {"checkpoint": str(args.checkpoint),
                       "checkpoint_digest": checkpoint.digest(args.checkpoint)}
         else:
             compressor, model_id, prompt = field(args.encoder), args.model_id, TrainOptions.prompt
+            selector = None
             source = {"encoder": args.encoder, "compression": args.compression,
                       "field_compressor": compressor.describe()}
     except UsageError as e:
@@ -182,13 +201,25 @@ def main() -> int:
         for s in range(0, len(contexts), 16):
             chunk = contexts[s:s + 16]
             spans = [ids(fmt.context_text(c)) for c in chunk]
+            texts = [fmt.context_text(c) for c in chunk]
             if isinstance(compressor, TokenCompressor):
-                kept = compressor.select(spans, [fmt.context_text(c) for c in chunk],
-                                         [""] * len(chunk), args.compression, tok, model_id)
+                kept = compressor.select(spans, texts, [""] * len(chunk), args.compression, tok,
+                                         model_id)
                 latents = [embedded(k) for k in kept]
             else:
-                z, offsets, _ = compressor(embedded([t for span in spans for t in span]).float(),
-                                           [len(span) for span in spans])
+                kept, states = spans, None
+                if isinstance(selector, Extractive):
+                    at = selector.positions(spans, texts, [""] * len(chunk),
+                                            compressor.spec.compression, tok, model_id)
+                    kept = [[span[p] for p in ps] for span, ps in zip(spans, at)]
+                    if ENCODERS[compressor.spec.encoder].reads_states:
+                        states = torch.cat([compressor.encoder.states([], span)[ps]
+                                            for span, ps in zip(spans, at)])
+                elif selector is not None:
+                    kept = selector.select(spans, texts, [""] * len(chunk),
+                                           compressor.spec.compression, tok, model_id)
+                z, offsets, _ = compressor(embedded([t for k in kept for t in k]).float(),
+                                           [len(k) for k in kept], states)
                 latents = [z[offsets[n]:offsets[n + 1]] for n in range(len(chunk))]
             for c, span, z in zip(chunk, spans, latents):
                 out[c] = z.to(embed.weight.dtype)
