@@ -7,13 +7,16 @@ paragraph's cached latents, side by side in one run.
     .venv/bin/python benchmarks/answer_time.py --encoder kvpress:snapkv --compression 4 \
         --dataset runs/data/squad-held.json --paragraphs 24     # a field compressor instead
 
-The checkpoint must be query-agnostic (trained with --keep_question): its encoder never sees the
-question, so a paragraph's latents are made once and serve every question asked of it (SQuAD
-asks about five per paragraph). A checkpoint trained on a field compressor's output (`truncate`
-with the adapter, `offset:truncate`, ...) compresses as it trained: the selector first, then, for
-an encoder that reads the frozen model's states, that model's pass over the paragraph (read
-twice, up to the checkpoint's --encoder_layer), all inside the latents' timing. Over the questions of N paragraphs (a seeded draw), four arms,
-each through the sweep's engine with the instruction prefix cached once:
+A query-agnostic checkpoint (trained with --keep_question) never sees the question, so a
+paragraph's latents are made once and serve every question asked of it (SQuAD asks about five
+per paragraph). A checkpoint trained behind a field compressor (`truncate` with the adapter,
+`offset:truncate`, `offset:sentences`, ...) compresses as it trained: the selector first, then,
+for an encoder that reads the frozen model's states, that model's pass over the paragraph (read
+twice, up to the checkpoint's --encoder_layer), all inside the latents' timing. Where the
+selector reads the question (`sentences`; a checkpoint trained without --keep_question), every
+question's latents are made for it alone, and the latents_kv arm, which shares a paragraph's,
+is left out. Over the questions of N paragraphs (a seeded draw), four arms, each through the
+sweep's engine with the instruction prefix cached once:
 
 - text: each question read with its whole paragraph, the engine as it is (prompts batched by
   length across paragraphs);
@@ -25,9 +28,9 @@ each through the sweep's engine with the instruction prefix cached once:
   tokenised on its own, so its answers can differ slightly from the text arm's): what a server
   that caches documents as text would do, for the fair comparison of time.
 
-With --encoder, a query-agnostic field compressor (latentwire list) takes the latents' place:
-a token compressor's kept tokens are the paragraph's "latents" (compressed once per
-paragraph, timed), in both latents arms; a press has no latents, only its pruned cache, so its
+With --encoder, a field compressor (latentwire list) takes the latents' place: a token
+compressor's kept tokens are the paragraph's "latents" (compressed once per paragraph, or per
+question where it reads the question; timed), in the latents arms; a press has no latents, only its pruned cache, so its
 one arm, pressed_kv, reads each paragraph under the press once and answers its questions one
 at a time behind a copy of the pruned cache (as kvpress's own pipeline serves several
 questions on one context).
@@ -67,10 +70,10 @@ def trained(path: str):
         raise UsageError(f"cannot read checkpoint {path} ({e}); pass a checkpoint folder such "
                          "as runs/train/<run>/checkpoints/best")
     spec = CompressorSpec.from_json(config["compressor"])
-    if not spec.keep_question:
-        raise UsageError(f"{path} reads the question (trained without --keep_question), so its "
-                         "latents cannot be reused across questions; pass a --keep_question "
-                         "checkpoint")
+    if not spec.keep_question and not spec.field:
+        raise UsageError(f"{path} reads the question inside its span (trained without "
+                         "--keep_question); pass a --keep_question checkpoint, or one trained "
+                         "behind a field compressor")
     answerers, reader = checkpoint.answerers(config), checkpoint.reader(config)
     if len(answerers) > 1 or reader["model"] != answerers[0]["model"]:
         names = ", ".join(a["model"]["id"] for a in answerers)
@@ -99,7 +102,7 @@ def trained(path: str):
 
 
 def field(name: str):
-    """A query-agnostic field compressor by its encoder name."""
+    """A field compressor by its encoder name."""
     from latentwire.errors import UsageError
     from latentwire.training.registry import ENCODERS
 
@@ -108,11 +111,7 @@ def field(name: str):
         fields = ", ".join(n for n in ENCODERS if ENCODERS[n].field is not None)
         raise UsageError(f"--encoder {name} is not a field compressor (one of: {fields}); "
                          "pass a learned encoder's checkpoint as --checkpoint")
-    compressor = entry.field_compressor()
-    if compressor.query_aware is True:
-        raise UsageError(f"--encoder {name} reads the question, so what it keeps cannot be "
-                         "reused across questions; this benchmark times query-agnostic ones")
-    return compressor
+    return entry.field_compressor()
 
 
 def main() -> int:
@@ -137,8 +136,9 @@ def main() -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint",
-                       help="a query-agnostic checkpoint folder (trained with --keep_question)")
-    which.add_argument("--encoder", help="or a query-agnostic field compressor, by name")
+                       help="a checkpoint folder: query-agnostic (--keep_question) or trained "
+                       "behind a field compressor")
+    which.add_argument("--encoder", help="or a field compressor, by name")
     p.add_argument("--model_id", default="bundled:SmolLM2-135M-Instruct",
                    help="with --encoder: the reader")
     p.add_argument("--compression", type=float, default=4.0, help="with --encoder: its ratio")
@@ -193,37 +193,51 @@ def main() -> int:
         return tok(text, add_special_tokens=False).input_ids
 
     positions = {}
+    # Query-aware (a selector that reads the question, and a checkpoint trained reading it):
+    # what is kept differs per question, so each question's latents are made for it alone, and
+    # there is no paragraph's latents to cache for its questions (no latents_kv arm).
+    if args.checkpoint:
+        aware = not config["compressor"].get("keep_question") and selector is not None \
+            and selector.query_aware is True
+    else:
+        aware = compressor.query_aware is True
+    units = ([((c, n), c, e.question) for c in contexts for n, e in enumerate(by_context[c])]
+             if aware else [(c, c, "") for c in contexts])
+
+    def key(c, n):
+        return (c, n) if aware else c
 
     def encoded():
-        """Every paragraph's latents, the paragraphs encoded together in batches as a server
-        would encode the documents it holds (a token compressor's: its kept tokens)."""
+        """Every paragraph's latents (query-aware: every question's), encoded together in
+        batches as a server would encode the documents it holds (a token compressor's: its
+        kept tokens)."""
         out = {}
-        for s in range(0, len(contexts), 16):
-            chunk = contexts[s:s + 16]
-            spans = [ids(fmt.context_text(c)) for c in chunk]
-            texts = [fmt.context_text(c) for c in chunk]
+        for s in range(0, len(units), 16):
+            chunk = units[s:s + 16]
+            spans = [ids(fmt.context_text(c)) for _, c, _ in chunk]
+            texts = [fmt.context_text(c) for _, c, _ in chunk]
+            asked = [q for _, _, q in chunk]
             if isinstance(compressor, TokenCompressor):
-                kept = compressor.select(spans, texts, [""] * len(chunk), args.compression, tok,
-                                         model_id)
+                kept = compressor.select(spans, texts, asked, args.compression, tok, model_id)
                 latents = [embedded(k) for k in kept]
             else:
-                kept, states = spans, None
+                kept, states, ratio = spans, None, compressor.spec.compression
                 if isinstance(selector, Extractive):
-                    at = selector.positions(spans, texts, [""] * len(chunk),
-                                            compressor.spec.compression, tok, model_id)
+                    at = selector.positions(spans, texts, asked, ratio, tok, model_id)
                     kept = [[span[p] for p in ps] for span, ps in zip(spans, at)]
                     if ENCODERS[compressor.spec.encoder].reads_states:
-                        states = torch.cat([compressor.encoder.states([], span)[ps]
-                                            for span, ps in zip(spans, at)])
+                        # As the trainer reads them: after the question where it is read.
+                        states = torch.cat([compressor.encoder.states(
+                            ids(fmt.question_text(q)) if aware else [], span)[ps]
+                            for span, ps, q in zip(spans, at, asked)])
                 elif selector is not None:
-                    kept = selector.select(spans, texts, [""] * len(chunk),
-                                           compressor.spec.compression, tok, model_id)
+                    kept = selector.select(spans, texts, asked, ratio, tok, model_id)
                 z, offsets, _ = compressor(embedded([t for k in kept for t in k]).float(),
                                            [len(k) for k in kept], states)
                 latents = [z[offsets[n]:offsets[n + 1]] for n in range(len(chunk))]
-            for c, span, z in zip(chunk, spans, latents):
-                out[c] = z.to(embed.weight.dtype)
-                positions[c] = (len(span), out[c].shape[0])
+            for (k, _, _), span, z in zip(chunk, spans, latents):
+                out[k] = z.to(embed.weight.dtype)
+                positions[k] = (len(span), out[k].shape[0])
         return out
 
     def question(e):
@@ -236,7 +250,8 @@ def main() -> int:
 
     def latents():
         z = encoded()
-        rows = [torch.cat([z[c], question(e)]) for c in contexts for e in by_context[c]]
+        rows = [torch.cat([z[key(c, n)], question(e)])
+                for c in contexts for n, e in enumerate(by_context[c])]
         return generate(model, tok, rows, stops, args.max_new_tokens, prefix=prefix)
 
     def per_paragraph(heads):
@@ -266,6 +281,7 @@ def main() -> int:
 
     arms = {"text": text,
             **({"pressed_kv": pressed_kv} if isinstance(compressor, Press) else
+               {"latents": latents} if aware else
                {"latents": latents, "latents_kv": lambda: per_paragraph(encoded())}),
             "text_kv": lambda: per_paragraph(
                 {c: embedded(ids(fmt.context_text(c))) for c in contexts})}
@@ -291,7 +307,9 @@ def main() -> int:
         result[name] = {**means, "ci": list(bootstrap_ci(scores[name])),
                         "seconds_per_question": total / len(timings[name]) / len(questions),
                         "new_tokens_per_question":
-                            sum(n for _, n in answers[name]) / len(questions)}
+                            sum(n for _, n in answers[name]) / len(questions),
+                        "predictions": [{"id": p["id"], "prediction": p["prediction"]}
+                                        for p in predictions]}
     text_kv = [n for n, _ in positions.values()]
     latent_kv = [m for _, m in positions.values()]
     for name in arms:
