@@ -72,6 +72,8 @@ SCREEN_EXAMPLES = """examples:
       --max_epochs 3 --output_dir runs/screen/small
   latentwire screen --experiment 'rms_*,codebook_256*' --max_epochs 3 --verify   # no stopping
   latentwire screen --experiment 'anchor_eps*' --ray 10.0.0.5:6379 --ray_gpus_per_worker 0.5
+  latentwire screen --config configs/squad/aware-4x.yaml --samples 600 --max_epochs 3 --verify \
+      --experiment 'baseline,rms_scale1.0,batch_dist,anchor_eps0.1'   # a recipe's trials
 """
 
 OVERVIEW = """examples:
@@ -221,7 +223,8 @@ COMMANDS = {
         "Train every encoder at every compression, query-aware and query-agnostic, beside the "
         "controls, at one budget; a rerun continues where it stopped.", STUDY_EXAMPLES),
     "screen": Command(
-        cmd_screen, lambda: options_of(ScreenOptions) + options_of(TrainOptions, skip=TRIAL_OPTIONS),
+        cmd_screen, lambda: (options_of(Recipe) + options_of(ScreenOptions)
+                             + options_of(TrainOptions, skip=TRIAL_OPTIONS)),
         "successive halving (ASHA on Ray Tune): which transform is worth training for "
         "--max_epochs",
         "Train one run per candidate transform, evaluate every epoch, and let ASHA stop the "

@@ -96,3 +96,19 @@ def kendall_tau(a, b) -> float:
     sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
     den = math.sqrt(float((sx ** 2).sum() * (sy ** 2).sum()))
     return float((sx * sy).sum() / den) if den else math.nan
+
+
+def kendall_tau_ci(first, final, level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0):
+    """Percentile bootstrap interval of Kendall's tau-b between two rankings of the same
+    candidates by their mean score, each candidate scored on the same examples at two times
+    (first, final: [candidates, examples]): the examples are resampled, the same draw for every
+    candidate and both times, as their scores are paired. Draws where either ranking is all
+    ties are left out; (NaN, NaN) when every draw is."""
+    x, y = np.asarray(first, dtype=float), np.asarray(final, dtype=float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, x.shape[1], size=(n_boot, x.shape[1]))
+    taus = np.array([kendall_tau(x[:, d].mean(axis=1), y[:, d].mean(axis=1)) for d in draws])
+    if np.isnan(taus).all():
+        return (math.nan, math.nan)
+    tail = (1 - level) / 2 * 100
+    return (float(np.nanpercentile(taus, tail)), float(np.nanpercentile(taus, 100 - tail)))

@@ -41,8 +41,9 @@ def script_f1() -> None:
     """For tests/test_screen.py: the F1 each trial's evaluation records comes from the JSON file
     at $LATENTWIRE_TEST_F1_SCRIPT, {experiment: [F1 at epoch 1, 2, ...]}, so which trials ASHA
     stops is known in advance (the tiny random model scores 0 everywhere, which ASHA cannot tell
-    apart). Training, generation and scoring still run; only the recorded F1 is replaced. A trial
-    scripted as "diverge" has a NaN loss from its first step, which the trainer must catch."""
+    apart). Training, generation and scoring still run; only the recorded F1 is replaced: the
+    mean, and each question's by it. A trial scripted as "diverge" has a NaN loss from its first
+    step, which the trainer must catch."""
     from latentwire.training.trainer import Trainer
 
     def script(trial) -> list | str | None:
@@ -57,6 +58,8 @@ def script_f1() -> None:
             done = len(list((self.out / "eval").glob("epoch*.json")))  # written after this
             result["f1"] = f1s[done]
             result["ci"] = [result["f1"], result["f1"]]
+            for p in result["predictions"]:  # every question scored alike: the mean's
+                p["f1"] = result["f1"]
         return result
 
     def loss(self, rows):

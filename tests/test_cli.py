@@ -191,3 +191,16 @@ def test_a_recipe_sets_the_options_and_the_command_line_overrides_it(tmp_path, s
     assert isinstance(opts.compression, float)
     assert (opts.samples, opts.keep_question) == (40, False)  # the command line's
     assert from_args(TrainOptions, parse(["train"])) == TrainOptions()
+
+
+def test_a_training_recipe_sets_the_options_every_screen_trial_trains_with():
+    from latentwire.cli import parse
+    from latentwire.options import from_args
+    from latentwire.training.options import ScreenOptions, TrainOptions
+
+    args = parse(["screen", "--config", str(ROOT / "configs/squad/aware-4x.yaml"), "--experiment",
+                  "baseline,rms_scale1.0", "--samples", "400", "--verify"])
+    opts = from_args(ScreenOptions, args, base=from_args(TrainOptions, args))
+    assert (opts.base.encoder, opts.base.encoder_layer, opts.base.compression,
+            opts.base.samples) == ("offset:sentences", 8, 4.0, 400)
+    assert opts.verify and opts.experiment == "baseline,rms_scale1.0"

@@ -139,6 +139,8 @@ def test_verify_runs_every_trial_to_the_end_and_scores_the_epoch1_ranking(screen
     # Epoch-1 ranks (3.5, 3.5, 2, 1) against final ranks (3, 2, 4, 1), worked by hand.
     assert v["spearman"] == pytest.approx(1.5 / math.sqrt(4.5 * 5))
     assert v["kendall"] == pytest.approx(1 / math.sqrt(5 * 6))
+    # Each question scored as its trial's mean: every resampling ranks the trials alike.
+    assert v["kendall_ci"] == pytest.approx([1 / math.sqrt(5 * 6)] * 2)
     assert v["would_stop"] == ["rms_scale1.2", "anchor_eps0.1"]
     assert v["would_stop_in_top3"] == ["rms_scale1.2"]
     assert {k: v for k, v in stamps(screened).items() if k in finished} == finished

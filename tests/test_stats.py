@@ -52,3 +52,36 @@ def test_rank_correlations_against_hand_computed_values():
     assert math.isnan(stats.spearman([1, 2, 3], [5, 5, 5]))
     assert math.isnan(stats.kendall_tau([1, 2, 3], [5, 5, 5]))
     assert math.isnan(stats.spearman([1], [2]))
+
+
+def test_kendall_intervals_resample_the_examples_paired_across_candidates_and_times():
+    import numpy as np
+
+    gen = np.random.default_rng(5)
+    first, final = gen.random((4, 30)), gen.random((4, 30))
+    final[0] += 0.3  # one candidate clearly ahead at the end
+    got = stats.kendall_tau_ci(first, final, n_boot=200, seed=3)
+
+    def tau_b(a, b):  # pair by pair, as a textbook counts them
+        c = d = ta = tb = 0
+        for i in range(len(a)):
+            for j in range(i + 1, len(a)):
+                u, v = a[i] - a[j], b[i] - b[j]
+                ta += u == 0
+                tb += v == 0
+                c += u * v > 0
+                d += u * v < 0
+        pairs = len(a) * (len(a) - 1) // 2
+        return (c - d) / math.sqrt((pairs - ta) * (pairs - tb))
+
+    rng = np.random.default_rng(3)
+    taus = []
+    for _ in range(200):
+        draw = rng.integers(0, 30, size=30)
+        taus.append(tau_b([sum(row[k] for k in draw) / 30 for row in first],
+                          [sum(row[k] for k in draw) / 30 for row in final]))
+    assert got == pytest.approx((np.percentile(taus, 2.5), np.percentile(taus, 97.5)))
+    # Every example scoring each candidate alike: every draw ranks them as the data do.
+    flat = np.repeat([[0.1], [0.4], [0.2]], 10, axis=1)
+    assert stats.kendall_tau_ci(flat, flat[[0, 2, 1]]) == pytest.approx((1 / 3, 1 / 3))
+    assert all(math.isnan(x) for x in stats.kendall_tau_ci(flat, np.zeros((3, 10))))

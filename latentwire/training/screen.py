@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import experiments, provenance, raycluster, stats
 from ..errors import UsageError
-from ..files import write_json, write_text
+from ..files import read_json, write_json, write_text
 from ..plots import pyplot, save
 from . import checkpoint
 from .loop import run as train
@@ -189,6 +189,12 @@ def would_stop(f1s: list[float], reduction_factor: float) -> list[bool]:
     return [f < cutoff for f in f1s]
 
 
+def _question_f1(folder: Path, epoch: int) -> list[float]:
+    """A trial's F1 on each evaluation question at an epoch, in the split's order (the same in
+    every trial)."""
+    return [p["f1"] for p in read_json(folder / "eval" / f"epoch{epoch}.json")["predictions"]]
+
+
 def _number(x: float) -> float | None:
     return None if math.isnan(x) else x
 
@@ -231,17 +237,20 @@ def summarize(opts: ScreenOptions, trials, errors: dict, wall: float) -> dict:
     return {"trials": rows, "best": best["experiment"] if best else None,
             "next_command": command, "max_epochs": opts.max_epochs,
             "reduction_factor": opts.reduction_factor,
-            "verify": verification(rows, opts.reduction_factor) if opts.verify else None,
+            "verify": (verification(rows, opts.reduction_factor,
+                                    {exp.name: Path(o.output_dir) for exp, o in trials})
+                       if opts.verify else None),
             "references": refs,
             "options": {k: v for k, v in opts.base.identity().items()
                         if k not in TRIAL_OPTIONS},
             "wall_seconds": round(wall, 1)}
 
 
-def verification(rows: list[dict], reduction_factor: float) -> dict | None:
+def verification(rows: list[dict], reduction_factor: float, folders: dict) -> dict | None:
     """How well the epoch-1 ranking predicted the final one, over the trials that finished: rank
-    correlations, which trials ASHA's rule would stop at epoch 1, and which of those ended in the
-    top 3 (what stopping them would have lost)."""
+    correlations (Kendall's with a bootstrap interval over the evaluation questions, which every
+    trial shares), which trials ASHA's rule would stop at epoch 1, and which of those ended in
+    the top 3 (what stopping them would have lost)."""
     done = [r for r in rows if r["status"] == "finished"]
     if not done:
         return None
@@ -249,9 +258,13 @@ def verification(rows: list[dict], reduction_factor: float) -> dict | None:
     final = [r["f1_by_epoch"][-1] for r in done]
     stop = would_stop(first, reduction_factor)
     place = [1 + sum(g > f for g in final) for f in final]
+    scores = [(_question_f1(folders[r["experiment"]], 1),
+               _question_f1(folders[r["experiment"]], r["epochs_run"])) for r in done]
+    lo, hi = stats.kendall_tau_ci([a for a, _ in scores], [b for _, b in scores])
     return {"trials": len(done),
             "spearman": _number(stats.spearman(first, final)),
             "kendall": _number(stats.kendall_tau(first, final)),
+            "kendall_ci": [_number(lo), _number(hi)],
             "would_stop": [r["experiment"] for r, s in zip(done, stop) if s],
             "would_stop_in_top3": [r["experiment"] for r, s, p in zip(done, stop, place)
                                    if s and p <= TOP]}
@@ -294,9 +307,12 @@ def render(result: dict) -> str:
             return "n/a" if x is None else f"{x:.2f}"
 
         lost = verify["would_stop_in_top3"]
+        lo, hi = verify["kendall_ci"]
+        interval = "" if lo is None else f" [{lo:.2f}, {hi:.2f}] (95%, questions resampled)"
         lines.append(
             f"\nDid epoch 1 predict epoch {result['max_epochs']}? Over {verify['trials']} trials,"
-            f" Spearman {corr(verify['spearman'])}, Kendall {corr(verify['kendall'])}. ASHA's "
+            f" Spearman {corr(verify['spearman'])}, Kendall {corr(verify['kendall'])}{interval}."
+            " ASHA's "
             f"rule (reduction factor {result['reduction_factor']:g}) would stop "
             f"{', '.join(verify['would_stop']) or 'none'} at epoch 1; "
             + (f"of those, {', '.join(lost)} finished in the top {TOP}: stopping at epoch 1 "
