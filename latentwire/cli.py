@@ -72,7 +72,7 @@ SCREEN_EXAMPLES = """examples:
       --max_epochs 3 --output_dir runs/screen/small
   latentwire screen --experiment 'rms_*,codebook_256*' --max_epochs 3 --verify   # no stopping
   latentwire screen --experiment 'anchor_eps*' --ray 10.0.0.5:6379 --ray_gpus_per_worker 0.5
-  latentwire screen --config configs/squad/aware-4x.yaml --samples 600 --max_epochs 3 --verify \
+  latentwire screen --config configs/squad/aware-4x.yaml --samples 600 --max_epochs 3 --verify \\
       --experiment 'baseline,rms_scale1.0,batch_dist,anchor_eps0.1'   # a recipe's trials
 """
 
