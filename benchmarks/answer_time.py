@@ -30,10 +30,10 @@ sweep's engine with the instruction prefix cached once:
 
 With --encoder, a field compressor (latentwire list) takes the latents' place: a token
 compressor's kept tokens are the paragraph's "latents" (compressed once per paragraph, or per
-question where it reads the question; timed), in the latents arms; a press has no latents, only its pruned cache, so its
-one arm, pressed_kv, reads each paragraph under the press once and answers its questions one
-at a time behind a copy of the pruned cache (as kvpress's own pipeline serves several
-questions on one context).
+question where it reads the question; timed), in the latents arms; a press has no latents,
+only its pruned cache, so its one arm, pressed_kv, reads each paragraph under the press once
+and answers its questions one at a time behind a copy of the pruned cache (as kvpress's own
+pipeline serves several questions on one context).
 
 Every arm tokenises what it reads inside the timing. The arms run in order and then in reverse
 (--repeats times), so drift on a shared machine falls on all; each figure is a ratio of summed
@@ -54,8 +54,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def trained(path: str):
-    """A query-agnostic checkpoint's compressor, to build once the model is loaded, its config,
-    and the field compressor it was trained behind (None for a learned encoder)."""
+    """A checkpoint's compressor, to build once the model is loaded, its config, and the field
+    compressor it was trained behind (None for a learned encoder)."""
     from latentwire.errors import UsageError
     from latentwire.field import TokenCompressor
     from latentwire.files import read_json
@@ -88,7 +88,8 @@ def trained(path: str):
         run = Path(path).resolve().parent.parent / "config.json"
         seed = read_json(run)["options"]["seed"] if run.exists() else None
         selector = ENCODERS[spec.encoder].field_compressor(seed or 0)
-        if not isinstance(selector, TokenCompressor) or (seed is None and "seed" in selector.describe()):
+        unknown_draw = seed is None and "seed" in selector.describe()
+        if not isinstance(selector, TokenCompressor) or unknown_draw:
             raise UsageError(f"{path} was trained behind --encoder {spec.encoder}, which this "
                              "benchmark cannot replay from a checkpoint alone; time the "
                              f"compressor itself with --encoder {spec.encoder}")
