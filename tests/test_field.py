@@ -464,14 +464,16 @@ def test_llmlingua_that_does_not_compress_is_refused_not_recorded_as_llmlingua(
 @pytest.mark.parametrize("encoder,setting,aware", [("offset:sentences", "aware", True),
                                                    ("offset:truncate", "agnostic", False),
                                                    ("offset:truncate", "aware", False),
-                                                   ("offset:stride", "agnostic", False)])
+                                                   ("offset:stride", "agnostic", False),
+                                                   ("offset:sentences:once", "aware", True)])
 def test_an_offset_encoder_starts_as_its_selector_and_reads_the_models_states_at_its_tokens(
         tmp_path, encoder, setting, aware):
     lm = tiny_lm()
     t = trainer(tmp_path, lm, encoder=encoder, compression=4.0,
                 keep_question=setting == "agnostic")
     selector = {"offset:sentences": Sentences(), "offset:truncate": Truncate(),
-                "offset:stride": Stride()}[encoder]
+                "offset:stride": Stride(), "offset:sentences:once": Sentences()}[encoder]
+    readings = 1 if encoder.endswith(":once") else 2
     a = t.answerers[0]
     items = a.train_items[:4]
     # Step 0: the latents are the tokens the selector keeps, exactly.
@@ -483,16 +485,17 @@ def test_an_offset_encoder_starts_as_its_selector_and_reads_the_models_states_at
         assert item.context == ctx and item.span == kept == [ctx[p] for p in item.kept_at]
     z, offsets, _ = t.latents(range(4))[0]
     assert torch.equal(z, a.embed_ids([tok for i in items for tok in i.span]).float())
-    # Each state is the model's last state at that kept token of the context's second reading,
-    # after the question where the selector reads it (`sentences`; `truncate` never does):
-    # computed directly, one prefix at a time.
+    # Each state is the model's last state at that kept token of the context's last reading
+    # (the second, or with `:once` the only one), after the question where the selector reads
+    # it (`sentences`; `truncate` never does): computed directly, one prefix at a time.
     model, embed = lm.model, lm.model.get_input_embeddings()
     for row, item in enumerate(items):
         question = item.question if aware else []
-        ids = question + item.context + item.context
+        ids = question + item.context * readings
         got = t.states(item)
         for n, p in enumerate(item.kept_at):
-            upto = embed(torch.tensor(ids[:len(question) + len(item.context) + p + 1]))
+            upto = embed(torch.tensor(ids[:len(question) + len(item.context) * (readings - 1)
+                                          + p + 1]))
             direct = model.base_model(inputs_embeds=upto[None]).last_hidden_state[0, -1]
             torch.testing.assert_close(got[n], direct, rtol=1e-4, atol=1e-5)
     # Kept, once per context it read (with the question, once per question): a later epoch,

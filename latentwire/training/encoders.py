@@ -284,14 +284,16 @@ class StateOffset(nn.Module):
     second reading that is the whole context, so a kept token can carry what the selector
     dropped on either side of it. The function's last layer starts at zero: at step 0 the
     latents are the selector's tokens exactly, and training moves them from the selector's F1.
-    The states are the frozen model's, with no gradient: `states` computes them, and the
+    With `readings=1` the context is read once: each state has seen only the context before it
+    (and the question), for half the frozen model's work. The states are the frozen model's, with no gradient: `states` computes them, and the
     trainer keeps them per (question, paragraph) read, across epochs and questions.
     """
 
     def __init__(self, d_model: int, max_latents: int, scale: float, model=None, vocab=None,
-                 layer: int | None = None, lora: int = 0):
+                 layer: int | None = None, lora: int = 0, readings: int = 2):
         super().__init__()
         self.scale, self.layer = scale, _handover_layer(model, layer)
+        self.readings = readings
         self.reader = (model,)  # frozen, and not the checkpoint's
         self.norm_token, self.norm_state = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(2 * d_model, 2 * d_model), nn.GELU(),
@@ -301,12 +303,12 @@ class StateOffset(nn.Module):
 
     @torch.no_grad()
     def states(self, question: list[int], context: list[int]) -> torch.Tensor:
-        """[len(context), d] float32: the frozen model's states over the context's second
+        """[len(context), d] float32: the frozen model's states over the context's last
         reading, after the question (empty: query-agnostic)."""
         (model,) = self.reader
         embed = model.get_input_embeddings()
-        ids = torch.tensor(question + context + context, device=embed.weight.device)
-        at = slice(len(question) + len(context), None)
+        ids = torch.tensor(question + context * self.readings, device=embed.weight.device)
+        at = slice(len(question) + len(context) * (self.readings - 1), None)
         base = model.base_model
         if self.layer is None:
             out = base(inputs_embeds=embed(ids)[None], use_cache=False)
@@ -397,7 +399,8 @@ def _encoder(spec: CompressorSpec, vocab, model) -> nn.Module:
     entry = ENCODERS[spec.encoder]
     extra = ({"model": model, "vocab": vocab, "layer": spec.encoder_layer,
               "lora": spec.encoder_lora} if entry.needs_model else {})
-    return entry.load()(spec.d_model, spec.max_latents, spec.scale, **extra)
+    return entry.load()(spec.d_model, spec.max_latents, spec.scale, **extra,
+                        **dict(entry.encoder_args))
 
 
 def _codebook(spec: CompressorSpec, vocab) -> tuple[tuple | None, nn.Parameter | None]:

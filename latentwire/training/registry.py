@@ -22,6 +22,7 @@ class EncoderEntry:
     # Reads the frozen model's states over the whole context at the positions its (extractive)
     # field compressor kept: the trainer computes them once per example and passes them.
     reads_states: bool = False
+    encoder_args: tuple = ()  # keyword arguments of its class, as (name, value) pairs
 
     def load(self) -> type:
         return load(self.implementation)
@@ -95,3 +96,8 @@ ENCODERS.add("offset:stride", EncoderEntry(
     "model's state there after reading the whole context (the kept tokens at step 0); reads no "
     "question", f"{HERE}:StateOffset", needs_model=True, field=f"{FIELD}:Stride",
     reads_states=True))
+ENCODERS.add("offset:sentences:once", EncoderEntry(
+    "offset:sentences with the context read once, not twice: a kept token's state has read the "
+    "question and the context up to it (half the frozen model's work per question)",
+    f"{HERE}:StateOffset", needs_model=True, field=f"{FIELD}:Sentences", needs_question=True,
+    reads_states=True, encoder_args=(("readings", 1),)))
