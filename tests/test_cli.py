@@ -202,5 +202,5 @@ def test_a_training_recipe_sets_the_options_every_screen_trial_trains_with():
                   "baseline,rms_scale1.0", "--samples", "400", "--verify"])
     opts = from_args(ScreenOptions, args, base=from_args(TrainOptions, args))
     assert (opts.base.encoder, opts.base.encoder_layer, opts.base.compression,
-            opts.base.samples) == ("offset:sentences", 8, 4.0, 400)
+            opts.base.samples) == ("offset:sentences:once", 8, 4.0, 400)
     assert opts.verify and opts.experiment == "baseline,rms_scale1.0"
