@@ -285,8 +285,9 @@ class StateOffset(nn.Module):
     dropped on either side of it. The function's last layer starts at zero: at step 0 the
     latents are the selector's tokens exactly, and training moves them from the selector's F1.
     With `readings=1` the context is read once: each state has seen only the context before it
-    (and the question), for half the frozen model's work. The states are the frozen model's, with no gradient: `states` computes them, and the
-    trainer keeps them per (question, paragraph) read, across epochs and questions.
+    (and the question), for half the frozen model's work. The states are the frozen model's,
+    with no gradient: `states` computes them, and the trainer keeps them per (question,
+    paragraph) read, across epochs and questions.
     """
 
     def __init__(self, d_model: int, max_latents: int, scale: float, model=None, vocab=None,
