@@ -58,8 +58,10 @@ def script_f1() -> None:
             done = len(list((self.out / "eval").glob("epoch*.json")))  # written after this
             result["f1"] = f1s[done]
             result["ci"] = [result["f1"], result["f1"]]
-            for p in result["predictions"]:  # every question scored alike: the mean's
-                p["f1"] = result["f1"]
+            # Every question scored alike, by every model: the mean's.
+            for record in result["models"].values() if "models" in result else [result]:
+                for p in record["predictions"]:
+                    p["f1"] = result["f1"]
         return result
 
     def loss(self, rows):

@@ -280,10 +280,12 @@ def test_a_screen_over_two_models_ranks_their_shared_runs_on_the_mean_f1(
     pair = f"{tiny_model_dir},{tiny_qwen_other_dir}"
     args = ["screen", "--model_id", pair, "--experiment", "baseline,rms_scale1.0",
             "--max_epochs", "1", "--samples", "8", "--eval_samples", "3", "--batch_size", "4",
-            "--max_new_tokens", "2", "--output_dir", str(tmp_path)]
+            "--max_new_tokens", "2", "--verify", "--output_dir", str(tmp_path)]
     assert main(args) == 0
     result = json.loads((tmp_path / "screen.json").read_text())
     assert [t["status"] for t in result["trials"]] == ["finished", "finished"]
+    # Both tie at epoch 1 (scripted 0.5 each): no order to agree with, on any resampling.
+    assert result["verify"]["trials"] == 2 and result["verify"]["kendall_ci"] == [None, None]
     for trial in result["trials"]:
         summary = json.loads((tmp_path / "trials" / trial["experiment"] / "summary.json")
                              .read_text())

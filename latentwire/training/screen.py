@@ -191,8 +191,11 @@ def would_stop(f1s: list[float], reduction_factor: float) -> list[bool]:
 
 def _question_f1(folder: Path, epoch: int) -> list[float]:
     """A trial's F1 on each evaluation question at an epoch, in the split's order (the same in
-    every trial)."""
-    return [p["f1"] for p in read_json(folder / "eval" / f"epoch{epoch}.json")["predictions"]]
+    every trial); a run over several models: their mean per question, what the screen ranks."""
+    record = read_json(folder / "eval" / f"epoch{epoch}.json")
+    models = list(record["models"].values()) if "models" in record else [record]
+    per_model = [[p["f1"] for p in m["predictions"]] for m in models]
+    return [sum(q) / len(q) for q in zip(*per_model)]
 
 
 def _number(x: float) -> float | None:
