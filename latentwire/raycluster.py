@@ -26,6 +26,7 @@ MAX_RESTARTS = 3
 # a driver whose head stopped answering, with a fatal log instead of a line that says what to do.
 GRACE_S = 20.0
 POLL_S = 2.0
+NODES_S = 10.0
 AGAIN = "run the same command again, on a cluster or without --ray here, to continue from it"
 
 
@@ -168,7 +169,23 @@ def lost(head: str, cpus: float, gpus: float) -> str | None:
         socket.create_connection((host, int(port)), timeout=POLL_S).close()
     except OSError as err:
         return f"its head at {head} stopped answering ({err.strerror or err})"
-    nodes = require_ray().nodes()
+    # A head killed just after the probe leaves Ray's call waiting for it, for up to its own
+    # timeout (tens of seconds), which the grace period would then start after: asked on the
+    # side, an answer later than that counts as no answer.
+    answer: list = []
+
+    def ask():
+        try:
+            answer.append(require_ray().nodes())
+        except Exception:  # a call that fails on a lost head is no answer, like one that hangs
+            pass
+
+    asking = threading.Thread(target=ask, daemon=True, name="latentwire-ray-nodes")
+    asking.start()
+    asking.join(NODES_S)
+    if not answer:
+        return f"its head at {head} did not list its nodes within {NODES_S:.0f} s"
+    nodes = answer[0]
     if workers_on(nodes, cpus, gpus) < 1:
         dead = sum(not n.get("Alive") for n in nodes)
         return (f"no live node can run a worker of {cpus:g} CPUs and {gpus:g} GPUs ({dead} of "
