@@ -259,7 +259,7 @@ def parser(defaults: dict | None = None) -> argparse.ArgumentParser:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, over its --config recipe where it names one."""
     args = parser().parse_args(argv)
-    if getattr(args, "config", None):
+    if getattr(args, "config", None) is not None:  # an empty --config is refused, not ignored
         recipe = read_config(args.config, COMMANDS[args.command].options(), args.command)
         args = parser({args.command: recipe}).parse_args(argv)
     return args

@@ -66,6 +66,7 @@ CASES = [
     (["train", "--report_to", "nowhere"], "nowhere"),
     (["train", "--samples", "4", "--batch_size", "8"], "smaller than --batch_size"),
     (["train", "--config", "missing.yaml"], "cannot read --config missing.yaml"),
+    (["screen", "--config", "", "--experiment", "baseline"], "cannot read --config"),
     (["train", "--config", "broken.yaml"], "--config broken.yaml is not valid YAML"),
     (["train", "--config", "unknown.yaml"], "'lrr' is not an option of `latentwire train`"),
     (["train", "--config", "typed.yaml"], "samples takes int (got 'many')"),
