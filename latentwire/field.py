@@ -198,6 +198,35 @@ class _ReaderCount:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
 
+@dataclass
+class Relay(TokenCompressor):
+    """A text compressor's output passed on as text: `inner` compresses each context once, in
+    the source model's tokens (LLMLingua scoring with the source model), and the reader reads
+    that text in its own tokens, at most ceil(N / R) of them for the source's N: the position
+    budget latents made from the source's tokens would have. The honest competitor of a latent
+    message between two model families. Read by the source itself, it is `inner` exactly."""
+    inner: TokenCompressor = None
+    source_tokenizer: object = field(default=None, repr=False)
+    source_id: str = ""
+
+    def __post_init__(self):
+        self.query_aware = self.inner.query_aware
+
+    def describe(self) -> dict:
+        return {"relay_from": self.source_id, "compressor": self.inner.describe(),
+                "budget": "ceil(N / R) of the source's N context tokens, counted in the "
+                          "reader's own tokens of the compressed text, cut to it"}
+
+    def select(self, spans, contexts, questions, ratio, tokenizer, model_id):
+        source = self.source_tokenizer
+        theirs = [source(c, add_special_tokens=False).input_ids for c in contexts]
+        kept = self.inner.select(theirs, contexts, questions, ratio, source, self.source_id)
+        if model_id == self.source_id:
+            return kept
+        return [tokenizer(source.decode(k), add_special_tokens=False).input_ids[
+                    :budget(len(t), ratio)] for k, t in zip(kept, theirs)]
+
+
 WINDOW = 32  # LLMLingua's window in tokens: see LLMLingua.select
 
 

@@ -114,3 +114,28 @@ class VocabSpace:
             margin = (d2[:, 1] - d2[:, 0]).median() if size > 1 else d2[:, 0].mean()
             self._codebooks[key] = (codes, margin.clamp_min(1e-12))
         return self._codebooks[key]
+
+
+def shared_tokens(source_tokenizer, target_tokenizer, source_size: int,
+                  target_size: int) -> tuple[list[int], list[int]]:
+    """(source ids, target ids) of the token strings both vocabularies hold, special tokens
+    aside: byte-level BPE vocabularies (Llama 3's, Qwen's, SmolLM2's) spell a token by its
+    bytes the same way, so a shared string is the same piece of text to both."""
+    special = set(source_tokenizer.all_special_tokens) | set(target_tokenizer.all_special_tokens)
+    theirs = target_tokenizer.get_vocab()
+    pairs = sorted((i, theirs[s]) for s, i in source_tokenizer.get_vocab().items()
+                   if s in theirs and s not in special and i < source_size
+                   and theirs[s] < target_size)
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+@torch.no_grad()
+def translation(source: VocabSpace, target: VocabSpace, source_ids: list[int],
+                target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [d_target, d_source], b [d_target]): the affine map that takes the source model's
+    embedding of each shared token nearest, in least squares, to the target model's embedding
+    of the same token: how a latent made of one model's tokens starts out readable by another."""
+    x = source.table[source_ids].double()
+    x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+    solution = torch.linalg.lstsq(x, target.table[target_ids].double()).solution
+    return solution[:-1].T.float().contiguous(), solution[-1].float()

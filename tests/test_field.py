@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from latentwire import prompts
 from latentwire.errors import UsageError
@@ -520,6 +521,28 @@ def test_an_offset_encoder_trains_and_is_evaluated_end_to_end(tmp_path):
     summary = json.loads((Path(opts.output_dir) / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["trainable_parameters"] > 0
     assert summary["compression_ratio"] > 1.5
+
+
+def test_reconstruction_reads_again_the_whole_context_not_the_kept_tokens(tmp_path):
+    """--recon_weight after an offset encoder: the target is every token of the context the
+    selector read, each predicted after the latents and the context before it."""
+    lm = tiny_lm()
+    t = trainer(tmp_path, lm, encoder="offset:truncate", compression=4.0, keep_question=True,
+                recon_weight=1.0)
+    rows = [0, 1]
+    items = [t.reader.train_items[r] for r in rows]
+    ((z, offsets, _),) = t.latents(rows)
+    _, parts = t.reader.loss(z, offsets, items)
+    expected = 0.0
+    for n, item in enumerate(items):
+        assert len(item.context) > 2 * len(item.span)
+        row = torch.cat([t.reader.prefix, z[offsets[n]:offsets[n + 1]],
+                         t.reader.embed_ids(item.context[:-1])])
+        logits = lm.model(inputs_embeds=row[None]).logits[0, -len(item.context):]
+        expected += float(F.cross_entropy(logits, torch.tensor(item.context)).detach())
+    assert parts["recon"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(UsageError, match="--recon_weight: --encoder kvpress:snapkv prunes"):
+        validate(options(tmp_path, encoder="kvpress:snapkv", recon_weight=1.0))
 
 
 def test_an_offset_encoders_states_at_a_lower_layer_are_that_layers_output(tmp_path):

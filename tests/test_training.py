@@ -87,10 +87,11 @@ def test_every_encoder_learns_and_the_answering_model_does_not(tmp_path, encoder
 @pytest.mark.parametrize("keep_question", [False, True])
 def test_loss_equals_the_answer_cross_entropy_computed_row_by_row(tmp_path, keep_question):
     """Batched, right-padded rows over a shared prefix cache, against each example alone with
-    its whole prompt: answer CE + first-token weight + distillation from the model reading text."""
+    its whole prompt: answer CE + first-token weight + distillation from the model reading text
+    + reconstruction (the model reading the whole span again after the latents)."""
     lm = tiny_lm()
     t = trainer(tmp_path, lm, keep_question=keep_question, first_token_ce_weight=0.5,
-                kd_weight=0.3, kd_tau=2.0, embed_transform="rms_matching")
+                kd_weight=0.3, kd_tau=2.0, recon_weight=0.7, embed_transform="rms_matching")
     items = t.reader.train_items[:3]
     t.distil()
     teacher = t.reader.teacher[:3]
@@ -110,6 +111,12 @@ def test_loss_equals_the_answer_cross_entropy_computed_row_by_row(tmp_path, keep
         p = torch.softmax(values / 2.0, -1)
         kd = -(p * torch.log_softmax(answer_logits / 2.0, -1).gather(1, ids)).sum(-1) * 4.0
         expected = expected + ce.mean() + 0.5 * ce[0] + 0.3 * kd.mean()
+        again = torch.cat([t.reader.prefix, z[offsets[n]:offsets[n + 1]],
+                           t.reader.embed_ids(item.span[:-1])])
+        last_latent = len(t.reader.prefix) + int(offsets[n + 1] - offsets[n]) - 1
+        recon = F.cross_entropy(lm.model(inputs_embeds=again[None]).logits[0, last_latent:],
+                                torch.tensor(item.span))
+        expected = expected + 0.7 * recon
         # The teacher is the model reading the text itself, at the same answer positions.
         text = torch.cat([t.reader.prefix, t.reader.embed_ids(prompts.encode_span(
             lm.tokenizer, t.reader.fmt, item.example.context, item.example.question)[0]), t.reader.anchor,

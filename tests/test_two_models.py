@@ -27,8 +27,9 @@ from latentwire.training.options import TrainOptions, validate
 from latentwire.training.spec import CompressorSpec
 from latentwire.training.summary import render
 from latentwire.training.trainer import CALIBRATION_EXAMPLES, State, Trainer
+from latentwire.vocab import VocabSpace, shared_tokens, translation
 
-from .conftest import tiny_lm, tiny_qwen_lm, unloadable_model
+from .conftest import byte_tokenizer, other_byte_tokenizer, tiny_lm, tiny_qwen_lm, unloadable_model
 
 
 def quiet(*args, **kwargs):
@@ -430,3 +431,52 @@ def test_the_command_trains_the_pair(tmp_path, tiny_model_dir, tiny_qwen_other_d
     _, config = checkpoint.load(tmp_path / "run" / "checkpoints" / "best")
     assert config["compressor"]["latent_dim"] == 16
     assert [a["model"]["id"] for a in config["answerers"]] == ids
+
+
+def test_the_vocabulary_map_is_the_least_squares_fit_over_the_tokens_both_spell_alike():
+    """shared_tokens pairs the ids of one token string in two vocabularies; translation recovers
+    an affine map that holds exactly, and on noisy tables is the normal equations' solution."""
+    a, b = byte_tokenizer(), other_byte_tokenizer()
+    ids_a, ids_b = shared_tokens(a, b, len(a), len(b))
+    assert len(ids_a) == 256  # every byte; the merges and each end-of-text token are not shared
+    assert [a.convert_ids_to_tokens(i) for i in ids_a] == [b.convert_ids_to_tokens(i)
+                                                         for i in ids_b]
+    gen = torch.Generator().manual_seed(0)
+    source = torch.randn(len(a), 8, generator=gen)
+    w, c = torch.randn(12, 8, generator=gen), torch.randn(12, generator=gen)
+    exact = torch.randn(len(b), 12, generator=gen)
+    exact[ids_b] = source[ids_a] @ w.T + c
+    got_w, got_c = translation(VocabSpace(source), VocabSpace(exact), ids_a, ids_b)
+    assert torch.allclose(got_w, w, atol=1e-4) and torch.allclose(got_c, c, atol=1e-4)
+    noisy = torch.randn(len(b), 12, generator=gen)
+    got_w, got_c = translation(VocabSpace(source), VocabSpace(noisy), ids_a, ids_b)
+    x = torch.cat([source[ids_a], torch.ones(len(ids_a), 1)], 1).double()
+    direct = torch.linalg.solve(x.T @ x, x.T @ noisy[ids_b].double())
+    assert torch.allclose(got_w, direct[:-1].T.float(), atol=1e-4)
+    assert torch.allclose(got_c, direct[-1].float(), atol=1e-4)
+
+
+def test_an_offset_encoder_shared_by_two_models_starts_as_each_ones_map_of_the_kept_tokens(
+        tmp_path):
+    """One latent for both: at step 0 the reader (the Llama) reads exactly the tokens its
+    selector kept, and the Qwen2 reads them through the map from the Llama's vocabulary to its
+    own; then both adapters and the offset train from the two answer losses."""
+    lms = pair()
+    t = two(tmp_path, lms, encoder="offset:truncate", compression=4.0, keep_question=True)
+    llama, qwen = t.answerers
+    assert t.reader is llama and t.spec.shared
+    rows = [0, 1, 2]
+    kept = [llama.train_items[r].span for r in rows]
+    tokens = llama.embed_ids([x for k in kept for x in k])
+    ids = shared_tokens(lms["llama"].tokenizer, lms["qwen"].tokenizer, llama.vocab.size,
+                        qwen.vocab.size)
+    w, c = translation(llama.vocab, qwen.vocab, *ids)
+    with torch.no_grad():
+        (z_llama, offsets, _), (z_qwen, _, _) = t.latents(rows)
+    assert offsets.tolist() == [0, *torch.tensor([len(k) for k in kept]).cumsum(0).tolist()]
+    assert torch.allclose(z_llama, tokens, atol=1e-5)
+    assert torch.allclose(z_qwen, tokens @ w.T + c, atol=1e-4)
+    for step in range(2):
+        t.step(list(range(4)), step)
+    for part in (t.compressor.encoder, t.compressor.adapters["0"], t.compressor.adapters["1"]):
+        assert sum(float(p.grad.abs().sum()) for p in part.parameters()) > 0

@@ -491,6 +491,18 @@ class Adapter(nn.Module):
         self.center.copy_(h.mean(0))
         self.spread.copy_(h.std(0).clamp_min(1e-6) if len(h) > 1 else h.new_ones(h.shape[1]))
 
+    @torch.no_grad()
+    def start_as(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Start as the affine map weight @ z + bias, in place of the calibration: for latents
+        that start as the reader's own token embeddings (an encoder on a field compressor),
+        the map that takes each token's embedding to this model's embedding of it (the
+        identity for the reader itself; see vocab.translation), so that the model reads at
+        step 0 what the selector kept."""
+        self.proj.weight.copy_(weight)
+        self.proj.bias.copy_(bias)
+        self.center.copy_(self.vocab_mean)
+        self.spread.copy_(self.vocab_std)
+
     def forward(self, z: torch.Tensor, offsets: torch.Tensor):
         y = self.vocab_mean + self.vocab_std * (self.proj(z) - self.center) / self.spread
         return _transformed(self.spec, self.vocab, self.codebook_key,
@@ -528,11 +540,15 @@ class SharedCompressor(nn.Module):
         z = self.encoder(x.float(), layout, **({} if states is None else {"states": states}))
         return (self.latent(z) if hasattr(self, "latent") else z), layout
 
-    def calibrate(self, x: torch.Tensor, lengths: list[int], encoder: bool = True) -> None:
+    def calibrate(self, x: torch.Tensor, lengths: list[int], encoder: bool = True,
+                  adapters: bool = True) -> None:
         """The encoder measures the spans as a Compressor's does (not an encoder loaded from
-        another run: it keeps its own start), then each adapter measures the latents."""
+        another run: it keeps its own start), then each adapter measures the latents (not
+        adapters that start as a vocabulary map: Adapter.start_as)."""
         if encoder and hasattr(self.encoder, "calibrate"):
             self.encoder.calibrate(x.float(), Layout.of(lengths, self.spec.counts(lengths), x.device))
+        if not adapters:
+            return
         with torch.no_grad():
             z, _ = self.shared(x, lengths)
         for adapter in self.adapters.values():

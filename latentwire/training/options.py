@@ -92,7 +92,8 @@ class TrainOptions:
     encoder_model: str | None = option(
         None, group=DATA, metavar="ID",
         help="the model whose copy reads the text (its tokens, embeddings and, for lm, its "
-             "layers), if not the first --model_id; it need not answer")
+             "layers), if not the first --model_id; it need not answer. For relay:<compressor>, "
+             "the model in whose tokens the text is compressed")
     dataset: str = option("builtin", group=DATA, metavar="SPEC",
                           help="as the sweep's --dataset; split by entity or article")
     samples: int = option(2000, group=DATA, metavar="N",
@@ -126,6 +127,10 @@ class TrainOptions:
     kd_weight: float = option(0.0, group=OPTIMISATION, metavar="W",
                               help="distillation from the model reading the text (0: off)")
     kd_tau: float = option(1.0, group=OPTIMISATION, metavar="T", help="distillation temperature")
+    recon_weight: float = option(
+        0.0, group=OPTIMISATION, metavar="W",
+        help="a label-free loss beside the answer's: the model reads the whole context again "
+             "after the latents and predicts each of its tokens, with this weight (0: off)")
     seed: int = option(42, group=OPTIMISATION, help="data order, split and init")
     output_dir: str | None = option(None, group=RUN, metavar="DIR",
                                     help="where the run goes; unset: runs/train/<embed_transform>")
@@ -179,7 +184,11 @@ class TrainOptions:
     def shared(self) -> bool:
         """Whether the latents go through an adapter per model: several models, another
         reader, a latent width or a frozen encoder. One model read by itself has none, and
-        trains, saves and replays exactly as it always has."""
+        trains, saves and replays exactly as it always has. A text relay has none: its one
+        model reads its own tokens of the relayed text."""
+        entry = ENCODERS.get(self.encoder)
+        if entry is not None and entry.relay:
+            return False
         return (len(self.model_ids()) > 1 or self.reader_id() != self.model_ids()[0]
                 or self.latent_dim is not None or self.freeze_encoder is not None)
 
@@ -393,10 +402,20 @@ def validate(opts: TrainOptions) -> Path:
     if opts.freeze_encoder is not None:
         checkpoint.read_config(opts.freeze_encoder)
     entry = ENCODERS.get(opts.encoder)
-    if entry is not None and entry.field is not None:
+    if entry is not None and entry.relay:
+        need(len(opts.model_ids()) == 1, f"--encoder {opts.encoder} gives each model its own "
+             "text: train one --model_id per run, the text's model as --encoder_model (a study "
+             "over several models does that with --dedicated)")
+        need(not opts.freeze_encoder and opts.latent_dim is None, f"--encoder {opts.encoder} "
+             "is text: it takes no --freeze_encoder or --latent_dim")
+    elif entry is not None and entry.field is not None and not entry.reads_states:
         need(len(opts.model_ids()) == 1 and opts.reader_id() == opts.model_ids()[0],
              f"--encoder {opts.encoder} compresses for the one model that reads it; pass one "
              "--model_id and no --encoder_model")
+    if entry is not None and entry.field is not None:
+        need(not (opts.recon_weight and entry.field.endswith(":Press")),
+             f"--recon_weight: --encoder {opts.encoder} prunes a cache, which has no context "
+             "to read again; use it with an encoder that gives latents")
         need(not (entry.needs_question and opts.keep_question),
              f"--encoder {opts.encoder} reads the question (query-aware): drop --keep_question")
     need(opts.encoder_lora >= 0, f"--encoder_lora must be >= 0, 0 for none (got {opts.encoder_lora})")
@@ -424,7 +443,7 @@ def validate(opts: TrainOptions) -> Path:
     need(opts.warmup_steps >= 0, f"--warmup_steps must be >= 0 (got {opts.warmup_steps})")
     need(opts.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, 0 for no clipping "
          f"(got {opts.max_grad_norm})")
-    for name in ("first_token_ce_weight", "kd_weight"):
+    for name in ("first_token_ce_weight", "kd_weight", "recon_weight"):
         need(getattr(opts, name) >= 0, f"--{name} must be >= 0 (got {getattr(opts, name)})")
     need(opts.kd_tau > 0, f"--kd_tau must be > 0 (got {opts.kd_tau})")
     need(opts.save_every >= 0, f"--save_every must be >= 0, 0 for epoch ends only "

@@ -23,15 +23,27 @@ class EncoderEntry:
     # field compressor kept: the trainer computes them once per example and passes them.
     reads_states: bool = False
     encoder_args: tuple = ()  # keyword arguments of its class, as (name, value) pairs
+    # Its field compressor's output goes on as text, compressed in another model's tokens (the
+    # source: --encoder_model) and read in the reader's own (field.Relay).
+    relay: bool = False
 
     def load(self) -> type:
         return load(self.implementation)
 
-    def field_compressor(self, seed: int = 0):
-        """The field compressor this entry names, built; None for a learned encoder."""
-        return None if self.field is None else load(self.field)(**dict(self.field_args),
-                                                                seed=seed)
+    def field_compressor(self, seed: int = 0, source: tuple | None = None):
+        """The field compressor this entry names, built; None for a learned encoder. A relay's
+        compresses in the `source` model's tokens: (its tokenizer, its id)."""
+        if self.field is None:
+            return None
+        built = load(self.field)(**dict(self.field_args), seed=seed)
+        if not self.relay:
+            return built
+        tokenizer, model_id = source or (None, "")
+        return load(f"{FIELD}:Relay")(inner=built, source_tokenizer=tokenizer,
+                                      source_id=model_id, seed=seed)
 
+
+FIELD = "latentwire.field"
 ENCODERS = Registry("encoder", EncoderEntry)
 HERE = "latentwire.training.encoders"
 ENCODERS.add("pool", EncoderEntry(
@@ -47,7 +59,6 @@ ENCODERS.add("lm", EncoderEntry(
 
 # The field's training-free compressors and the controls without a model, each read by the
 # frozen model as it is (--samples 0) or through pool at 1x trained on their output.
-FIELD = "latentwire.field"
 POOL = f"{HERE}:Pool"
 ENCODERS.add("truncate", EncoderEntry(
     "control without a model: the first 1/R of the context's tokens", POOL,
@@ -101,3 +112,14 @@ ENCODERS.add("offset:sentences:once", EncoderEntry(
     "question and the context up to it (half the frozen model's work per question)",
     f"{HERE}:StateOffset", needs_model=True, field=f"{FIELD}:Sentences", needs_question=True,
     reads_states=True, encoder_args=(("readings", 1),)))
+
+# The text relay: a text compressor's output read by another model in its own tokens, at the
+# position budget of latents made from the source's tokens. The source is --encoder_model
+# (unset: the reader itself, where a relay is its compressor exactly).
+for _name in ("sentences", "truncate", "llmlingua", "longllmlingua"):
+    _inner = ENCODERS[_name]
+    ENCODERS.add(f"relay:{_name}", EncoderEntry(
+        f"`{_name}`'s text, compressed in --encoder_model's tokens, read in the reader's own "
+        "(at most the latents' count of positions): the text relay between two models", POOL,
+        field=_inner.field, field_args=_inner.field_args, needs_question=_inner.needs_question,
+        relay=True))

@@ -80,9 +80,19 @@ def cells(opts: StudyOptions) -> list[Cell]:
         grid += controls + [("pool", 1.0)]
         for m in [None, *alone]:
             for e, r in grid:
-                if Cell(s, e, r, m) not in out:
-                    out.append(Cell(s, e, r, m))
+                for cell in _per_model(Cell(s, e, r, m), models):
+                    if cell not in out:
+                        out.append(cell)
     return out
+
+
+def _per_model(cell: Cell, models: list[str]) -> list[Cell]:
+    """A text relay's cell over several models is one run per model, each reading its own
+    tokens of the text the first model's compressed (see field.Relay); any other cell is
+    itself."""
+    if len(models) < 2 or cell.model is not None or not ENCODERS[cell.encoder].relay:
+        return [cell]
+    return [replace(cell, model=m) for m in models]
 
 
 def _question_blind(encoder: str) -> bool:
@@ -288,8 +298,11 @@ def table(opts: StudyOptions, todo: list[Cell]) -> list[dict]:
     rows, scores = [], []
     for c, source in _rows(todo):
         per_model = loaded.get(source)
-        if per_model is None or c.model is not None:  # the sharing table's: one model alone
-            continue
+        relayed = c.model is not None and ENCODERS[c.encoder].relay
+        if per_model is None or (c.model is not None and not relayed):
+            continue  # the sharing table's: one model alone
+        if relayed:  # a row of the model that read its own text
+            per_model = {model_dirname(c.model): per_model[None]}
         summary = json.loads((Path(opts.output_dir) / source.name / "summary.json").read_text())
         seconds = summary["train_seconds"]
         per_answer = ((summary["epochs"][-1]["eval_seconds"]

@@ -31,7 +31,7 @@ from ..field import (Extractive, Press, Repeat, TokenCompressor, answer_pressed,
 from ..generation import StopTokens, cache_argument, generate, plain_kv, returned_cache
 from ..scoring import cut_answer, score_answers
 from ..stats import bootstrap_ci
-from ..vocab import VocabSpace
+from ..vocab import VocabSpace, shared_tokens, translation
 from . import checkpoint
 from .encoders import RECOMPUTES, build, transform_config
 from .options import TrainOptions, shared_store_restarts, with_precision
@@ -63,6 +63,12 @@ def answer_ids(tokenizer, fmt: prompts.PromptFormat, answer: str) -> list[int]:
     joined = fmt.anchor_text and not fmt.anchor_text[-1].isspace()
     ids = tokenizer((" " if joined else "") + answer, add_special_tokens=False).input_ids
     return ids + [tokenizer.eos_token_id]
+
+
+def whole_context(item: Item) -> list[int]:
+    """What the encoder compressed, whole: the context before a field compressor kept part of
+    it, else the span itself."""
+    return item.context if item.context is not None else item.span
 
 
 def encode_items(tokenizer, fmt, examples, keep_question: bool) -> list[Item]:
@@ -151,7 +157,7 @@ class Answerer:
     stays in eval mode."""
 
     def __init__(self, model_id: str, lm, opts: TrainOptions, split, checkpointing: bool,
-                 weight: float = 1.0, autocast=contextlib.nullcontext):
+                 weight: float = 1.0, autocast=contextlib.nullcontext, relay_from=None):
         self.lm, self.opts, self.weight, self.checkpointing = lm, opts, weight, checkpointing
         self.autocast = autocast  # the run's precision for the graph (Accelerator.autocast)
         self.model_id, self.name = model_id, models.model_dirname(model_id)
@@ -167,7 +173,8 @@ class Answerer:
         self.prefix, self.anchor = self.embed_ids(self.prefix_ids), self.embed_ids(self.anchor_ids)
         # A field compressor keeps part of the context; the question follows as text in both
         # settings, and it reads the question only where the setting is query-aware.
-        self.field = ENCODERS[opts.encoder].field_compressor(opts.seed)
+        # relay_from: (tokenizer, id) of the model a text relay compresses in.
+        self.field = ENCODERS[opts.encoder].field_compressor(opts.seed, relay_from)
         as_text = opts.keep_question or self.field is not None
         train = encode_items(tok, self.fmt, split.train, as_text)
         evaluated = encode_items(tok, self.fmt, split.eval, as_text)
@@ -246,27 +253,49 @@ class Answerer:
             per_item_kd = torch.zeros_like(per_item_ce).index_add(0, segment, kd) / sizes
             total = total + o.kd_weight * per_item_kd
             parts["kd"] = float(per_item_kd.detach().sum())
+        if o.recon_weight > 0:
+            contexts = [whole_context(i) for i in items]
+            logits = self.context_logits(z, offsets, contexts)
+            target = torch.tensor([t for c in contexts for t in c], device=logits.device)
+            ce = F.cross_entropy(logits, target, reduction="none")
+            segment = torch.cat([torch.full((len(c),), n, device=ce.device)
+                                 for n, c in enumerate(contexts)])
+            sizes = torch.tensor([len(c) for c in contexts], device=ce.device)
+            per_item_recon = torch.zeros_like(per_item_ce).index_add(0, segment, ce) / sizes
+            total = total + o.recon_weight * per_item_recon
+            parts["recon"] = float(per_item_recon.detach().sum())
         return total.sum(), parts
 
     def answer_logits(self, z: torch.Tensor, offsets, items: list[Item]) -> torch.Tensor:
         """The logits at every answer position of every item (in order), the items read in one
         batch behind the shared prefix: latents, question, anchor, the answer so far."""
+        return self.read_after(z, offsets, [
+            (torch.cat([self.embed_ids(i.question), self.anchor, self.embed_ids(i.answer[:-1])]),
+             len(i.answer)) for i in items])
+
+    def context_logits(self, z: torch.Tensor, offsets, contexts: list[list[int]]) -> torch.Tensor:
+        """The logits at every token of each item's whole context, read again right after its
+        latents: the last latent predicts the context's first token, and so on (--recon_weight:
+        what the latents must carry of the context, with no label)."""
+        return self.read_after(z, offsets, [(self.embed_ids(c[:-1]), len(c)) for c in contexts])
+
+    def read_after(self, z: torch.Tensor, offsets, tails: list[tuple]) -> torch.Tensor:
+        """The logits at the last `count` positions of each row [prefix, latents, tail] for the
+        (tail embeddings, count) of each item, the rows read in one batch behind the shared
+        prefix; the position before each predicted token predicts it."""
         dtype = self.embed.weight.dtype
-        cache = self.prefix_cache(len(items))
+        cache = self.prefix_cache(len(tails))
         lead = self.prefix if cache is None else self.prefix[:0]
         rows, starts = [], []
-        for n, item in enumerate(items):
-            row = torch.cat([lead, z[offsets[n]:offsets[n + 1]].to(dtype),
-                             self.embed_ids(item.question), self.anchor,
-                             self.embed_ids(item.answer[:-1])])
-            # The last anchor token predicts the first answer token, and so on.
-            starts.append(row.shape[0] - len(item.answer))
+        for n, (tail, count) in enumerate(tails):
+            row = torch.cat([lead, z[offsets[n]:offsets[n + 1]].to(dtype), tail])
+            starts.append(row.shape[0] - count)
             rows.append(row)
         width = max(r.shape[0] for r in rows)
         # Right padding needs no mask: under causal attention no real token sees a pad.
         batch = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
-        at_row = torch.cat([torch.full((len(i.answer),), n) for n, i in enumerate(items)])
-        at_col = torch.cat([torch.arange(s, s + len(i.answer)) for s, i in zip(starts, items)])
+        at_row = torch.cat([torch.full((c,), n) for n, (_, c) in enumerate(tails)])
+        at_col = torch.cat([torch.arange(s, s + c) for s, (_, c) in zip(starts, tails)])
         with self.autocast():
             base = self.lm.model.base_model
             hidden = base(inputs_embeds=batch, use_cache=cache is not None,
@@ -475,11 +504,15 @@ class Trainer:
         # into every row instead of a shared cache.
         self.checkpointing = opts.gradient_checkpointing or self.device.type == "cuda"
 
+        source = (loaded[opts.reader_id()].tokenizer, opts.reader_id())
+
         def answerer(model_id: str, weight: float) -> Answerer:
             return Answerer(model_id, loaded[model_id], opts, self.split, self.checkpointing,
-                            weight, self.accelerator.autocast)
+                            weight, self.accelerator.autocast, source)
 
         answerers = [answerer(m, w) for m, w in zip(opts.model_ids(), opts.weights())]
+        if ENCODERS[opts.encoder].relay:  # the one model reads its own tokens of the text
+            return answerers, answerers[0]
         reader = next((a for a in answerers if a.model_id == opts.reader_id()),
                       None) or answerer(opts.reader_id(), 0.0)
         return answerers, reader
@@ -498,14 +531,40 @@ class Trainer:
             compressor.load_state_dict(frozen, strict=False)
             for name, p in compressor.named_parameters():
                 p.requires_grad_(name.startswith("adapters."))
+        mapped = self.map_adapters(spec, compressor)
         if not reader.train_items:  # --samples 0: evaluated as it stands, nothing trains
             return spec, compressor, [], None
         calibration = reader.train_items[:CALIBRATION_EXAMPLES]
         spans = reader.embed_ids([t for i in calibration for t in i.span])
         compressor.calibrate(spans, [len(i.span) for i in calibration],
-                             **({} if frozen is None else {"encoder": False}))
+                             **({} if frozen is None else {"encoder": False}),
+                             **({"adapters": False} if mapped else {}))
         params = [p for p in compressor.parameters() if p.requires_grad]
         return spec, compressor, params, torch.optim.AdamW(params, lr=opts.lr)
+
+    def map_adapters(self, spec: CompressorSpec, compressor) -> bool:
+        """Latents that start as the reader's own token embeddings (an encoder on a field
+        compressor, in the reader's width) start readable by every model: each adapter starts
+        as the map from the reader's vocabulary to its model's, fitted on the tokens both
+        spell alike (the identity for the reader itself). Whether it did."""
+        if not (spec.shared and spec.field) or hasattr(compressor, "latent"):
+            return False
+        reader = self.reader
+        for n, a in enumerate(self.answerers):
+            if a.model_id == reader.model_id:
+                width = reader.embed.weight.shape[1]
+                weight, bias = torch.eye(width), torch.zeros(width)
+            else:
+                ids = shared_tokens(reader.lm.tokenizer, a.lm.tokenizer, reader.vocab.size,
+                                    a.vocab.size)
+                weight, bias = translation(reader.vocab, a.vocab, *ids)
+                mapped = reader.vocab.table[ids[0]] @ weight.T + bias
+                fit = F.cosine_similarity(mapped, a.vocab.table[ids[1]]).mean()
+                self.log(f"{a.name}'s adapter starts as the map from {reader.name}'s vocabulary: "
+                         f"{len(ids[0]):,} tokens both spell alike, mapped at mean cosine "
+                         f"{float(fit):.2f} to {a.name}'s own")
+            compressor.adapters[str(n)].start_as(weight.to(self.device), bias.to(self.device))
+        return True
 
     def record(self) -> tuple[dict, dict]:
         """(the run's provenance for config.json, what each checkpoint records of its models
