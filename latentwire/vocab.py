@@ -139,3 +139,27 @@ def translation(source: VocabSpace, target: VocabSpace, source_ids: list[int],
     x = torch.cat([x, x.new_ones(len(x), 1)], 1)
     solution = torch.linalg.lstsq(x, target.table[target_ids].double()).solution
     return solution[:-1].T.float().contiguous(), solution[-1].float()
+
+
+@torch.no_grad()
+def token_anchors(source_tokenizer, target_tokenizer, target: VocabSpace,
+                  source_size: int) -> torch.Tensor:
+    """[source_size, d_target]: each source token as the target model embeds it: the target's
+    own embedding of the same token string where its vocabulary has it, else the mean of its
+    embeddings of its own tokens of that token's text (the vocabulary's mean for a token with
+    no text of its own, such as a special token)."""
+    theirs = target_tokenizer.get_vocab()
+    special = set(source_tokenizer.all_special_tokens)
+    out = target.mean.repeat(source_size, 1)
+    for piece, i in source_tokenizer.get_vocab().items():
+        if i >= source_size or piece in special:
+            continue
+        if piece in theirs and theirs[piece] < target.size:
+            out[i] = target.table[theirs[piece]]
+            continue
+        text = source_tokenizer.convert_tokens_to_string([piece])
+        ids = [t for t in target_tokenizer(text, add_special_tokens=False).input_ids
+               if t < target.size]
+        if ids:
+            out[i] = target.table[ids].mean(0)
+    return out

@@ -27,7 +27,7 @@ from latentwire.training.options import TrainOptions, validate
 from latentwire.training.spec import CompressorSpec
 from latentwire.training.summary import render
 from latentwire.training.trainer import CALIBRATION_EXAMPLES, State, Trainer
-from latentwire.vocab import VocabSpace, shared_tokens, translation
+from latentwire.vocab import VocabSpace, shared_tokens, token_anchors, translation
 
 from .conftest import byte_tokenizer, other_byte_tokenizer, tiny_lm, tiny_qwen_lm, unloadable_model
 
@@ -454,29 +454,47 @@ def test_the_vocabulary_map_is_the_least_squares_fit_over_the_tokens_both_spell_
     direct = torch.linalg.solve(x.T @ x, x.T @ noisy[ids_b].double())
     assert torch.allclose(got_w, direct[:-1].T.float(), atol=1e-4)
     assert torch.allclose(got_c, direct[-1].float(), atol=1e-4)
+    # Each of b's tokens as a embeds it: its own row where a spells it alike, else the mean of
+    # a's rows of its text ("the" -> t, h, e), and a's mean for b's end-of-text token.
+    anchors = token_anchors(b, a, VocabSpace(source), len(b))
+    for piece in ("a", "th", "the"):
+        rows = [a.convert_tokens_to_ids(ch) for ch in piece]
+        assert torch.allclose(anchors[b.convert_tokens_to_ids(piece)], source[rows].mean(0))
+    assert torch.allclose(anchors[b.convert_tokens_to_ids("<|end|>")], source.mean(0))
 
 
-def test_an_offset_encoder_shared_by_two_models_starts_as_each_ones_map_of_the_kept_tokens(
-        tmp_path):
+def test_an_offset_encoder_shared_by_two_models_starts_as_each_ones_own_kept_tokens(tmp_path):
     """One latent for both: at step 0 the reader (the Llama) reads exactly the tokens its
-    selector kept, and the Qwen2 reads them through the map from the Llama's vocabulary to its
-    own; then both adapters and the offset train from the two answer losses."""
+    selector kept, and the Qwen2 reads its own embedding of each (the same byte, its own id);
+    then each model's latent is that plus its map of the offset, which starts as the map
+    between the vocabularies, and the offset and both maps train from the two answer losses."""
     lms = pair()
     t = two(tmp_path, lms, encoder="offset:truncate", compression=4.0, keep_question=True)
     llama, qwen = t.answerers
     assert t.reader is llama and t.spec.shared
     rows = [0, 1, 2]
-    kept = [llama.train_items[r].span for r in rows]
-    tokens = llama.embed_ids([x for k in kept for x in k])
-    ids = shared_tokens(lms["llama"].tokenizer, lms["qwen"].tokenizer, llama.vocab.size,
-                        qwen.vocab.size)
-    w, c = translation(llama.vocab, qwen.vocab, *ids)
+    kept = [x for r in rows for x in llama.train_items[r].span]
+    ltok, qtok = lms["llama"].tokenizer, lms["qwen"].tokenizer
+    theirs = qtok.convert_tokens_to_ids(ltok.convert_ids_to_tokens(kept))
     with torch.no_grad():
         (z_llama, offsets, _), (z_qwen, _, _) = t.latents(rows)
-    assert offsets.tolist() == [0, *torch.tensor([len(k) for k in kept]).cumsum(0).tolist()]
-    assert torch.allclose(z_llama, tokens, atol=1e-5)
-    assert torch.allclose(z_qwen, tokens @ w.T + c, atol=1e-4)
+    sizes = [len(llama.train_items[r].span) for r in rows]
+    assert offsets.tolist() == [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    assert torch.allclose(z_llama, llama.embed_ids(kept), atol=1e-5)
+    assert torch.allclose(z_qwen, qwen.embed_ids(theirs), atol=1e-5)
+    ids = shared_tokens(ltok, qtok, llama.vocab.size, qwen.vocab.size)
+    w, _ = translation(llama.vocab, qwen.vocab, *ids)
+    assert torch.allclose(t.compressor.adapters["1"].proj.weight, w)
     for step in range(2):
         t.step(list(range(4)), step)
     for part in (t.compressor.encoder, t.compressor.adapters["0"], t.compressor.adapters["1"]):
         assert sum(float(p.grad.abs().sum()) for p in part.parameters()) > 0
+    with torch.no_grad():
+        (z_llama, _, _), (z_qwen, _, _) = t.latents(rows)
+        x = llama.embed_ids(kept)
+        states = torch.cat([t.states(llama.train_items[r]) for r in rows])
+        z, _ = t.compressor.shared(x, sizes, states)
+        assert not torch.allclose(z, x, atol=1e-3)  # the offset moved
+        for a, mine, own in ((t.compressor.adapters["0"], z_llama, x),
+                             (t.compressor.adapters["1"], z_qwen, qwen.embed_ids(theirs))):
+            assert torch.allclose(mine, own + a.proj(z - x), atol=1e-5)

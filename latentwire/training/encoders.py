@@ -454,7 +454,7 @@ class Compressor(nn.Module):
         return _transformed(self.spec, self.vocab, self.codebook_key,
                             getattr(self, "codes", None), z, layout.offsets)
 
-    def per_model(self, x: torch.Tensor, lengths: list[int], states=None) -> list[tuple]:
+    def per_model(self, x: torch.Tensor, lengths: list[int], states=None, ids=None) -> list[tuple]:
         """The latents of the one model that reads them, as a list like SharedCompressor's."""
         return [self(x, lengths, states)]
 
@@ -492,18 +492,28 @@ class Adapter(nn.Module):
         self.spread.copy_(h.std(0).clamp_min(1e-6) if len(h) > 1 else h.new_ones(h.shape[1]))
 
     @torch.no_grad()
-    def start_as(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        """Start as the affine map weight @ z + bias, in place of the calibration: for latents
-        that start as the reader's own token embeddings (an encoder on a field compressor),
-        the map that takes each token's embedding to this model's embedding of it (the
-        identity for the reader itself; see vocab.translation), so that the model reads at
-        step 0 what the selector kept."""
+    def on_tokens(self, anchors: torch.Tensor, weight: torch.Tensor) -> None:
+        """For latents that are the reader's embeddings of kept tokens plus what the encoder
+        added (an encoder on a field compressor): this model's latent is its own embedding of
+        each kept token (`anchors`, by the reader's token id: vocab.token_anchors; the
+        reader's own table for the reader) plus this linear map of what the encoder added,
+        in place of the calibration. `weight` starts as the map between the two vocabularies
+        (vocab.translation; the identity for the reader), so at step 0 each model reads the
+        kept tokens as its own embeddings of them. The anchors are rebuilt from the models,
+        not saved."""
+        self.register_buffer("anchors", anchors, persistent=False)
         self.proj.weight.copy_(weight)
-        self.proj.bias.copy_(bias)
-        self.center.copy_(self.vocab_mean)
-        self.spread.copy_(self.vocab_std)
+        self.proj.bias.zero_()
 
-    def forward(self, z: torch.Tensor, offsets: torch.Tensor):
+    def forward(self, z: torch.Tensor, offsets: torch.Tensor, tokens=None):
+        if hasattr(self, "anchors"):
+            if tokens is None:
+                raise UsageError("these latents are read as the reader's kept tokens plus an "
+                                 "offset, which only `latentwire train` and `study` give")
+            x, ids = tokens
+            y = self.anchors[ids] + self.proj(z - x)
+            return _transformed(self.spec, self.vocab, self.codebook_key,
+                                getattr(self, "codes", None), y, offsets)
         y = self.vocab_mean + self.vocab_std * (self.proj(z) - self.center) / self.spread
         return _transformed(self.spec, self.vocab, self.codebook_key,
                             getattr(self, "codes", None), y, offsets)
@@ -554,10 +564,14 @@ class SharedCompressor(nn.Module):
         for adapter in self.adapters.values():
             adapter.calibrate(z)
 
-    def forward(self, x: torch.Tensor, lengths: list[int], states=None) -> list[tuple]:
-        """Per adapter built, in order: (latents [M, d_i], offsets [E + 1], diagnostics)."""
+    def forward(self, x: torch.Tensor, lengths: list[int], states=None,
+                ids: torch.Tensor | None = None) -> list[tuple]:
+        """Per adapter built, in order: (latents [M, d_i], offsets [E + 1], diagnostics). `ids`:
+        the reader's token ids of x, for adapters on tokens (a field compressor's latents, one
+        per kept token: Adapter.on_tokens)."""
         z, layout = self.shared(x, lengths, states)
-        return [adapter(z, layout.offsets) for adapter in self.adapters.values()]
+        tokens = None if ids is None else (x.float(), ids)
+        return [adapter(z, layout.offsets, tokens) for adapter in self.adapters.values()]
 
     per_model = forward
 

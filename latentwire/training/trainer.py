@@ -31,7 +31,7 @@ from ..field import (Extractive, Press, Repeat, TokenCompressor, answer_pressed,
 from ..generation import StopTokens, cache_argument, generate, plain_kv, returned_cache
 from ..scoring import cut_answer, score_answers
 from ..stats import bootstrap_ci
-from ..vocab import VocabSpace, shared_tokens, translation
+from ..vocab import VocabSpace, shared_tokens, token_anchors, translation
 from . import checkpoint
 from .encoders import RECOMPUTES, build, transform_config
 from .options import TrainOptions, shared_store_restarts, with_precision
@@ -543,27 +543,27 @@ class Trainer:
         return spec, compressor, params, torch.optim.AdamW(params, lr=opts.lr)
 
     def map_adapters(self, spec: CompressorSpec, compressor) -> bool:
-        """Latents that start as the reader's own token embeddings (an encoder on a field
-        compressor, in the reader's width) start readable by every model: each adapter starts
-        as the map from the reader's vocabulary to its model's, fitted on the tokens both
-        spell alike (the identity for the reader itself). Whether it did."""
+        """Latents that are the reader's embeddings of kept tokens plus what the encoder added
+        (an encoder on a field compressor, in the reader's width) are read by each model as
+        its own embedding of each kept token plus a linear map of the addition, which starts
+        as the map between the two vocabularies fitted on the tokens both spell alike (the
+        reader: its own table and the identity). Whether they are."""
         if not (spec.shared and spec.field) or hasattr(compressor, "latent"):
             return False
         reader = self.reader
         for n, a in enumerate(self.answerers):
             if a.model_id == reader.model_id:
-                width = reader.embed.weight.shape[1]
-                weight, bias = torch.eye(width), torch.zeros(width)
+                anchors, weight = reader.vocab.table, torch.eye(reader.embed.weight.shape[1])
             else:
-                ids = shared_tokens(reader.lm.tokenizer, a.lm.tokenizer, reader.vocab.size,
-                                    a.vocab.size)
-                weight, bias = translation(reader.vocab, a.vocab, *ids)
-                mapped = reader.vocab.table[ids[0]] @ weight.T + bias
-                fit = F.cosine_similarity(mapped, a.vocab.table[ids[1]]).mean()
-                self.log(f"{a.name}'s adapter starts as the map from {reader.name}'s vocabulary: "
-                         f"{len(ids[0]):,} tokens both spell alike, mapped at mean cosine "
-                         f"{float(fit):.2f} to {a.name}'s own")
-            compressor.adapters[str(n)].start_as(weight.to(self.device), bias.to(self.device))
+                tok = reader.lm.tokenizer
+                ids = shared_tokens(tok, a.lm.tokenizer, reader.vocab.size, a.vocab.size)
+                weight, _ = translation(reader.vocab, a.vocab, *ids)
+                anchors = token_anchors(tok, a.lm.tokenizer, a.vocab, reader.vocab.size)
+                self.log(f"{a.name} reads {reader.name}'s kept tokens as its own embeddings of "
+                         f"them ({len(ids[0]):,} of {reader.vocab.size:,} spelled alike, the "
+                         "others as the mean of its tokens of their text), plus a map of the "
+                         "offsets fitted on those it spells alike")
+            compressor.adapters[str(n)].on_tokens(anchors.to(self.device), weight.to(self.device))
         return True
 
     def record(self) -> tuple[dict, dict]:
@@ -641,8 +641,10 @@ class Trainer:
         states = None
         if ENCODERS[self.opts.encoder].reads_states:
             states = torch.cat([self.states(items[r]) for r in rows])
-        return self.compressor.per_model(self.reader.embed_ids([t for s in spans for t in s]).float(),
-                                         [len(s) for s in spans], states)
+        flat = [t for s in spans for t in s]
+        return self.compressor.per_model(self.reader.embed_ids(flat).float(),
+                                         [len(s) for s in spans], states,
+                                         torch.tensor(flat, device=self.device))
 
     def states(self, item: Item) -> torch.Tensor:
         """The frozen model's states at an item's kept tokens. The model never changes, so a
