@@ -64,6 +64,7 @@ STUDY_EXAMPLES = """examples:
   latentwire study --encoders lm --compressions 4 --settings aware --samples 500
   latentwire study --encoders pool,lm --ray                # cells as tasks on a new local Ray
   latentwire study --encoders lm --ray 10.0.0.5:6379 --ray_gpus_per_worker 1 --output_dir /shared/study
+  latentwire study --config study.yaml --only aware/lm_x4   # grid and cell options from a file
 """
 
 SCREEN_EXAMPLES = """examples:
@@ -218,7 +219,8 @@ COMMANDS = {
         "with a sweep transform inside the graph; every epoch is evaluated beside the text "
         "itself and the question alone.", TRAIN_EXAMPLES),
     "study": Command(
-        cmd_study, lambda: options_of(StudyOptions) + options_of(TrainOptions, skip=CELL_OPTIONS),
+        cmd_study, lambda: (options_of(Recipe) + options_of(StudyOptions)
+                            + options_of(TrainOptions, skip=CELL_OPTIONS)),
         "encoder x compression x setting, with the controls: one table, one plot",
         "Train every encoder at every compression, query-aware and query-agnostic, beside the "
         "controls, at one budget; a rerun continues where it stopped.", STUDY_EXAMPLES),

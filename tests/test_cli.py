@@ -204,3 +204,23 @@ def test_a_training_recipe_sets_the_options_every_screen_trial_trains_with():
     assert (opts.base.encoder, opts.base.encoder_layer, opts.base.compression,
             opts.base.samples) == ("offset:sentences:once", 8, 4.0, 400)
     assert opts.verify and opts.experiment == "baseline,rms_scale1.0"
+
+
+def test_a_study_recipe_sets_the_grid_and_every_cells_training_options(tmp_path, capsys):
+    """`study --config`: the grid's options and the training options its cells share; a cell's
+    own option (the encoder) is the grid's, refused in a study recipe in one line."""
+    from latentwire.cli import main, parse
+    from latentwire.options import from_args
+    from latentwire.training.options import StudyOptions, TrainOptions
+
+    path = tmp_path / "study.yaml"
+    path.write_text("encoders: offset:sentences:once,sentences\ncompressions: 4,16\n"
+                    "settings: aware\nencoder_layer: 8\nsamples: 2400\n")
+    args = parse(["study", "--config", str(path), "--compressions", "4"])
+    opts = from_args(StudyOptions, args, base=from_args(TrainOptions, args))
+    assert (opts.encoders, opts.compressions, opts.settings) == (
+        "offset:sentences:once,sentences", "4", "aware")
+    assert (opts.base.encoder_layer, opts.base.samples) == (8, 2400)
+    path.write_text("encoder: lm\n")
+    assert main(["study", "--config", str(path), "--output_dir", str(tmp_path / "s")]) == 2
+    assert "'encoder' is not an option of `latentwire study`" in capsys.readouterr().err
