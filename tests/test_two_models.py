@@ -498,3 +498,52 @@ def test_an_offset_encoder_shared_by_two_models_starts_as_each_ones_own_kept_tok
         for a, mine, own in ((t.compressor.adapters["0"], z_llama, x),
                              (t.compressor.adapters["1"], z_qwen, qwen.embed_ids(theirs))):
             assert torch.allclose(mine, own + a.proj(z - x), atol=1e-5)
+
+
+def test_nothing_hard_wires_two_readers_a_run_over_three_has_a_section_per_model(tmp_path):
+    """One offset latent for three models (two Llamas of other widths and seeds, and the
+    Qwen2): every model's own section, each against its own references, and each model starts
+    reading its own embeddings of the kept tokens."""
+    lms = {**pair(), "llama2": tiny_lm(hidden=40, seed=2)}
+    opts = options(tmp_path, model_id="llama,qwen,llama2", encoder="offset:truncate",
+                   compression=4.0, keep_question=True)
+    t = Trainer(opts, validate(opts), quiet, lms)
+    kept = t.reader.train_items[0].span
+    with torch.no_grad():
+        latents = t.latents([0])
+    assert [z.shape[1] for z, _, _ in latents] == [32, 48, 40]
+    assert torch.allclose(latents[2][0], t.answerers[2].embed_ids(kept), atol=1e-5)
+    assert run(opts, quiet, lms) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert list(summary["models"]) == ["llama", "qwen", "llama2"]
+    for section in summary["models"].values():
+        assert set(section["references"]) == {"text", "question_only"}
+        assert 0 <= section["final"]["f1"] <= 1
+
+
+def test_an_offset_encoder_made_for_one_model_is_read_by_another_through_its_own_tokens(
+        tmp_path):
+    """Transfer on tokens: the Llama's own offset encoder, frozen; the Qwen2 reads its latents as
+    its own embeddings of the kept tokens plus its map of the frozen offsets, and only that map
+    trains."""
+    lms = pair()
+    alone = TrainOptions(model_id="llama", encoder="offset:truncate", compression=4.0,
+                         keep_question=True, samples=12, eval_samples=4, batch_size=4,
+                         max_new_tokens=2, output_dir=str(tmp_path / "alone"))
+    assert run(alone, quiet, lms["llama"]) == 0
+    best = tmp_path / "alone" / "checkpoints" / "best"
+    t = two(tmp_path, lms, model_id="qwen", encoder_model="llama", freeze_encoder=str(best),
+            encoder="offset:truncate", compression=4.0, keep_question=True)
+    adapter = t.compressor.adapters["0"]
+    assert {id(p) for p in t.params} == {id(p) for p in adapter.parameters()}
+    llama, (qwen,) = t.reader, t.answerers
+    kept = llama.train_items[0].span
+    theirs = qwen.lm.tokenizer.convert_tokens_to_ids(
+        llama.lm.tokenizer.convert_ids_to_tokens(kept))
+    with torch.no_grad():
+        ((z_qwen, _, _),) = t.latents([0])
+        x = llama.embed_ids(kept)
+        z, _ = t.compressor.shared(x, [len(kept)], t.states(llama.train_items[0]))
+    assert torch.allclose(z_qwen, qwen.embed_ids(theirs) + adapter.proj(z - x), atol=1e-5)
+    t.step(list(range(4)), 0)
+    assert float(adapter.proj.weight.grad.abs().sum()) > 0
