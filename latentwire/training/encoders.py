@@ -554,7 +554,7 @@ class SharedCompressor(nn.Module):
                   adapters: bool = True) -> None:
         """The encoder measures the spans as a Compressor's does (not an encoder loaded from
         another run: it keeps its own start), then each adapter measures the latents (not
-        adapters that start as a vocabulary map: Adapter.start_as)."""
+        adapters on tokens: Adapter.on_tokens)."""
         if encoder and hasattr(self.encoder, "calibrate"):
             self.encoder.calibrate(x.float(), Layout.of(lengths, self.spec.counts(lengths), x.device))
         if not adapters:

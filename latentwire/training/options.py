@@ -405,7 +405,7 @@ def validate(opts: TrainOptions) -> Path:
     if entry is not None and entry.relay:
         need(len(opts.model_ids()) == 1, f"--encoder {opts.encoder} gives each model its own "
              "text: train one --model_id per run, the text's model as --encoder_model (a study "
-             "over several models does that with --dedicated)")
+             "over several models runs it once per model)")
         need(not opts.freeze_encoder and opts.latent_dim is None, f"--encoder {opts.encoder} "
              "is text: it takes no --freeze_encoder or --latent_dim")
     elif entry is not None and entry.field is not None and not entry.reads_states:

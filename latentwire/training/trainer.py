@@ -65,6 +65,15 @@ def answer_ids(tokenizer, fmt: prompts.PromptFormat, answer: str) -> list[int]:
     return ids + [tokenizer.eos_token_id]
 
 
+def per_item(values: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+    """[items]: the mean of each item's values, given one value per target token, the items'
+    tokens in order."""
+    segment = torch.cat([torch.full((len(t),), n, device=values.device)
+                         for n, t in enumerate(targets)])
+    sizes = torch.tensor([len(t) for t in targets], device=values.device)
+    return values.new_zeros(len(targets)).index_add(0, segment, values) / sizes
+
+
 def whole_context(item: Item) -> list[int]:
     """What the encoder compressed, whole: the context before a field compressor kept part of
     it, else the span itself."""
@@ -238,10 +247,7 @@ class Answerer:
         target = torch.tensor([t for i in items for t in i.answer], device=logits.device)
         ce = F.cross_entropy(logits, target, reduction="none")
         first_at = torch.tensor([0] + [len(i.answer) for i in items[:-1]]).cumsum(0)
-        sizes = torch.tensor([len(i.answer) for i in items], device=ce.device)
-        segment = torch.cat([torch.full((len(i.answer),), n, device=ce.device)
-                             for n, i in enumerate(items)])
-        per_item_ce = torch.zeros(len(items), device=ce.device).index_add(0, segment, ce) / sizes
+        per_item_ce = per_item(ce, [i.answer for i in items])
         first = ce[first_at.to(ce.device)]
         total = per_item_ce + o.first_token_ce_weight * first
         parts = {"ce": float(per_item_ce.detach().sum()), "first_token_ce": float(first.detach().sum())}
@@ -250,18 +256,14 @@ class Answerer:
             p = torch.softmax(torch.cat([t[1] for t in teacher]).to(ce.device) / o.kd_tau, -1)
             log_q = torch.log_softmax(logits / o.kd_tau, -1).gather(1, ids)
             kd = -(p * log_q).sum(-1) * o.kd_tau ** 2
-            per_item_kd = torch.zeros_like(per_item_ce).index_add(0, segment, kd) / sizes
+            per_item_kd = per_item(kd, [i.answer for i in items])
             total = total + o.kd_weight * per_item_kd
             parts["kd"] = float(per_item_kd.detach().sum())
         if o.recon_weight > 0:
             contexts = [whole_context(i) for i in items]
             logits = self.context_logits(z, offsets, contexts)
             target = torch.tensor([t for c in contexts for t in c], device=logits.device)
-            ce = F.cross_entropy(logits, target, reduction="none")
-            segment = torch.cat([torch.full((len(c),), n, device=ce.device)
-                                 for n, c in enumerate(contexts)])
-            sizes = torch.tensor([len(c) for c in contexts], device=ce.device)
-            per_item_recon = torch.zeros_like(per_item_ce).index_add(0, segment, ce) / sizes
+            per_item_recon = per_item(F.cross_entropy(logits, target, reduction="none"), contexts)
             total = total + o.recon_weight * per_item_recon
             parts["recon"] = float(per_item_recon.detach().sum())
         return total.sum(), parts
