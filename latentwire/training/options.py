@@ -408,7 +408,7 @@ def validate(opts: TrainOptions) -> Path:
              "over several models runs it once per model)")
         need(not opts.freeze_encoder and opts.latent_dim is None, f"--encoder {opts.encoder} "
              "is text: it takes no --freeze_encoder or --latent_dim")
-    elif entry is not None and entry.field is not None and not entry.reads_states:
+    elif entry is not None and entry.training_free:
         need(len(opts.model_ids()) == 1 and opts.reader_id() == opts.model_ids()[0],
              f"--encoder {opts.encoder} compresses for the one model that reads it; pass one "
              "--model_id and no --encoder_model")

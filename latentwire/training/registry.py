@@ -30,6 +30,12 @@ class EncoderEntry:
     def load(self) -> type:
         return load(self.implementation)
 
+    @property
+    def training_free(self) -> bool:
+        """A field compressor (or its relay), read as it is or through the small adapter the
+        references train: not an encoder that learns what to add to what it kept."""
+        return self.field is not None and not self.reads_states
+
     def field_compressor(self, seed: int = 0, source: tuple | None = None):
         """The field compressor this entry names, built; None for a learned encoder. A relay's
         compresses in the `source` model's tokens: (its tokenizer, its id)."""

@@ -334,7 +334,7 @@ def _against_best_field(rows: list[dict], scores: list[list]) -> None:
     none finished), and that compressor's name (`best_field`)."""
     groups = {}
     for row, f1s in zip(rows, scores):
-        if ENCODERS[row["encoder"]].field is not None:
+        if ENCODERS[row["encoder"]].training_free:
             key = (row["setting"], row["compression"], row.get("model"))
             if key not in groups or row["f1"] > groups[key][0]["f1"]:
                 groups[key] = (row, f1s)
