@@ -123,7 +123,7 @@ def main() -> int:
 
     from latentwire import data, models, prompts
     from latentwire.errors import UsageError
-    from latentwire.field import Extractive, Press, Repeat, TokenCompressor, pressed
+    from latentwire.field import Extractive, Press, Repeat, TokenCompressor, pressed, reads_question
     from latentwire.files import write_json
     from latentwire.generation import StopTokens, answer_from_caches, generate
     from latentwire.scoring import cut_answer, score_answers
@@ -198,8 +198,7 @@ def main() -> int:
     # what is kept differs per question, so each question's latents are made for it alone, and
     # there is no paragraph's latents to cache for its questions (no latents_kv arm).
     if args.checkpoint:
-        aware = not config["compressor"].get("keep_question") and selector is not None \
-            and selector.query_aware is True
+        aware = reads_question(selector, config["compressor"].get("keep_question"))
     else:
         aware = compressor.query_aware is True
     units = ([((c, n), c, e.question) for c in contexts for n, e in enumerate(by_context[c])]

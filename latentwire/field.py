@@ -47,6 +47,13 @@ class FieldCompressor:
         return {}
 
 
+def reads_question(compressor, keep_question: bool) -> bool:
+    """Whether what is kept of a context (and an encoder's states over it) depends on the
+    question: only where the setting lets the question be read (no --keep_question) and the
+    compressor reads it."""
+    return not keep_question and compressor is not None and compressor.query_aware is True
+
+
 # -- token compressors -------------------------------------------------------------------------
 
 class TokenCompressor(FieldCompressor):

@@ -27,7 +27,7 @@ from .. import data, experiments, models, prompts, provenance, stats
 from ..embed_experiments import NonFiniteError
 from ..errors import UsageError
 from ..field import (Extractive, Press, Repeat, TokenCompressor, answer_pressed, budget,
-                     pressed)
+                     pressed, reads_question)
 from ..generation import StopTokens, cache_argument, generate, plain_kv, returned_cache
 from ..scoring import cut_answer, score_answers
 from ..stats import bootstrap_ci
@@ -655,7 +655,7 @@ class Trainer:
         questions. The question is read where its selector reads it (`sentences`, query-aware),
         never with one that does not (`truncate`): the encoder is as question-blind as its
         selector, and a study runs it once for both settings."""
-        reads = not self.opts.keep_question and self.reader.field.query_aware
+        reads = reads_question(self.reader.field, self.opts.keep_question)
         question = tuple(item.question) if reads else ()
         key = (question, tuple(item.context))
         if key not in self._states:
