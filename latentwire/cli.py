@@ -143,7 +143,8 @@ def cmd_list(args) -> int:
     print("\ndatasets (--dataset; or a path to a SQuAD .json or a .jsonl file):")
     print("\n".join(f"  {name:<10} {desc}" for name, (desc, _) in data.NAMED.items()))
     print("\nencoders (latentwire train --encoder):")
-    print("\n".join(f"  {name:<10} {e.description}" for name, e in ENCODERS.items()))
+    width = max(map(len, ENCODERS))  # the names run from `lm` to `relay:longllmlingua`
+    print("\n".join(f"  {name:<{width}}  {e.description}" for name, e in ENCODERS.items()))
     return 0
 
 
