@@ -560,3 +560,22 @@ def test_an_offset_encoders_states_at_a_lower_layer_are_that_layers_output(tmp_p
     kept = t._states[((), tuple(item.context))]
     assert kept.untyped_storage().nbytes() == kept.numel() * 4
     assert not torch.allclose(got, whole.last_hidden_state[0, at])
+
+
+def test_the_sweep_refuses_to_replay_a_checkpoint_trained_behind_a_field_compressor(
+        tmp_path, capsys, tiny_model_dir):
+    """Its adapter read what the selector kept; the sweep's adapter source gives it whole
+    contexts, which would pass uncompressed text off as its latents."""
+    from latentwire import models
+    from latentwire.cli import main
+
+    lm = models.load(str(tiny_model_dir), "cpu")
+    opts = options(tmp_path, model_id=str(tiny_model_dir), encoder="truncate", compression=4.0,
+                   keep_question=True, samples=8, eval_samples=3)
+    assert run(opts, quiet, lm) == 0
+    best = Path(opts.output_dir) / "checkpoints" / "best"
+    assert main(["sweep", "--model_id", str(tiny_model_dir), "--source", f"adapter:{best}",
+                 "--experiment", "baseline", "--samples", "2", "--output_dir",
+                 str(tmp_path / "sweep")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "keeps of each context" in err

@@ -180,8 +180,13 @@ def _adapter(inp: SourceInputs, path: str) -> "Latents":
     if inp.fmt is not None and fmt != inp.fmt.describe():
         raise UsageError(f"checkpoint {path} was trained with the {fmt['name']}"
                          f" prompt format; pass --prompt {fmt['name']}")
-    reader = _reader(inp, path, config)
     spec = CompressorSpec.from_json(config["compressor"])
+    if spec.field:  # its evaluation is `train`'s, or benchmarks/answer_time.py's
+        raise UsageError(f"checkpoint {path} was trained on what --encoder {spec.encoder} keeps "
+                         "of each context, which this source does not select: it would read "
+                         "whole contexts; score it with `latentwire train --samples 0` or "
+                         "benchmarks/answer_time.py")
+    reader = _reader(inp, path, config)
     compressor = build(spec, reader.vocab, reader.model, {index: inp.vocab})
     # Only the swept model's adapter is built: the others' weights are not its business.
     compressor.load_state_dict({k: v for k, v in weights.items() if not k.startswith("adapters.")
