@@ -512,9 +512,8 @@ class Adapter(nn.Module):
                                  "offset, which only `latentwire train` and `study` give")
             x, ids = tokens
             y = self.anchors[ids] + self.proj(z - x)
-            return _transformed(self.spec, self.vocab, self.codebook_key,
-                                getattr(self, "codes", None), y, offsets)
-        y = self.vocab_mean + self.vocab_std * (self.proj(z) - self.center) / self.spread
+        else:
+            y = self.vocab_mean + self.vocab_std * (self.proj(z) - self.center) / self.spread
         return _transformed(self.spec, self.vocab, self.codebook_key,
                             getattr(self, "codes", None), y, offsets)
 
@@ -550,18 +549,18 @@ class SharedCompressor(nn.Module):
         z = self.encoder(x.float(), layout, **({} if states is None else {"states": states}))
         return (self.latent(z) if hasattr(self, "latent") else z), layout
 
-    def calibrate(self, x: torch.Tensor, lengths: list[int], encoder: bool = True,
-                  adapters: bool = True) -> None:
+    def calibrate(self, x: torch.Tensor, lengths: list[int], encoder: bool = True) -> None:
         """The encoder measures the spans as a Compressor's does (not an encoder loaded from
         another run: it keeps its own start), then each adapter measures the latents (not
         adapters on tokens: Adapter.on_tokens)."""
         if encoder and hasattr(self.encoder, "calibrate"):
             self.encoder.calibrate(x.float(), Layout.of(lengths, self.spec.counts(lengths), x.device))
-        if not adapters:
+        measured = [a for a in self.adapters.values() if not hasattr(a, "anchors")]
+        if not measured:
             return
         with torch.no_grad():
             z, _ = self.shared(x, lengths)
-        for adapter in self.adapters.values():
+        for adapter in measured:
             adapter.calibrate(z)
 
     def forward(self, x: torch.Tensor, lengths: list[int], states=None,

@@ -533,25 +533,24 @@ class Trainer:
             compressor.load_state_dict(frozen, strict=False)
             for name, p in compressor.named_parameters():
                 p.requires_grad_(name.startswith("adapters."))
-        mapped = self.map_adapters(spec, compressor)
+        self.map_adapters(spec, compressor)
         if not reader.train_items:  # --samples 0: evaluated as it stands, nothing trains
             return spec, compressor, [], None
         calibration = reader.train_items[:CALIBRATION_EXAMPLES]
         spans = reader.embed_ids([t for i in calibration for t in i.span])
         compressor.calibrate(spans, [len(i.span) for i in calibration],
-                             **({} if frozen is None else {"encoder": False}),
-                             **({"adapters": False} if mapped else {}))
+                             **({} if frozen is None else {"encoder": False}))
         params = [p for p in compressor.parameters() if p.requires_grad]
         return spec, compressor, params, torch.optim.AdamW(params, lr=opts.lr)
 
-    def map_adapters(self, spec: CompressorSpec, compressor) -> bool:
+    def map_adapters(self, spec: CompressorSpec, compressor) -> None:
         """Latents that are the reader's embeddings of kept tokens plus what the encoder added
         (an encoder on a field compressor, in the reader's width) are read by each model as
         its own embedding of each kept token plus a linear map of the addition, which starts
         as the map between the two vocabularies fitted on the tokens both spell alike (the
-        reader: its own table and the identity). Whether they are."""
+        reader: its own table and the identity); their calibration then leaves them be."""
         if not (spec.shared and spec.field) or hasattr(compressor, "latent"):
-            return False
+            return
         reader = self.reader
         for n, a in enumerate(self.answerers):
             if a.model_id == reader.model_id:
@@ -566,7 +565,6 @@ class Trainer:
                          "others as the mean of its tokens of their text), plus a map of the "
                          "offsets fitted on those it spells alike")
             compressor.adapters[str(n)].on_tokens(anchors.to(self.device), weight.to(self.device))
-        return True
 
     def record(self) -> tuple[dict, dict]:
         """(the run's provenance for config.json, what each checkpoint records of its models
