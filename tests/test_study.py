@@ -55,6 +55,30 @@ def test_the_readers_options_go_to_the_lm_cells_only(tmp_path):
         validate(cells[control])  # refused before: --encoder_lora on an encoder with no reader
 
 
+def test_the_study_recipe_trains_each_recipe_of_record_as_its_cell():
+    """configs/squad/study-4x.yaml reproduces the table of docs/results/learned.md: its cells
+    for the two recipes of record train exactly as `train --config` with those recipes, so a
+    finished `train` run is the study's cell and a study's cell is the recipe's row."""
+    from latentwire.cli import parse
+    from latentwire.options import from_args
+    from latentwire.training.options import StudyOptions
+
+    def same(o):
+        return {k: v for k, v in o.identity().items() if k != "output_dir"}
+
+    args = parse(["study", "--config", str(ROOT / "configs/squad/study-4x.yaml")])
+    opts = from_args(StudyOptions, args, base=from_args(TrainOptions, args))
+    cells = {c.name: study._options(opts, c, False) for c in study.cells(opts)}
+    assert set(cells) == {"aware/offset:sentences:once_x4", "aware/sentences_x4",
+                          "aware/constant_x4", "aware/pool_x1", "agnostic/offset:truncate_x4",
+                          "agnostic/truncate_x4", "agnostic/constant_x4", "agnostic/pool_x1"}
+    for cell, recipe in (("aware/offset:sentences:once_x4", "aware-4x.yaml"),
+                         ("agnostic/offset:truncate_x4", "agnostic-4x.yaml")):
+        trained = from_args(TrainOptions, parse(
+            ["train", "--config", str(ROOT / "configs/squad" / recipe)]))
+        assert same(cells[cell]) == same(trained), recipe
+
+
 def test_a_study_writes_its_table_and_plot_and_a_rerun_keeps_every_run(tmp_path, tiny_model_dir,
                                                                        capsys):
     args = ["study", "--model_id", str(tiny_model_dir), "--encoders", "pool",
