@@ -145,17 +145,15 @@ def translation(source: VocabSpace, target: VocabSpace, source_ids: list[int],
 def token_anchors(source_tokenizer, target_tokenizer, target: VocabSpace,
                   source_size: int) -> torch.Tensor:
     """[source_size, d_target]: each source token as the target model embeds it: the target's
-    own embedding of the same token string where its vocabulary has it, else the mean of its
-    embeddings of its own tokens of that token's text (the vocabulary's mean for a token with
-    no text of its own, such as a special token)."""
-    theirs = target_tokenizer.get_vocab()
-    special = set(source_tokenizer.all_special_tokens)
+    own embedding of the same token string where both vocabularies hold it (`shared_tokens`),
+    else the mean of its embeddings of its own tokens of that token's text (the vocabulary's
+    mean for a token with no text of its own, such as a special token)."""
     out = target.mean.repeat(source_size, 1)
+    alike, theirs = shared_tokens(source_tokenizer, target_tokenizer, source_size, target.size)
+    out[alike] = target.table[theirs]
+    special, done = set(source_tokenizer.all_special_tokens), set(alike)
     for piece, i in source_tokenizer.get_vocab().items():
-        if i >= source_size or piece in special:
-            continue
-        if piece in theirs and theirs[piece] < target.size:
-            out[i] = target.table[theirs[piece]]
+        if i >= source_size or piece in special or i in done:
             continue
         text = source_tokenizer.convert_tokens_to_string([piece])
         ids = [t for t in target_tokenizer(text, add_special_tokens=False).input_ids
