@@ -484,7 +484,14 @@ def test_an_offset_encoder_shared_by_two_models_starts_as_each_ones_own_kept_tok
     assert torch.allclose(z_qwen, qwen.embed_ids(theirs), atol=1e-5)
     ids = shared_tokens(ltok, qtok, llama.vocab.size, qwen.vocab.size)
     w, _ = translation(llama.vocab, qwen.vocab, *ids)
-    assert torch.allclose(t.compressor.adapters["1"].proj.weight, w)
+    qwens = t.compressor.adapters["1"]
+    assert torch.allclose(qwens.gain * qwens.proj.weight, w)
+    # What the optimiser moves has an identity's norm, as the reader's map (the identity) has:
+    # Adam's steps are the same fraction of either, whatever the two embedding scales.
+    for a in t.compressor.adapters.values():
+        width = a.proj.weight.shape[1]
+        assert float(a.proj.weight.detach().norm()) == pytest.approx(width ** 0.5, rel=1e-5)
+    assert float(t.compressor.adapters["0"].gain) == pytest.approx(1.0)
     for step in range(2):
         t.step(list(range(4)), step)
     for part in (t.compressor.encoder, t.compressor.adapters["0"], t.compressor.adapters["1"]):
@@ -497,7 +504,7 @@ def test_an_offset_encoder_shared_by_two_models_starts_as_each_ones_own_kept_tok
         assert not torch.allclose(z, x, atol=1e-3)  # the offset moved
         for a, mine, own in ((t.compressor.adapters["0"], z_llama, x),
                              (t.compressor.adapters["1"], z_qwen, qwen.embed_ids(theirs))):
-            assert torch.allclose(mine, own + a.proj(z - x), atol=1e-5)
+            assert torch.allclose(mine, own + a.offset_map(z - x), atol=1e-5)
 
 
 def test_nothing_hard_wires_two_readers_a_run_over_three_has_a_section_per_model(tmp_path):
@@ -544,6 +551,6 @@ def test_an_offset_encoder_made_for_one_model_is_read_by_another_through_its_own
         ((z_qwen, _, _),) = t.latents([0])
         x = llama.embed_ids(kept)
         z, _ = t.compressor.shared(x, [len(kept)], t.states(llama.train_items[0]))
-    assert torch.allclose(z_qwen, qwen.embed_ids(theirs) + adapter.proj(z - x), atol=1e-5)
+    assert torch.allclose(z_qwen, qwen.embed_ids(theirs) + adapter.offset_map(z - x), atol=1e-5)
     t.step(list(range(4)), 0)
     assert float(adapter.proj.weight.grad.abs().sum()) > 0

@@ -496,14 +496,27 @@ class Adapter(nn.Module):
         """For latents that are the reader's embeddings of kept tokens plus what the encoder
         added (an encoder on a field compressor): this model's latent is its own embedding of
         each kept token (`anchors`, by the reader's token id: vocab.token_anchors; the
-        reader's own table for the reader) plus this linear map of what the encoder added,
-        in place of the calibration. `weight` starts as the map between the two vocabularies
-        (vocab.translation; the identity for the reader), so at step 0 each model reads the
-        kept tokens as its own embeddings of them. The anchors are rebuilt from the models,
-        not saved."""
+        reader's own table for the reader) plus this linear map of what the encoder added
+        (`offset_map`), in place of the calibration. The map starts as `weight`, the map
+        between the two vocabularies (vocab.translation; the identity for the reader), so at
+        step 0 each model reads the kept tokens as its own embeddings of them.
+
+        The map is trained as `gain` x a matrix with an identity's norm: Adam moves every
+        entry by about the learning rate whatever its size, and the map from SmolLM2's
+        embeddings to Qwen's (a tenth of their scale) has entries 10x smaller than an
+        identity's, so trained as it is, 75 steps doubled its norm with noise and Qwen's F1 from
+        a frozen encoder fell from 0.334 to 0.168. The anchors and the gain are rebuilt from the
+        models, not saved."""
         self.register_buffer("anchors", anchors, persistent=False)
-        self.proj.weight.copy_(weight)
+        gain = weight.norm() / weight.shape[1] ** 0.5
+        self.register_buffer("gain", gain.reshape(()), persistent=False)
+        self.proj.weight.copy_(weight / gain)
         self.proj.bias.zero_()
+
+    def offset_map(self, added: torch.Tensor) -> torch.Tensor:
+        """What this model adds to its own embedding of a kept token for what the encoder
+        added to the reader's (see on_tokens)."""
+        return self.gain * self.proj(added)
 
     def forward(self, z: torch.Tensor, offsets: torch.Tensor, tokens=None):
         if hasattr(self, "anchors"):
@@ -511,7 +524,7 @@ class Adapter(nn.Module):
                 raise UsageError("these latents are read as the reader's kept tokens plus an "
                                  "offset, which only `latentwire train` and `study` give")
             x, ids = tokens
-            y = self.anchors[ids] + self.proj(z - x)
+            y = self.anchors[ids] + self.offset_map(z - x)
         else:
             y = self.vocab_mean + self.vocab_std * (self.proj(z) - self.center) / self.spread
         return _transformed(self.spec, self.vocab, self.codebook_key,
