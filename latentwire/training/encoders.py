@@ -503,10 +503,10 @@ class Adapter(nn.Module):
 
         The map is trained as `gain` x a matrix with an identity's norm: Adam moves every
         entry by about the learning rate whatever its size, and the map from SmolLM2's
-        embeddings to Qwen's (a tenth of their scale) has entries 10x smaller than an
-        identity's, so trained as it is, 75 steps doubled its norm with noise and Qwen's F1 from
-        a frozen encoder fell from 0.334 to 0.168. The anchors and the gain are rebuilt from the
-        models, not saved."""
+        embeddings to Qwen's (an eighth of their scale) has entries a tenth of an identity's:
+        trained as it is, 75 steps doubled its norm with noise and Qwen's F1 from a frozen
+        encoder fell from 0.334 to 0.168. The anchors and the gain are rebuilt from the models,
+        not saved (a checkpoint saved before the gain holds the map itself, not the matrix)."""
         self.register_buffer("anchors", anchors, persistent=False)
         gain = weight.norm() / weight.shape[1] ** 0.5
         self.register_buffer("gain", gain.reshape(()), persistent=False)
