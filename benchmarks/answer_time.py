@@ -227,9 +227,9 @@ def main() -> int:
                     kept = [[span[p] for p in ps] for span, ps in zip(spans, at)]
                     if ENCODERS[compressor.spec.encoder].reads_states:
                         # As the trainer reads them: after the question where it is read.
-                        states = torch.cat([compressor.encoder.states(
-                            ids(fmt.question_text(q)) if aware else [], span)[ps]
-                            for span, ps, q in zip(spans, at, asked)])
+                        states = compressor.encoder.gather([compressor.encoder.states(
+                            ids(fmt.question_text(q)) if aware else [], span)
+                            for span, q in zip(spans, asked)], at)
                 elif selector is not None:
                     kept = selector.select(spans, texts, asked, ratio, tok, model_id)
                 z, offsets, _ = compressor(embedded([t for k in kept for t in k]).float(),

@@ -466,14 +466,17 @@ def test_llmlingua_that_does_not_compress_is_refused_not_recorded_as_llmlingua(
                                                    ("offset:truncate", "agnostic", False),
                                                    ("offset:truncate", "aware", False),
                                                    ("offset:stride", "agnostic", False),
-                                                   ("offset:sentences:once", "aware", True)])
+                                                   ("offset:sentences:once", "aware", True),
+                                                   ("attend:sentences:once", "aware", True),
+                                                   ("attend:truncate", "agnostic", False)])
 def test_an_offset_encoder_starts_as_its_selector_and_reads_the_models_states_at_its_tokens(
         tmp_path, encoder, setting, aware):
     lm = tiny_lm()
     t = trainer(tmp_path, lm, encoder=encoder, compression=4.0,
                 keep_question=setting == "agnostic")
     selector = {"offset:sentences": Sentences(), "offset:truncate": Truncate(),
-                "offset:stride": Stride(), "offset:sentences:once": Sentences()}[encoder]
+                "offset:stride": Stride(), "offset:sentences:once": Sentences(),
+                "attend:sentences:once": Sentences(), "attend:truncate": Truncate()}[encoder]
     readings = 1 if encoder.endswith(":once") else 2
     a = t.answerers[0]
     items = a.train_items[:4]
@@ -493,7 +496,7 @@ def test_an_offset_encoder_starts_as_its_selector_and_reads_the_models_states_at
     for row, item in enumerate(items):
         question = item.question if aware else []
         ids = question + item.context * readings
-        got = t.states(item)
+        got = t.context_states(item)[item.kept_at]
         for n, p in enumerate(item.kept_at):
             upto = embed(torch.tensor(ids[:len(question) + len(item.context) * (readings - 1)
                                           + p + 1]))
@@ -504,12 +507,55 @@ def test_an_offset_encoder_starts_as_its_selector_and_reads_the_models_states_at
     reads = {(tuple(i.question) if aware else (), tuple(i.context)) for i in items}
     assert len(t._states) == len(reads)
     computed = t._states[next(iter(reads))]
-    t.states(items[0])
+    t.context_states(items[0])
     assert len(t._states) == len(reads) and t._states[next(iter(reads))] is computed
     # It trains: the offset moves the latents away from the selector's tokens.
     loss, _ = t.loss(range(4))
     loss.backward()
     assert t.compressor.encoder.mlp[-1].weight.grad.abs().sum() > 0
+
+
+def test_an_attending_encoders_kept_tokens_read_every_state_of_their_own_context(tmp_path):
+    """attend:*: each kept token's read is multi-head attention over the states of every token
+    of its own context, computed directly one query at a time; a dropped token's state reaches
+    the latents, another example's never does."""
+    from latentwire.training.encoders import Layout, _sinusoid
+
+    lm = tiny_lm()
+    t = trainer(tmp_path, lm, encoder="attend:truncate", compression=4.0, keep_question=True)
+    enc, items = t.compressor.encoder, t.answerers[0].train_items[:3]
+    contexts = [t.context_states(i) for i in items]
+    states = enc.gather(contexts, [i.kept_at for i in items])
+    lengths = [len(i.span) for i in items]
+    layout = Layout.of(lengths, t.compressor.spec.counts(lengths))
+    got = enc.read(states, layout)
+    d, heads = contexts[0].shape[1], enc.heads
+    row = 0
+    for context, item in zip(contexts, items):
+        keys = enc.norm_context(context) + _sinusoid(torch.arange(len(context)), d)
+        k, v = enc.k(keys), enc.v(keys)
+        for p in item.kept_at:
+            q = enc.q(enc.norm_state(context[p]) + _sinusoid(torch.tensor([p]), d)[0])
+            direct = []
+            for h in range(heads):
+                cut = slice(h * d // heads, (h + 1) * d // heads)
+                w = torch.softmax(k[:, cut] @ q[cut] / (d // heads) ** 0.5, 0)
+                direct.append(w @ v[:, cut])
+            torch.testing.assert_close(got[row], torch.cat(direct), rtol=1e-4, atol=1e-5)
+            row += 1
+    assert row == len(got)
+    # With the MLP's last layer moved off zero, a dropped token's state moves its own
+    # example's latents and no other's.
+    torch.nn.init.normal_(enc.mlp[-1].weight, std=0.1)
+    x = t.answerers[0].embed_ids([x for i in items for x in i.span]).float()
+    before = enc(x, layout, states)
+    dropped = max(set(range(len(items[0].context))) - set(items[0].kept_at))
+    changed = [c.clone() for c in contexts]
+    changed[0][dropped] += torch.randn(d)  # (a constant shift is one LayerNorm removes)
+    after = enc(x, layout, enc.gather(changed, [i.kept_at for i in items]))
+    mine = len(items[0].kept_at)
+    assert not torch.allclose(after[:mine], before[:mine])
+    torch.testing.assert_close(after[mine:], before[mine:])
 
 
 def test_an_offset_encoder_trains_and_is_evaluated_end_to_end(tmp_path):
@@ -550,7 +596,7 @@ def test_an_offset_encoders_states_at_a_lower_layer_are_that_layers_output(tmp_p
     t = trainer(tmp_path, lm, encoder="offset:truncate", compression=4.0, keep_question=True,
                 encoder_layer=1)
     item = t.answerers[0].train_items[0]
-    got = t.states(item)
+    got = t.context_states(item)[item.kept_at]
     ids = torch.tensor(item.context + item.context)
     whole = lm.model.base_model(inputs_embeds=lm.model.get_input_embeddings()(ids)[None],
                                 output_hidden_states=True)

@@ -499,7 +499,8 @@ def test_an_offset_encoder_shared_by_two_models_starts_as_each_ones_own_kept_tok
     with torch.no_grad():
         (z_llama, _, _), (z_qwen, _, _) = t.latents(rows)
         x = llama.embed_ids(kept)
-        states = torch.cat([t.states(llama.train_items[r]) for r in rows])
+        states = torch.cat([t.context_states(i)[i.kept_at]
+                            for i in (llama.train_items[r] for r in rows)])
         z, _ = t.compressor.shared(x, sizes, states)
         assert not torch.allclose(z, x, atol=1e-3)  # the offset moved
         for a, mine, own in ((t.compressor.adapters["0"], z_llama, x),
@@ -550,7 +551,8 @@ def test_an_offset_encoder_made_for_one_model_is_read_by_another_through_its_own
     with torch.no_grad():
         ((z_qwen, _, _),) = t.latents([0])
         x = llama.embed_ids(kept)
-        z, _ = t.compressor.shared(x, [len(kept)], t.states(llama.train_items[0]))
+        item = llama.train_items[0]
+        z, _ = t.compressor.shared(x, [len(kept)], t.context_states(item)[item.kept_at])
     assert torch.allclose(z_qwen, qwen.embed_ids(theirs) + adapter.offset_map(z - x), atol=1e-5)
     t.step(list(range(4)), 0)
     assert float(adapter.proj.weight.grad.abs().sum()) > 0

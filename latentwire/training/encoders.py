@@ -104,29 +104,39 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
-        d, n_ex = x.shape[1], len(layout.lengths)
+        d = x.shape[1]
         mean = layout.chunk_mean(x)
         # A query knows its slot and where its chunk lies; a key knows its token's position.
         centre = layout.chunk_mean(layout.position.unsqueeze(1).float()).squeeze(1)
         slots = self.slots[layout.slot.clamp_max(len(self.slots) - 1)]
         q = self.q(self.norm_q(mean) + slots + _sinusoid(centre, d))
         kv_in = self.norm_kv(x) + _sinusoid(layout.position, d)
-        k, v = self.k(kv_in), self.v(kv_in)
-        width, rows = int(layout.lengths.max()), int(layout.counts.max())
-        latent_example = torch.repeat_interleave(torch.arange(n_ex, device=x.device), layout.counts)
-
-        def padded(t, example, index, length):
-            out = t.new_zeros(n_ex, length, d)
-            out[example, index] = t
-            return out.view(n_ex, length, self.heads, d // self.heads).transpose(1, 2)
-
-        visible = (torch.arange(width, device=x.device) < layout.lengths.unsqueeze(1))
-        attended = F.scaled_dot_product_attention(
-            padded(q, latent_example, layout.slot, rows),
-            padded(k, layout.example, layout.position, width),
-            padded(v, layout.example, layout.position, width), attn_mask=visible[:, None, None])
-        attended = attended.transpose(1, 2).reshape(n_ex, rows, d)[latent_example, layout.slot]
+        attended = _attend(q, layout.counts, layout.slot, self.k(kv_in), self.v(kv_in),
+                           layout.lengths, layout.position, self.heads)
         return mean + self.scale * self.out(attended)
+
+
+def _attend(q: torch.Tensor, counts: torch.Tensor, slot: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor, lengths: torch.Tensor, position: torch.Tensor,
+            heads: int) -> torch.Tensor:
+    """Packed multi-head attention, each example's queries over its own keys alone: `counts`
+    queries and `lengths` keys per example, `slot`/`position` each row's index within its
+    example. Returns [sum(counts), d]."""
+    n_ex, d = len(counts), q.shape[1]
+    q_example = torch.repeat_interleave(torch.arange(n_ex, device=q.device), counts)
+    k_example = torch.repeat_interleave(torch.arange(n_ex, device=q.device), lengths)
+    width, rows = int(lengths.max()), int(counts.max())
+
+    def padded(t, example, index, length):
+        out = t.new_zeros(n_ex, length, d)
+        out[example, index] = t
+        return out.view(n_ex, length, heads, d // heads).transpose(1, 2)
+
+    visible = torch.arange(width, device=q.device) < lengths.unsqueeze(1)
+    attended = F.scaled_dot_product_attention(
+        padded(q, q_example, slot, rows), padded(k, k_example, position, width),
+        padded(v, k_example, position, width), attn_mask=visible[:, None, None])
+    return attended.transpose(1, 2).reshape(n_ex, rows, d)[q_example, slot]
 
 
 class Constant(nn.Module):
@@ -337,6 +347,64 @@ class StateOffset(nn.Module):
                              "context, which only `latentwire train` and `study` compute; it "
                              "cannot be replayed from its latents alone")
         both = torch.cat([self.norm_token(x), self.norm_state(states)], 1)
+        return x + self.scale * self.mlp(both)
+
+    def gather(self, contexts: list[torch.Tensor], kept_at: list[list[int]]) -> torch.Tensor:
+        """What `forward` reads, from each example's states over its whole context (`states`)
+        and where its kept tokens lie in it: the states at the kept tokens, packed."""
+        return torch.cat([c[at] for c, at in zip(contexts, kept_at)])
+
+
+@dataclass
+class ContextStates:
+    """The frozen model's states over whole contexts, packed, for an encoder that reads them all."""
+    kept: torch.Tensor  # [M, d] at the kept tokens
+    context: torch.Tensor  # [sum of N, d] at every token of each context
+    lengths: torch.Tensor  # [E] each context's N
+    position: torch.Tensor  # [M] each kept token's index in its context
+
+
+class StateAttention(StateOffset):
+    """StateOffset whose kept tokens also attend over the frozen model's states at every token
+    of the context, the dropped ones too: a kept token's own state holds what it read, diluted
+    over everything before it; attention lets it fetch a dropped token's state directly. The
+    read joins the MLP's input, whose last layer starts at zero: at step 0 the latents are
+    still the selector's tokens exactly."""
+
+    def __init__(self, d_model: int, max_latents: int, scale: float, model=None, vocab=None,
+                 layer: int | None = None, lora: int = 0, readings: int = 2, heads: int = 4):
+        super().__init__(d_model, max_latents, scale, model, vocab, layer, lora, readings)
+        self.heads = heads
+        self.norm_context = nn.LayerNorm(d_model)
+        self.q, self.k, self.v = (nn.Linear(d_model, d_model) for _ in range(3))
+        self.mlp = nn.Sequential(nn.Linear(3 * d_model, 2 * d_model), nn.GELU(),
+                                 nn.Linear(2 * d_model, d_model))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def gather(self, contexts: list[torch.Tensor], kept_at: list[list[int]]) -> ContextStates:
+        device = contexts[0].device
+        return ContextStates(
+            kept=super().gather(contexts, kept_at), context=torch.cat(contexts),
+            lengths=torch.tensor([len(c) for c in contexts], device=device),
+            position=torch.tensor([p for at in kept_at for p in at], device=device))
+
+    def read(self, states: ContextStates, layout: Layout) -> torch.Tensor:
+        """[M, d]: each kept token's attention over its own context's states."""
+        d = states.kept.shape[1]
+        # A query knows where its token lies, a key where its own does: near from far.
+        q = self.q(self.norm_state(states.kept) + _sinusoid(states.position, d))
+        context_at = Layout.of(states.lengths.tolist(), states.lengths.tolist(),
+                               states.context.device).position
+        kv = self.norm_context(states.context) + _sinusoid(context_at, d)
+        return _attend(q, layout.counts, layout.slot, self.k(kv), self.v(kv), states.lengths,
+                       context_at, self.heads)
+
+    def forward(self, x: torch.Tensor, layout: Layout, states: ContextStates | None = None):
+        if states is None:
+            return super().forward(x, layout, None)
+        both = torch.cat([self.norm_token(x), self.norm_state(states.kept),
+                          self.read(states, layout)], 1)
         return x + self.scale * self.mlp(both)
 
 

@@ -118,6 +118,16 @@ ENCODERS.add("offset:sentences:once", EncoderEntry(
     "question and the context up to it (half the frozen model's work per question)",
     f"{HERE}:StateOffset", needs_model=True, field=f"{FIELD}:Sentences", needs_question=True,
     reads_states=True, encoder_args=(("readings", 1),)))
+ENCODERS.add("attend:sentences:once", EncoderEntry(
+    "offset:sentences:once whose kept tokens also attend over the frozen model's states at every "
+    "token of the context, the dropped ones too (the kept tokens at step 0)",
+    f"{HERE}:StateAttention", needs_model=True, field=f"{FIELD}:Sentences",
+    needs_question=True, reads_states=True, encoder_args=(("readings", 1),)))
+ENCODERS.add("attend:truncate", EncoderEntry(
+    "offset:truncate whose kept tokens also attend over the frozen model's states at every "
+    "token of the context, the dropped three quarters too (the kept tokens at step 0); reads "
+    "no question", f"{HERE}:StateAttention", needs_model=True, field=f"{FIELD}:Truncate",
+    reads_states=True))
 
 # The text relay: a text compressor's output read by another model in its own tokens, at the
 # position budget of latents made from the source's tokens. The source is --encoder_model

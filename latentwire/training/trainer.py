@@ -640,25 +640,26 @@ class Trainer:
         spans = [items[r].span for r in rows]
         states = None
         if ENCODERS[self.opts.encoder].reads_states:
-            states = torch.cat([self.states(items[r]) for r in rows])
+            states = self.compressor.encoder.gather([self.context_states(items[r]) for r in rows],
+                                                    [items[r].kept_at for r in rows])
         flat = [t for s in spans for t in s]
         return self.compressor.per_model(self.reader.embed_ids(flat).float(),
                                          [len(s) for s in spans], states,
                                          torch.tensor(flat, device=self.device))
 
-    def states(self, item: Item) -> torch.Tensor:
-        """The frozen model's states at an item's kept tokens. The model never changes, so a
-        context's states are computed once and kept, whatever epoch or question reads them
-        again: read without the question, a SQuAD paragraph's states serve its five or so
-        questions. The question is read where its selector reads it (`sentences`, query-aware),
-        never with one that does not (`truncate`): the encoder is as question-blind as its
-        selector, and a study runs it once for both settings."""
+    def context_states(self, item: Item) -> torch.Tensor:
+        """The frozen model's states at every token of an item's context. The model never
+        changes, so a context's states are computed once and kept, whatever epoch or question
+        reads them again: read without the question, a SQuAD paragraph's states serve its five
+        or so questions. The question is read where its selector reads it (`sentences`,
+        query-aware), never with one that does not (`truncate`): the encoder is as
+        question-blind as its selector, and a study runs it once for both settings."""
         reads = reads_question(self.reader.field, self.opts.keep_question)
         question = tuple(item.question) if reads else ()
         key = (question, tuple(item.context))
         if key not in self._states:
             self._states[key] = self.compressor.encoder.states(list(question), item.context)
-        return self._states[key][item.kept_at]
+        return self._states[key]
 
     def loss(self, rows: list[int]):
         """The weighted sum over the answering models of each one's answer loss on these
