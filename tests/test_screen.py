@@ -156,10 +156,15 @@ def test_an_interrupted_screen_continues_where_it_stopped(local_ray, tiny_model_
     command then continues the Tune experiment, and that trial its own run."""
     first = tmp_path / "trials" / "baseline" / "eval" / "epoch1.json"
 
+    seen = []
+
     def interrupt():
-        deadline = time.time() + 120
+        # Generous: on a loaded 2-core machine the first epoch took over two minutes to start
+        # and end (Ray's workers, the tiny model), and an interrupt before it tests nothing.
+        deadline = time.time() + 600
         while not first.exists() and time.time() < deadline:
             time.sleep(0.02)
+        seen.append(first.exists())
         os.kill(os.getpid(), signal.SIGINT)
 
     # Tune takes SIGINT over while it runs; should the signal come after, it is ignored here
@@ -172,6 +177,7 @@ def test_an_interrupted_screen_continues_where_it_stopped(local_ray, tiny_model_
         watcher.join()
     finally:
         signal.signal(signal.SIGINT, previous)
+    assert seen == [True], "the first trial's first epoch never ended: nothing to interrupt"
     assert code == 130 and not (tmp_path / "screen.json").exists()
     summary = json.loads((tmp_path / "trials" / "baseline" / "summary.json").read_text())
     assert summary["status"] == "running"  # stopped mid-trial
