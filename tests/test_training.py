@@ -657,6 +657,18 @@ def test_a_run_takes_over_an_earlier_runs_references_only_when_they_are_its_own(
         assert run(other, log, lm, references_from=tmp_path / "a") == 0
         assert not any(line.startswith("references: those of") for line in lines)
         assert any(line.startswith("references on") for line in lines)
+    # Asked for by the flag, and not this run's: it says what differs, and computes its own.
+    lines.clear()
+    asked = options(tmp_path, output_dir=str(tmp_path / "h"), max_new_tokens=3,
+                    references_from=str(tmp_path / "a"))
+    assert run(asked, log, lm) == 0
+    assert any("are not this run's (max_new_tokens differ)" in line for line in lines)
+    assert any(line.startswith("references on") for line in lines)
+    # ... and when they are, taken over with no folder passed in by a study.
+    lines.clear()
+    assert run(options(tmp_path, output_dir=str(tmp_path / "i"),
+                       references_from=str(tmp_path / "a")), log, lm) == 0
+    assert any(line.startswith("references: those of") for line in lines)
 
 
 def test_eval_dataset_evaluates_on_another_dataset_drawn_across_its_articles(tmp_path):

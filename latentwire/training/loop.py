@@ -52,12 +52,16 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
     if opts.kd_weight > 0:
         log("distillation: the frozen model reads the text of every training example once")
         trainer.distil()
+    references_from = references_from or opts.references_from
     if main and state.references is None and references_from is not None:
-        state.references = earlier_references(trainer, Path(references_from))
+        state.references, unlike = earlier_references(trainer, Path(references_from))
         if state.references is not None:
             log(f"references: those of {references_from} (the same model, prompt and "
                 "evaluation examples)")
             write_json(out / "references.json", state.references)
+        elif opts.references_from is not None:
+            log(f"references: those of {references_from} are not this run's ({unlike} "
+                "differ), so it computes its own")
     if main and state.references is None:
         log(f"references on {len(trainer.split.eval)} held-out evaluation examples "
             "(no entity or article of them in training) ...")
@@ -130,19 +134,20 @@ REFERENCE_KEYS = ("model", "prompt_format", "max_new_tokens", "vocabulary", "dev
                   "answerers", "reader")
 
 
-def earlier_references(trainer: Trainer, folder: Path) -> dict | None:
+def earlier_references(trainer: Trainer, folder: Path) -> tuple[dict | None, str]:
     """The references an earlier run computed, where they are exactly this run's: the same
     model, vocabulary, prompt format, answer length, device, versions and evaluation examples
-    (by digest), so the frozen model's answers are the same. None otherwise, and the run
-    computes its own."""
+    (by digest), so the frozen model's answers are the same. Otherwise None (the run computes
+    its own) and what differs."""
     config, refs = read_json(folder / "config.json"), read_json(folder / "references.json")
     if not config or not refs:
-        return None
+        return None, "config.json and references.json"
     theirs, ours = config.get("provenance", {}), trainer.provenance
-    same = all(alike(theirs.get(k), ours.get(k)) for k in REFERENCE_KEYS) and (
-        theirs.get("dataset", {}).get("eval_examples_sha256")
-        == ours["dataset"]["eval_examples_sha256"])
-    return refs if same else None
+    unlike = [k for k in REFERENCE_KEYS if not alike(theirs.get(k), ours.get(k))]
+    if (theirs.get("dataset", {}).get("eval_examples_sha256")
+            != ours["dataset"]["eval_examples_sha256"]):
+        unlike.append("evaluation examples")
+    return (None, ", ".join(unlike)) if unlike else (refs, "")
 
 
 def alike(a, b) -> bool:

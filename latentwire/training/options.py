@@ -142,6 +142,12 @@ class TrainOptions:
              "checkpoints/last, with the same flags; auto: continue it when there is one, "
              "start when the folder holds none, refuse a folder holding another run (what a "
              "torchrun restart does)")
+    references_from: str | None = option(
+        None, group=RUN, metavar="DIR",
+        help="take the untrained model's answers to the evaluation examples (the text and the "
+             "question alone, the references every run computes first) from an earlier run's "
+             "folder, where they are exactly this run's: the same model, prompt, answer length "
+             "and evaluation examples; else compute them. Saves their minutes on a big model")
     device: str | None = option(None, group=RUN, choices=["cpu", "cuda"],
                                 help="unset: CUDA when available, else CPU")
     mixed_precision: str | None = option(
@@ -197,9 +203,10 @@ class TrainOptions:
 
     def identity(self) -> dict:
         """The flags a resumed run must share with the run it continues. Where its metrics are
-        also sent is not one of them: a tracker can be added when resuming."""
+        also sent is not one of them: a tracker can be added when resuming; nor where its
+        references came from, which are the same either way."""
         return {k: v for k, v in asdict(self).items()
-                if k not in ("resume", "device", "report_to")}
+                if k not in ("resume", "device", "report_to", "references_from")}
 
 
 def with_precision(opts: TrainOptions) -> TrainOptions:
@@ -452,6 +459,10 @@ def validate(opts: TrainOptions) -> Path:
     need(opts.prompt in prompts.FORMATS, f"unknown --prompt {opts.prompt!r}; use one of "
          f"{', '.join(prompts.FORMATS)}")
     tracking.chosen(opts.report_to)
+    need(opts.references_from is None
+         or (Path(opts.references_from) / "references.json").is_file(),
+         f"--references_from: {opts.references_from} holds no references.json; pass the folder "
+         "of a run that got past its references, or drop the flag")
     data.check_spec(opts.dataset)
     if opts.eval_dataset is not None:
         data.check_spec(opts.eval_dataset)
