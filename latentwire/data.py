@@ -214,7 +214,8 @@ def check_spec(spec: str) -> None:
                          f"file inside it), or one of: {', '.join(NAMED)}")
     if path.suffix in (".json", ".jsonl") or path.exists():
         if not path.is_file():
-            raise UsageError(f"dataset file {spec} does not exist; pass an existing .json/.jsonl "
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise UsageError(f"dataset file {spec} {what}; pass an existing .json/.jsonl "
                              f"file or one of: {', '.join(NAMED)}")
         return
     raise UsageError(f"unknown dataset {spec!r}; use one of {', '.join(NAMED)}, "

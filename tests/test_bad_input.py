@@ -30,6 +30,7 @@ CASES = [
     (["sweep", "--model_id", ""], "--model_id is empty"),
     (["sweep", "--dataset", "datadir"], "dataset datadir is a folder"),
     (["sweep", "--dataset", "missing.json"], "does not exist"),
+    (["sweep", "--dataset", "/dev/null"], "/dev/null is not a regular file"),
     (["sweep", "--batch_tokens", "0"], "--batch_tokens must be at least 1"),
     (["sweep", "--samples", "0"], "--samples must be at least 1"),
     (["sweep", "--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
@@ -46,6 +47,7 @@ CASES = [
     (["list", "--verbose"], "unrecognized arguments: --verbose"),
     (["analyze"], "the following arguments are required: --summary"),
     (["analyze", "--summary", "nowhere/summary.json"], "does not exist"),
+    (["analyze", "--summary", "/dev/null"], "/dev/null is not a regular file"),
     (["analyze", "--summary", "summary.json"], "not valid JSON"),
     (["analyze", "--summary", "datadir"], "folder datadir holds no summary.json"),
     # train

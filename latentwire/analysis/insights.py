@@ -42,7 +42,8 @@ def summary_file(path: str) -> Path:
 def load_summary(path: str) -> dict:
     p = summary_file(path)
     if not p.is_file():
-        raise UsageError(f"summary file {path} does not exist; run a sweep first or pass the "
+        what = "is not a regular file" if p.exists() else "does not exist"
+        raise UsageError(f"summary file {path} {what}; run a sweep first or pass the "
                          "path of its summary.json")
     try:
         summary = json.loads(p.read_text(encoding="utf-8"))
