@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .files import why_not_a_file
 
 
 @dataclass(frozen=True)
@@ -214,8 +215,7 @@ def check_spec(spec: str) -> None:
                          f"file inside it), or one of: {', '.join(NAMED)}")
     if path.suffix in (".json", ".jsonl") or path.exists():
         if not path.is_file():
-            what = "is not a regular file" if path.exists() else "does not exist"
-            raise UsageError(f"dataset file {spec} {what}; pass an existing .json/.jsonl "
+            raise UsageError(f"dataset file {spec} {why_not_a_file(path)}; pass an existing .json/.jsonl "
                              f"file or one of: {', '.join(NAMED)}")
         return
     raise UsageError(f"unknown dataset {spec!r}; use one of {', '.join(NAMED)}, "

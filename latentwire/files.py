@@ -74,6 +74,11 @@ def writable_dir(out: Path, flag: str) -> Path:
     return out
 
 
+def why_not_a_file(path: Path) -> str:
+    """How a path that is no readable file fails, for a one-line refusal."""
+    return "is not a regular file" if path.exists() else "does not exist"
+
+
 def safe_name(text: str) -> str:
     """A name (a source, a model) as a folder name."""
     return _UNSAFE.sub("_", text)

@@ -14,6 +14,7 @@ from pathlib import Path
 from .. import experiments, stats
 from ..errors import UsageError
 from ..experiments import Experiment
+from ..files import why_not_a_file
 from ..options import option
 from ..training.options import experiment_command
 from . import report
@@ -42,8 +43,7 @@ def summary_file(path: str) -> Path:
 def load_summary(path: str) -> dict:
     p = summary_file(path)
     if not p.is_file():
-        what = "is not a regular file" if p.exists() else "does not exist"
-        raise UsageError(f"summary file {path} {what}; run a sweep first or pass the "
+        raise UsageError(f"summary file {path} {why_not_a_file(p)}; run a sweep first or pass the "
                          "path of its summary.json")
     try:
         summary = json.loads(p.read_text(encoding="utf-8"))

@@ -59,9 +59,9 @@ def run(opts: TrainOptions, log=print, lm=None, on_epoch=None, references_from=N
             log(f"references: those of {references_from} (the same model, prompt and "
                 "evaluation examples)")
             write_json(out / "references.json", state.references)
-        elif opts.references_from is not None:
-            log(f"references: those of {references_from} are not this run's ({unlike} "
-                "differ), so it computes its own")
+        elif references_from == opts.references_from:
+            log(f"references: those of {references_from} are not this run's ({unlike}), so it "
+                "computes its own")
     if main and state.references is None:
         log(f"references on {len(trainer.split.eval)} held-out evaluation examples "
             "(no entity or article of them in training) ...")
@@ -141,13 +141,13 @@ def earlier_references(trainer: Trainer, folder: Path) -> tuple[dict | None, str
     its own) and what differs."""
     config, refs = read_json(folder / "config.json"), read_json(folder / "references.json")
     if not config or not refs:
-        return None, "config.json and references.json"
+        return None, "its config.json or references.json is missing"
     theirs, ours = config.get("provenance", {}), trainer.provenance
     unlike = [k for k in REFERENCE_KEYS if not alike(theirs.get(k), ours.get(k))]
     if (theirs.get("dataset", {}).get("eval_examples_sha256")
             != ours["dataset"]["eval_examples_sha256"]):
         unlike.append("evaluation examples")
-    return (None, ", ".join(unlike)) if unlike else (refs, "")
+    return (None, ", ".join(unlike) + " differ") if unlike else (refs, "")
 
 
 def alike(a, b) -> bool:
