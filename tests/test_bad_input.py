@@ -59,6 +59,7 @@ CASES = [
     (["train", "--compression", "abc"], "--compression: invalid float value: 'abc'"),
     (["train", "--resume", "maybe"], "--resume: invalid choice: 'maybe'"),
     (["train", "--references_from", "datadir"], "datadir holds no references.json"),
+    (["train", "--references_from", ""], "--references_from is empty"),
     (["train", "--compression", "0"], "--compression must be at least 1"),
     (["train", "--batch_size", "0"], "--batch_size must be at least 1"),
     (["train", "--encoder", "mlp"], "--encoder: invalid choice: 'mlp'"),

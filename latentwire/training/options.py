@@ -459,6 +459,8 @@ def validate(opts: TrainOptions) -> Path:
     need(opts.prompt in prompts.FORMATS, f"unknown --prompt {opts.prompt!r}; use one of "
          f"{', '.join(prompts.FORMATS)}")
     tracking.chosen(opts.report_to)
+    need(opts.references_from != "", "--references_from is empty; pass an earlier run's folder, "
+         "or drop the flag")
     need(opts.references_from is None
          or (Path(opts.references_from) / "references.json").is_file(),
          f"--references_from: {opts.references_from} holds no references.json; pass the folder "
