@@ -22,6 +22,7 @@ def main() -> int:
     from latentwire.errors import UsageError
     from latentwire.field import TokenCompressor
     from latentwire.models import resolve
+    from latentwire.scoring import answer_in
     from latentwire.training.registry import ENCODERS
     from transformers import AutoTokenizer
 
@@ -69,8 +70,7 @@ def main() -> int:
     for name, compressor in compressors.items():
         for ratio in ratios:
             kept = compressor.select(spans, contexts, questions, ratio, tokenizer, model)
-            whole = sum(any(a.strip() in tokenizer.decode(k) for a in e.answers)
-                        for k, e in zip(kept, examples))
+            whole = sum(answer_in(tokenizer.decode(k), e.answers) for k, e in zip(kept, examples))
             print(f"| {name} | {ratio:g}x | {whole / len(examples):.1%} |")
     return 0
 

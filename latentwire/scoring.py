@@ -16,6 +16,12 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def answer_in(text: str, answers: list[str]) -> bool:
+    """Whether one gold answer reads in full, word for word, in `text` (what a compressor kept
+    of a context); an unanswerable question's empty answer reads in nothing."""
+    return any(a.strip() and a.strip() in text for a in answers)
+
+
 def exact_match(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 

@@ -102,6 +102,11 @@ class TrainOptions:
     eval_samples: int = option(100, group=DATA, metavar="N",
                                help="evaluation examples: whole entities or articles of "
                                     "--dataset, or questions across all of --eval_dataset")
+    answer_kept: bool = option(
+        False, group=DATA,
+        help="train only on the examples whose answer the token compressor kept (one gold "
+             "answer, word for word, in the kept text); --samples counts before this cut, "
+             "and the evaluation is unchanged")
     eval_dataset: str | None = option(
         None, group=DATA, metavar="SPEC",
         help="evaluate on this dataset (same forms as --dataset) instead of a held-out part of "
@@ -425,6 +430,10 @@ def validate(opts: TrainOptions) -> Path:
              "to read again; use it with an encoder that gives latents")
         need(not (entry.needs_question and opts.keep_question),
              f"--encoder {opts.encoder} reads the question (query-aware): drop --keep_question")
+    need(not opts.answer_kept or (entry is not None and entry.field is not None
+                                  and not entry.field.endswith(":Press")),
+         f"--answer_kept needs an encoder that keeps the context's tokens (truncate, sentences, "
+         f"offset:truncate, ...); --encoder {opts.encoder} keeps no text to look for the answer in")
     need(opts.encoder_lora >= 0, f"--encoder_lora must be >= 0, 0 for none (got {opts.encoder_lora})")
     need(not opts.encoder_lora or opts.encoder == "lm", "--encoder_lora adapts the reader of "
          f"--encoder lm; --encoder {opts.encoder} has none")

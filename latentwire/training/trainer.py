@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..field import (Extractive, Press, Repeat, TokenCompressor, answer_pressed, budget,
                      pressed, reads_question)
 from ..generation import StopTokens, cache_argument, generate, plain_kv, returned_cache
-from ..scoring import cut_answer, score_answers
+from ..scoring import answer_in, cut_answer, score_answers
 from ..stats import bootstrap_ci
 from ..vocab import VocabSpace, shared_tokens, token_anchors, translation
 from . import checkpoint
@@ -475,6 +475,8 @@ class Trainer:
                      "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
         self.split = self.setup_data()
         self.answerers, self.reader = self.setup_models(lm)
+        if opts.answer_kept:
+            self.keep_answered()
         self.spec, self.compressor, self.params, self.optimizer = self.setup_compressor()
         self._states: dict = {}  # states(): (question, context) -> the frozen model's states
         self.provenance, self.checkpoint_config = self.record()
@@ -518,6 +520,24 @@ class Trainer:
         reader = next((a for a in answerers if a.model_id == opts.reader_id()),
                       None) or answerer(opts.reader_id(), 0.0)
         return answerers, reader
+
+    def keep_answered(self) -> None:
+        """--answer_kept: the training split cut to the examples whose answer the reader's
+        compressor kept, in every model's items alike. Most of a query-agnostic selector's
+        training questions ask about text it dropped, and their answers teach the reader to
+        guess rather than to read what was kept."""
+        tok, items = self.reader.lm.tokenizer, self.reader.train_items
+        rows = [r for r, item in enumerate(items)
+                if answer_in(tok.decode(item.span), item.example.answers)]
+        self.log(f"--answer_kept: {len(rows)} of {len(items)} training examples have an answer "
+                 "in the kept text")
+        if len(rows) < self.opts.batch_size:
+            raise UsageError(f"--answer_kept leaves {len(rows)} training examples, fewer than "
+                             f"--batch_size {self.opts.batch_size}; raise --samples or drop "
+                             "--answer_kept")
+        self.split = replace(self.split, train=[self.split.train[r] for r in rows])
+        for a in {id(a): a for a in (*self.answerers, self.reader)}.values():
+            a.train_items = [a.train_items[r] for r in rows]
 
     def setup_compressor(self):
         """(spec, compressor, its trained parameters, their optimizer): built from the seed,
