@@ -508,6 +508,28 @@ def test_an_offset_encoder_shared_by_two_models_starts_as_each_ones_own_kept_tok
             assert torch.allclose(mine, own + a.offset_map(z - x), atol=1e-5)
 
 
+def test_a_checkpoint_holding_the_whole_offset_map_is_refused_on_resume_not_misread(tmp_path):
+    """Before the gain, `last/` held Qwen's map itself (the gain times the matrix): read as
+    the matrix it would be scaled twice. Refused in one line; a checkpoint of today resumes."""
+    lms = pair()
+    opts = options(tmp_path, encoder="offset:truncate", compression=4.0, keep_question=True)
+    t = Trainer(opts, validate(opts), quiet, lms)
+    t.step(list(range(4)), 0)
+    t.save("last", State(step=1))
+    again = Trainer(opts, tmp_path / "run", quiet, lms)
+    assert again.restore().step == 1
+    folder = tmp_path / "run" / "checkpoints" / "last"
+    weights, config, optimizer, state = checkpoint.load_training(folder)
+    qwens = t.compressor.adapters["1"]
+    assert float(qwens.gain) < 0.6  # far enough from 1 for the two readings to differ
+    weights["adapters.1.proj.weight"] = qwens.gain * weights["adapters.1.proj.weight"]
+    checkpoint.save(folder, weights, {k: v for k, v in config.items()
+                                      if k not in ("format", "version")}, optimizer, state)
+    again = Trainer(opts, tmp_path / "run", quiet, lms)
+    with pytest.raises(UsageError, match="holds qwen's offset map as one matrix"):
+        again.restore()
+
+
 def test_nothing_hard_wires_two_readers_a_run_over_three_has_a_section_per_model(tmp_path):
     """One offset latent for three models (two Llamas of other widths and seeds, and the
     Qwen2): every model's own section, each against its own references, and each model starts

@@ -581,6 +581,16 @@ class Adapter(nn.Module):
         self.proj.weight.copy_(weight / gain)
         self.proj.bias.zero_()
 
+    def holds_whole_map(self) -> bool:
+        """Whether `proj` holds the map itself rather than the matrix (see on_tokens): what a
+        checkpoint saved before the gain gives, with no marker of its own. Its norm lies
+        nearer the gain's times an identity's than an identity's; with a gain of 1 (a model
+        reading its own tokens) the two readings are the same map."""
+        if not hasattr(self, "anchors"):
+            return False
+        ratio = float(self.proj.weight.detach().norm()) / self.proj.weight.shape[1] ** 0.5
+        return abs(math.log(ratio / float(self.gain))) < abs(math.log(ratio))
+
     def offset_map(self, added: torch.Tensor) -> torch.Tensor:
         """What this model adds to its own embedding of a kept token for what the encoder
         added to the reader's (see on_tokens)."""

@@ -791,8 +791,15 @@ class Trainer:
             checkpoint.save(folder, weights, self.checkpoint_config)
 
     def restore(self) -> State:
-        weights, _, optimizer, saved = checkpoint.load_training(
-            checkpoint.existing(self.out / "checkpoints" / "last"))
+        folder = checkpoint.existing(self.out / "checkpoints" / "last")
+        weights, _, optimizer, saved = checkpoint.load_training(folder)
         self.compressor.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        adapters = getattr(self.compressor, "adapters", {})
+        misread = [a.model_id for n, a in zip(adapters, self.answerers)
+                   if adapters[n].holds_whole_map()]
+        if misread:
+            raise UsageError(f"{folder} holds {', '.join(misread)}'s offset map as one matrix, "
+                             "as latentwire saved it before 2026-12-04, and resuming would "
+                             "scale it twice; train again with another --output_dir")
         self.optimizer.load_state_dict(optimizer)
         return State(**saved)
