@@ -193,6 +193,21 @@ def test_a_recipe_sets_the_options_and_the_command_line_overrides_it(tmp_path, s
     assert from_args(TrainOptions, parse(["train"])) == TrainOptions()
 
 
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs/squad").glob("*.yaml")
+                                           if not p.name.startswith("study")))
+def test_every_training_recipe_of_record_is_a_valid_run(recipe, tmp_path):
+    """Each recipe file's options are train's and pass its checks (its data replaced by the
+    built-in set, which is here offline)."""
+    from latentwire.cli import parse
+    from latentwire.options import from_args
+    from latentwire.training.options import TrainOptions, validate
+
+    opts = from_args(TrainOptions, parse(["train", "--config", str(ROOT / "configs/squad" / recipe)]))
+    assert opts.eval_dataset == "runs/data/squad-held.json"
+    validate(dataclasses.replace(opts, dataset="builtin", eval_dataset=None,
+                                 output_dir=str(tmp_path / "run")))
+
+
 def test_a_training_recipe_sets_the_options_every_screen_trial_trains_with():
     from latentwire.cli import parse
     from latentwire.options import from_args
