@@ -195,16 +195,19 @@ def test_a_recipe_sets_the_options_and_the_command_line_overrides_it(tmp_path, s
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs/squad").glob("*.yaml")
                                            if not p.name.startswith("study")))
-def test_every_training_recipe_of_record_is_a_valid_run(recipe, tmp_path):
+def test_every_training_recipe_of_record_is_a_valid_run(recipe, tmp_path, tiny_qwen_other_dir):
     """Each recipe file's options are train's and pass its checks (its data replaced by the
-    built-in set, which is here offline)."""
+    built-in set, which is here offline, and a model file not installed here, the second
+    family of scripts/install_second_model.py, by a tiny model of another family)."""
     from latentwire.cli import parse
     from latentwire.options import from_args
     from latentwire.training.options import TrainOptions, validate
 
     opts = from_args(TrainOptions, parse(["train", "--config", str(ROOT / "configs/squad" / recipe)]))
     assert opts.eval_dataset == "runs/data/squad-held.json"
-    validate(dataclasses.replace(opts, dataset="builtin", eval_dataset=None,
+    models = ",".join(m if not m.endswith(".gguf") or os.path.exists(m) else str(tiny_qwen_other_dir)
+                      for m in opts.model_ids())
+    validate(dataclasses.replace(opts, dataset="builtin", eval_dataset=None, model_id=models,
                                  output_dir=str(tmp_path / "run")))
 
 
