@@ -425,13 +425,12 @@ def validate(opts: TrainOptions) -> Path:
              f"--encoder {opts.encoder} compresses for the one model that reads it; pass one "
              "--model_id and no --encoder_model")
     if entry is not None and entry.field is not None:
-        need(not (opts.recon_weight and entry.field.endswith(":Press")),
+        need(not (opts.recon_weight and not entry.keeps_tokens),
              f"--recon_weight: --encoder {opts.encoder} prunes a cache, which has no context "
              "to read again; use it with an encoder that gives latents")
         need(not (entry.needs_question and opts.keep_question),
              f"--encoder {opts.encoder} reads the question (query-aware): drop --keep_question")
-    need(not opts.answer_kept or (entry is not None and entry.field is not None
-                                  and not entry.field.endswith(":Press")),
+    need(not opts.answer_kept or (entry is not None and entry.keeps_tokens),
          f"--answer_kept needs an encoder that keeps the context's tokens (truncate, sentences, "
          f"offset:truncate, ...); --encoder {opts.encoder} keeps no text to look for the answer in")
     need(opts.encoder_lora >= 0, f"--encoder_lora must be >= 0, 0 for none (got {opts.encoder_lora})")

@@ -36,6 +36,12 @@ class EncoderEntry:
         references train: not an encoder that learns what to add to what it kept."""
         return self.field is not None and not self.reads_states
 
+    @property
+    def keeps_tokens(self) -> bool:
+        """A field compressor that keeps some of the context's tokens, as text; not a press,
+        which keeps keys and values of a cache."""
+        return self.field is not None and not self.field.endswith(":Press")
+
     def field_compressor(self, seed: int = 0, source: tuple | None = None):
         """The field compressor this entry names, built; None for a learned encoder. A relay's
         compresses in the `source` model's tokens: (its tokenizer, its id)."""
