@@ -238,8 +238,11 @@ def load_all(spec: str, at_least: int = 0) -> list[Example]:
     return examples
 
 
-def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
-    """Seeded shuffle, then the first n: the same n always gives the same examples."""
+def sample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """Seeded shuffle, then the first n (None: all): the same n always gives the same examples,
+    and a smaller n the first of them."""
+    if n is None:
+        n = len(examples)
     if n < 0:
         raise UsageError(f"--samples must be at least 0 (got {n})")
     if n > len(examples):
@@ -267,7 +270,7 @@ class Split:
                                        & {e.context for e in self.eval})}
 
 
-def split(examples: list[Example], n_train: int, n_eval: int, seed: int) -> Split:
+def split(examples: list[Example], n_train: int | None, n_eval: int, seed: int) -> Split:
     """Whole groups go to evaluation (seeded order) until it holds n_eval examples; the training
     split is a seeded sample of n_train from the other groups. Examples without a group form a
     group of their own context, so a context is never on both sides."""
@@ -287,8 +290,8 @@ def split(examples: list[Example], n_train: int, n_eval: int, seed: int) -> Spli
     return Split(sample(rest, n_train, seed), held)
 
 
-def split_apart(train: list[Example], evaluation: list[Example], n_train: int, n_eval: int,
-                seed: int) -> Split:
+def split_apart(train: list[Example], evaluation: list[Example], n_train: int | None,
+                n_eval: int, seed: int) -> Split:
     """Training from one dataset, evaluation from another (--eval_dataset): refused when the two
     share an article or a context. The evaluation is a seeded sample of n_eval questions drawn
     across all of its articles, not whole articles: one article is one topic."""

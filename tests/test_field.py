@@ -627,26 +627,35 @@ def test_the_sweep_refuses_to_replay_a_checkpoint_trained_behind_a_field_compres
     assert len(err.splitlines()) == 1 and "keeps of each context" in err
 
 
-def test_answer_kept_trains_only_on_the_questions_whose_answer_the_selector_kept(tmp_path):
+def test_answer_kept_trains_on_the_first_samples_whose_answer_the_selector_kept(tmp_path):
     lm = tiny_lm()
-    every = trainer(tmp_path / "every", lm, encoder="truncate", compression=2.0, samples=40)
-    cut = trainer(tmp_path / "cut", lm, encoder="truncate", compression=2.0, samples=40,
+    drawn = trainer(tmp_path / "drawn", lm, encoder="truncate", compression=2.0, samples=120)
+    cut = trainer(tmp_path / "cut", lm, encoder="truncate", compression=2.0, samples=16,
                   answer_kept=True)
-    # Directly: the first half of each training context's tokens, read back as text.
-    fmt, tok = every.reader.fmt, lm.tokenizer
-    expected = []
-    for e in every.split.train:
+    # Directly: the first half of each training context's tokens, read back as text, over the
+    # examples in the order they are drawn.
+    fmt, tok = drawn.reader.fmt, lm.tokenizer
+
+    def kept(e):
         span = prompts.encode_span(tok, fmt, e.context, e.question, True)[0]
-        kept = tok.decode(span[:-(-len(span) // 2)])
-        if any(a.strip() in kept for a in e.answers):
-            expected.append(e)
-    assert 0 < len(expected) < len(every.split.train)  # the cut has something to cut
-    assert cut.split.train == expected
-    assert [i.example for i in cut.reader.train_items] == expected
-    assert cut.split.eval == every.split.eval  # the evaluation is unchanged
+        return any(a.strip() in tok.decode(span[:-(-len(span) // 2)]) for a in e.answers)
+
+    expected = [e for e in drawn.split.train if kept(e)]
+    # The cut has something to cut, and --samples counts what it leaves: the first 16 drawn
+    # hold fewer than 16 with their answer kept.
+    assert 16 < len(expected) < len(drawn.split.train)
+    assert sum(map(kept, drawn.split.train[:16])) < 16
+    assert cut.split.train == expected[:16]
+    assert [i.example for i in cut.reader.train_items] == expected[:16]
+    assert cut.split.eval == drawn.split.eval  # the evaluation is unchanged
 
 
 @pytest.mark.parametrize("encoder", ["pool", "kvpress:knorm"])
 def test_answer_kept_is_refused_for_an_encoder_that_keeps_no_text(tmp_path, encoder):
     with pytest.raises(UsageError, match="--answer_kept needs an encoder that keeps"):
         validate(options(tmp_path, encoder=encoder, answer_kept=True))
+
+
+def test_answer_kept_is_refused_where_nothing_trains(tmp_path):
+    with pytest.raises(UsageError, match="--samples 0 trains on none"):
+        validate(options(tmp_path, encoder="truncate", answer_kept=True, samples=0))

@@ -55,6 +55,18 @@ def test_the_readers_options_go_to_the_lm_cells_only(tmp_path):
         validate(cells[control])  # refused before: --encoder_lora on an encoder with no reader
 
 
+def test_answer_kept_cuts_the_cells_that_keep_tokens_and_no_other(tmp_path):
+    opts = study.StudyOptions(encoders="offset:truncate,truncate,kvpress:knorm", compressions="4",
+                              settings="agnostic", output_dir=str(tmp_path),
+                              base=TrainOptions(answer_kept=True))
+    cells = {c.encoder: study._options(opts, c, False) for c in study.cells(opts)}
+    assert {e for e, o in cells.items() if o.answer_kept} == {"offset:truncate", "truncate"}
+    for o in cells.values():
+        validate(o)  # the controls and the press would be refused with the cut
+    with pytest.raises(UsageError, match="none of --encoders kvpress:knorm does"):
+        study.cells(replace(opts, encoders="kvpress:knorm"))
+
+
 def test_the_study_recipe_trains_each_recipe_of_record_as_its_cell():
     """configs/squad/study-4x.yaml reproduces the table of docs/results/learned.md: its cells
     for the two recipes of record train exactly as `train --config` with those recipes, so a
@@ -77,6 +89,16 @@ def test_the_study_recipe_trains_each_recipe_of_record_as_its_cell():
         trained = from_args(TrainOptions, parse(
             ["train", "--config", str(ROOT / "configs/squad" / recipe)]))
         assert same(cells[cell]) == same(trained), recipe
+    # The query-agnostic study trained only where the answer was kept: its recipe cell is
+    # agnostic-kept-4x.yaml's run, and its truncate cell the same cut through the adapter.
+    args = parse(["study", "--config", str(ROOT / "configs/squad/study-agnostic-kept-4x.yaml")])
+    opts = from_args(StudyOptions, args, base=from_args(TrainOptions, args))
+    cells = {c.name: study._options(opts, c, False) for c in study.cells(opts)}
+    trained = from_args(TrainOptions, parse(
+        ["train", "--config", str(ROOT / "configs/squad/agnostic-kept-4x.yaml")]))
+    assert same(cells["agnostic/offset:truncate_x4"]) == same(trained)
+    assert [n for n, o in cells.items() if o.answer_kept] == ["agnostic/offset:truncate_x4",
+                                                              "agnostic/truncate_x4"]
 
 
 def test_a_study_writes_its_table_and_plot_and_a_rerun_keeps_every_run(tmp_path, tiny_model_dir,

@@ -105,8 +105,9 @@ class TrainOptions:
     answer_kept: bool = option(
         False, group=DATA,
         help="train only on the examples whose answer the token compressor kept (one gold "
-             "answer, word for word, in the kept text); --samples counts before this cut, "
-             "and the evaluation is unchanged")
+             "answer, word for word, in the kept text): --samples counts the examples left, "
+             "drawn in the seeded order until there are that many; the evaluation is unchanged. "
+             "In a study, the cells whose encoder keeps tokens")
     eval_dataset: str | None = option(
         None, group=DATA, metavar="SPEC",
         help="evaluate on this dataset (same forms as --dataset) instead of a held-out part of "
@@ -433,6 +434,8 @@ def validate(opts: TrainOptions) -> Path:
     need(not opts.answer_kept or (entry is not None and entry.keeps_tokens),
          f"--answer_kept needs an encoder that keeps the context's tokens (truncate, sentences, "
          f"offset:truncate, ...); --encoder {opts.encoder} keeps no text to look for the answer in")
+    need(not (opts.answer_kept and opts.samples == 0), "--answer_kept chooses the examples to "
+         "train on and --samples 0 trains on none: drop one of them")
     need(opts.encoder_lora >= 0, f"--encoder_lora must be >= 0, 0 for none (got {opts.encoder_lora})")
     need(not opts.encoder_lora or opts.encoder == "lm", "--encoder_lora adapts the reader of "
          f"--encoder lm; --encoder {opts.encoder} has none")

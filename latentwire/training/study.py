@@ -57,6 +57,10 @@ def cells(opts: StudyOptions) -> list[Cell]:
                         ("--compressions", ratios)):
         if not given:
             raise UsageError(f"{name} is empty; a study needs at least one")
+    if opts.base.answer_kept and not any(ENCODERS[e].keeps_tokens for e in encoders):
+        raise UsageError("--answer_kept cuts the training of the cells whose encoder keeps the "
+                         f"context's tokens, and none of --encoders {opts.encoders} does; drop it "
+                         "or add one (truncate, sentences, offset:truncate, ...)")
     if min(ratios) < 1:
         raise UsageError(f"--compressions must each be at least 1 (got {min(ratios):g}): a ratio "
                          "is text positions per latent, 1 for none")
@@ -129,6 +133,9 @@ def _options(opts: StudyOptions, cell: Cell, resume: bool) -> TrainOptions:
     # --encoder_lora and --encoder_layer describe the lm encoder's reader: the controls and the
     # other encoders of the same study have none, and train as they would alone.
     reads = ENCODERS[cell.encoder].needs_model
+    # --answer_kept is a cut of what a token-keeping encoder trains on; the controls and the
+    # compressors that keep no text train on the draws as they come, to the same --samples.
+    cut = opts.base.answer_kept and ENCODERS[cell.encoder].keeps_tokens
     alone = {"model_id": cell.model, "model_weights": ""} if cell.model else {}
     # A cell trained for one model alone is the same encoder as the shared cell, reader
     # included, so that the two differ by the sharing only; the uncompressed reference is the
@@ -139,7 +146,7 @@ def _options(opts: StudyOptions, cell: Cell, resume: bool) -> TrainOptions:
     return replace(opts.base, **alone, encoder=cell.encoder, compression=cell.compression, latent_len=None,
                    keep_question=SETTINGS[cell.setting], resume="yes" if resume else "no",
                    output_dir=str(Path(opts.output_dir) / cell.name),
-                   encoder_lora=opts.base.encoder_lora if reads else 0,
+                   answer_kept=cut, encoder_lora=opts.base.encoder_lora if reads else 0,
                    encoder_layer=opts.base.encoder_layer if reads else None)
 
 

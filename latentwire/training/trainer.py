@@ -486,12 +486,15 @@ class Trainer:
     def setup_data(self) -> data.Split:
         """The training and held-out evaluation examples."""
         opts = self.opts
+        # --answer_kept counts --samples after its cut: every training example is drawn, in
+        # the seeded order, and keep_answered takes the first that many whose answer was kept.
+        drawn = None if opts.answer_kept and opts.samples else opts.samples
         if opts.eval_dataset is None:
             examples = data.load_all(opts.dataset, at_least=opts.samples + opts.eval_samples)
-            split = data.split(examples, opts.samples, opts.eval_samples, opts.seed)
+            split = data.split(examples, drawn, opts.eval_samples, opts.seed)
         else:
             split = data.split_apart(data.load_all(opts.dataset, at_least=opts.samples),
-                                     data.load_all(opts.eval_dataset), opts.samples,
+                                     data.load_all(opts.eval_dataset), drawn,
                                      opts.eval_samples, opts.seed)
         if opts.samples and len(split.train) < opts.batch_size:
             raise UsageError(f"the training split holds {len(split.train)} examples, fewer "
@@ -529,12 +532,16 @@ class Trainer:
         tok, items = self.reader.lm.tokenizer, self.reader.train_items
         rows = [r for r, item in enumerate(items)
                 if answer_in(tok.decode(item.span), item.example.answers)]
-        self.log(f"--answer_kept: {len(rows)} of {len(items)} training examples have an answer "
-                 "in the kept text")
+        self.log(f"--answer_kept: {len(rows)} of the {len(items)} training examples have an "
+                 f"answer in the kept text; training on the first {min(len(rows), self.opts.samples)}")
         if len(rows) < self.opts.batch_size:
             raise UsageError(f"--answer_kept leaves {len(rows)} training examples, fewer than "
-                             f"--batch_size {self.opts.batch_size}; raise --samples or drop "
-                             "--answer_kept")
+                             f"--batch_size {self.opts.batch_size}; use a larger --dataset or "
+                             "drop --answer_kept")
+        if len(rows) < self.opts.samples:
+            self.log(f"warning: asked for {self.opts.samples} samples with an answer kept but "
+                     f"the dataset holds {len(rows)}; using all of them")
+        rows = rows[:self.opts.samples]
         self.split = replace(self.split, train=[self.split.train[r] for r in rows])
         for a in {id(a): a for a in (*self.answerers, self.reader)}.values():
             a.train_items = [a.train_items[r] for r in rows]
