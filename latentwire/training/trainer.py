@@ -488,7 +488,7 @@ class Trainer:
         opts = self.opts
         # --answer_kept counts --samples after its cut: every training example is drawn, in
         # the seeded order, and keep_answered takes the first that many whose answer was kept.
-        drawn = None if opts.answer_kept and opts.samples else opts.samples
+        drawn = None if opts.answer_kept else opts.samples  # validate refuses it with --samples 0
         if opts.eval_dataset is None:
             examples = data.load_all(opts.dataset, at_least=opts.samples + opts.eval_samples)
             split = data.split(examples, drawn, opts.eval_samples, opts.seed)
