@@ -171,6 +171,9 @@ def read_config(path: str, options: list, command: str) -> dict:
                              f"{command}`; see `latentwire {command} --help`")
         f = known[key]
         kind = value_type(f)
+        if value is None and kind is f.type and f.default is not None:  # `name:` and nothing
+            raise UsageError(f"--config {path}: {name} is empty; give it a {kind.__name__} or "
+                             "leave the line out for its default")
         try:
             if value is None or kind is bool and isinstance(value, bool):
                 out[key] = value

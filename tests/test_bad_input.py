@@ -74,6 +74,8 @@ CASES = [
     (["train", "--config", "broken.yaml"], "--config broken.yaml is not valid YAML"),
     (["train", "--config", "unknown.yaml"], "'lrr' is not an option of `latentwire train`"),
     (["train", "--config", "typed.yaml"], "samples takes int (got 'many')"),
+    (["train", "--config", "blank.yaml"], "answer_kept is empty; give it a bool"),
+    (["study", "--config", "blank.yaml"], "answer_kept is empty; give it a bool"),
     (["train", "--config", "choice.yaml"], "encoder 'mlp' is not one of"),
     (["train", "--config", "listed.yaml"], "must map option names to values"),
     (["train", "--config", "small.yaml"], "smaller than --batch_size"),
@@ -112,7 +114,7 @@ def door(tmp_path, monkeypatch):
     (tmp_path / "blocker").write_text("a file where a folder should be\n")
     (tmp_path / "summary.json").write_text('{"results": [')
     for name, text in {"broken": "encoder: [pool,\n", "unknown": "lrr: 0.1\n",
-                       "typed": "samples: many\n", "choice": "encoder: mlp\n",
+                       "typed": "samples: many\n", "blank": "answer_kept:\n", "choice": "encoder: mlp\n",
                        "listed": "- encoder\n", "small": "samples: 4\nbatch_size: 8\n"}.items():
         (tmp_path / f"{name}.yaml").write_text(text)
     (tmp_path / "twice.yaml").write_text("lr: 0.1\nsamples: 8\nlr: 0.2\n")
