@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..files import read_json, writable_dir
 from ..options import command_line, option
 from . import checkpoint, tracking
-from .registry import ENCODERS
+from .registry import ENCODERS, token_keepers
 
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16")
@@ -432,8 +432,9 @@ def validate(opts: TrainOptions) -> Path:
         need(not (entry.needs_question and opts.keep_question),
              f"--encoder {opts.encoder} reads the question (query-aware): drop --keep_question")
     need(not opts.answer_kept or (entry is not None and entry.keeps_tokens),
-         f"--answer_kept needs an encoder that keeps the context's tokens (truncate, sentences, "
-         f"offset:truncate, ...); --encoder {opts.encoder} keeps no text to look for the answer in")
+         f"--answer_kept needs an encoder that keeps the context's tokens, one of: "
+         f"{', '.join(token_keepers())}; --encoder {opts.encoder} keeps no text to look for the "
+         "answer in")
     need(not (opts.answer_kept and opts.samples == 0), "--answer_kept chooses the examples to "
          "train on and --samples 0 trains on none: drop one of them")
     need(opts.encoder_lora >= 0, f"--encoder_lora must be >= 0, 0 for none (got {opts.encoder_lora})")

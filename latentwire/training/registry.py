@@ -145,3 +145,9 @@ for _name in ("sentences", "truncate", "llmlingua", "longllmlingua"):
         "(at most the latents' count of positions): the text relay between two models", POOL,
         field=_inner.field, field_args=_inner.field_args, needs_question=_inner.needs_question,
         relay=True))
+
+
+def token_keepers() -> list[str]:
+    """The encoders whose output keeps some of the context's own tokens: the ones `--answer_kept`
+    can look for the answer in."""
+    return [name for name, entry in ENCODERS.items() if entry.keeps_tokens]

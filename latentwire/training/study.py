@@ -22,7 +22,7 @@ from ..plots import pyplot, save
 from . import checkpoint
 from .loop import run as train
 from .options import SETTINGS, StudyOptions, TrainOptions, made_otherwise, validate
-from .registry import ENCODERS
+from .registry import ENCODERS, token_keepers
 from .summary import draw_references, references_sentence
 from .trainer import kept_models, load_models
 
@@ -60,7 +60,7 @@ def cells(opts: StudyOptions) -> list[Cell]:
     if opts.base.answer_kept and not any(ENCODERS[e].keeps_tokens for e in encoders):
         raise UsageError("--answer_kept cuts the training of the cells whose encoder keeps the "
                          f"context's tokens, and none of --encoders {opts.encoders} does; drop it "
-                         "or add one (truncate, sentences, offset:truncate, ...)")
+                         f"or add one of: {', '.join(token_keepers())}")
     if min(ratios) < 1:
         raise UsageError(f"--compressions must each be at least 1 (got {min(ratios):g}): a ratio "
                          "is text positions per latent, 1 for none")
