@@ -657,6 +657,9 @@ def test_a_run_takes_over_an_earlier_runs_references_only_when_they_are_its_own(
         assert run(other, log, lm, references_from=tmp_path / "a") == 0
         assert not any(line.startswith("references: those of") for line in lines)
         assert any(line.startswith("references on") for line in lines)
+        # Before the evaluation, which is silent and can be long, a line says what it does.
+        held = next(line.split()[2] for line in lines if line.startswith("references on"))
+        assert f"evaluating on {held} held-out examples ..." in lines
     # Asked for by the flag, and not this run's: it says what differs, and computes its own.
     lines.clear()
     asked = options(tmp_path, output_dir=str(tmp_path / "h"), max_new_tokens=3,

@@ -168,6 +168,8 @@ def evaluate_epoch(trainer: Trainer, state: State, progress: "Progress", started
     summary and plots: a run killed after this point loses nothing of the epoch."""
     out = trainer.out
     t0 = time.time()
+    # A slow reader (a press on a larger model, on a CPU) can take half an hour here, silently.
+    trainer.log(f"evaluating on {len(trainer.split.eval)} held-out examples ...")
     result = trainer.evaluate()
     loss, seconds = progress.end_epoch(state)
     entry = {"epoch": state.epoch, "step": state.step, "train_loss": loss,
