@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from latentwire.embed_experiments import TransformInputs
 from latentwire.errors import UsageError
 from latentwire.training import checkpoint
 from latentwire.training.encoders import Compressor, Layout, similar_widths
+from latentwire.training import loop
 from latentwire.training.loop import run
 from latentwire.options import from_args
 from latentwire.training.options import (RESTARTS, TRANSFORM_OPTIONS, TrainOptions, resume_mode,
@@ -215,12 +217,51 @@ def test_bad_input_is_one_line_and_exit_2_before_the_model_loads(tmp_path, capsy
                           (["--nearest_alpha", "2"], "--nearest_alpha must be in [0, 1]"),
                           (["--lr", "-1"], "--lr must be a positive number"),
                           (["--resume"], "holds no checkpoint to resume"),
-                          (["--dataset", "nope"], "unknown dataset")]:
+                          (["--dataset", "nope"], "unknown dataset"),
+                          (["--max_minutes", "-1"], "--max_minutes must be a number of minutes"),
+                          (["--max_minutes", "nan"], "--max_minutes must be a number of minutes"),
+                          (["--max_minutes", "5", "--schedule", "cosine"],
+                           "use --schedule constant")]:
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, (extra, err)
     assert main(["train", "--output_dir", "/proc/latentwire-cannot-write"]) == 2
     assert "cannot write to output dir" in capsys.readouterr().err
+
+
+def test_max_minutes_stops_every_epoch_loop_evaluates_there_and_a_resume_adds_nothing(
+        tmp_path, monkeypatch):
+    # Each step is made to take 40 s of the clock the loop reads, so a budget of 1.5 minutes
+    # is spent after the third step, in the first of two epochs of three steps each.
+    now, real_step = [0.0], Trainer.step
+
+    def slow_step(self, batch, step=0):
+        now[0] += 40
+        return real_step(self, batch, step)
+
+    monkeypatch.setattr(Trainer, "step", slow_step)
+    monkeypatch.setattr(loop, "time", SimpleNamespace(time=lambda: now[0]))
+    lm = tiny_lm()
+    opts = options(tmp_path, epochs=2, max_minutes=1.5, save_every=0)
+    assert run(opts, quiet, lm) == 0
+    out = Path(opts.output_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 3
+    assert summary["budget"] == {"max_minutes": 1.5, "planned_steps": 6, "stopped_early": True}
+    assert [e["epoch"] for e in summary["epochs"]] == [1]
+    steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["type"] == "step"] == [1, 2, 3]
+    # Resumed from the checkpoint its evaluation left: the budget is spent, nothing more runs.
+    assert run(options(tmp_path, epochs=2, max_minutes=1.5, save_every=0, resume="yes"),
+               quiet, lm) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["steps"] == 3 and len(again["epochs"]) == 1
+    # A budget the run never reaches changes nothing.
+    whole = options(tmp_path, epochs=2, max_minutes=1000, save_every=0,
+                    output_dir=str(tmp_path / "whole"))
+    assert run(whole, quiet, lm) == 0
+    summary = json.loads((Path(whole.output_dir) / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["budget"]["stopped_early"] is False
 
 
 def test_resume_refuses_other_flags_and_a_run_is_not_overwritten(tmp_path, capsys):
@@ -374,15 +415,25 @@ def test_resume_after_sigkill_ends_bitwise_identical(tmp_path, tiny_model_dir, p
 @pytest.mark.slow
 def test_two_processes_under_torchrun_reach_the_weights_of_one(tmp_path, tiny_model_dir):
     torchrun = Path(sys.executable).parent / "torchrun"
-    one = subprocess.run(_command(tiny_model_dir, tmp_path / "one", "--epochs", "1"),
+    # A budget never reached: the processes agree on it at every step, and it changes nothing.
+    flags = ("--epochs", "1", "--max_minutes", "600")
+    one = subprocess.run(_command(tiny_model_dir, tmp_path / "one", *flags),
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr
-    cmd = _command(tiny_model_dir, tmp_path / "two", "--epochs", "1")
+    cmd = _command(tiny_model_dir, tmp_path / "two", *flags)
     two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", *cmd[1:]],
                          capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # A budget spent by the first step: both processes stop there together (one going on
+    # alone would wait for the other forever), and the run evaluates and ends.
+    cmd = _command(tiny_model_dir, tmp_path / "spent", "--epochs", "2", "--max_minutes", "1e-9")
+    spent = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", *cmd[1:]],
+                           capture_output=True, text=True, timeout=300)
+    assert spent.returncode == 0, spent.stderr[-3000:]
+    summary = json.loads((tmp_path / "spent" / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["budget"]["stopped_early"]
 
 
 @pytest.mark.slow

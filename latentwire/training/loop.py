@@ -105,6 +105,10 @@ def fit(trainer: Trainer, state: State, progress: "Progress", started: float,
     epochs = opts.epochs if trainer.split.train else 1
     try:
         for epoch in range(state.epoch, epochs):
+            # A run resumed after its budget's evaluation has nothing left to do.
+            if spent(trainer, state):
+                break
+            stopped = False
             for batch in trainer.batches(epoch)[state.batch:]:
                 t0 = time.time()
                 metrics = trainer.step(batch, state.step)
@@ -114,10 +118,18 @@ def fit(trainer: Trainer, state: State, progress: "Progress", started: float,
                 progress.step(state, metrics, len(batch), seconds)
                 if main and opts.save_every and state.step % opts.save_every == 0:
                     trainer.save("last", state)
+                if stopped := spent(trainer, state):
+                    break
+            if stopped:
+                trainer.log(f"--max_minutes {opts.max_minutes:g}: {state.elapsed / 60:.1f} "
+                            f"minutes of training spent at step {state.step} of "
+                            f"{progress.total}; the evaluation is there")
             state.epoch, state.batch = epoch + 1, 0
             if main:
                 evaluate_epoch(trainer, state, progress, started, on_epoch)
             trainer.accelerator.wait_for_everyone()
+            if stopped:
+                break
     except NonFiniteLoss:
         print(f"error: the loss became non-finite at step {state.step + 1} (epoch "
               f"{state.epoch + 1}); stopped. checkpoints/last (step {state.step} or earlier) is "
@@ -126,6 +138,17 @@ def fit(trainer: Trainer, state: State, progress: "Progress", started: float,
     finally:
         progress.close()
     return 0
+
+
+def spent(trainer: Trainer, state: State) -> bool:
+    """Whether --max_minutes of training are spent, agreed by every process: each counts its
+    own time, and they stop together at the first step after any one of them is past it."""
+    budget = trainer.opts.max_minutes * 60
+    if not budget:
+        return False
+    if state.elapsed >= budget:
+        trainer.accelerator.set_trigger()
+    return trainer.accelerator.check_trigger()
 
 
 # What fixes a run's references: the answers of the untrained model to its evaluation examples.
@@ -210,7 +233,8 @@ which a checkpoint saves) and its wall time."""
         main = trainer.rank == 0
         self.trackers = trackers
         per_epoch = len(trainer.batches(0))
-        self.total = per_epoch * trainer.opts.epochs
+        self.total = trainer.total_steps()
+        self.budget = trainer.opts.max_minutes * 60
         self.every = max(1, per_epoch // 10)
         self.log = log
         self.metrics = MetricsLog(trainer.out / "metrics.jsonl", state.step) if main else None
@@ -233,6 +257,8 @@ which a checkpoint saves) and its wall time."""
             self.bar.update(1)
         elif state.step % self.every == 0:
             eta = (self.total - state.step) * state.elapsed / max(state.step, 1)
+            if self.budget:
+                eta = min(eta, max(0.0, self.budget - state.elapsed))
             self.log(f"step {state.step}/{self.total}  epoch {state.epoch + 1}  loss "
                      f"{m['loss']:.3f}  {rate:.1f} ex/s  eta {eta / 60:.1f} min")
 

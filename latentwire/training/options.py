@@ -126,6 +126,11 @@ class TrainOptions:
                            help="learning rate after warm-up: constant, or cosine to 0")
     warmup_steps: int = option(0, group=OPTIMISATION, metavar="N",
                                help="linear warm-up from 0 to --lr over N steps")
+    max_minutes: float = option(
+        0.0, group=OPTIMISATION, metavar="M",
+        help="a training budget: after M minutes of training steps (evaluations and loading not "
+             "counted, a resumed run's earlier steps counted) stop where the run stands and "
+             "evaluate there; 0 for none. With --schedule constant: cosine needs its length")
     max_grad_norm: float = option(1.0, group=OPTIMISATION, metavar="X",
                                   help="gradient clipping, 0 for none")
     first_token_ce_weight: float = option(1.0, group=OPTIMISATION, metavar="W",
@@ -460,6 +465,11 @@ def validate(opts: TrainOptions) -> Path:
     need(opts.schedule in SCHEDULES, f"unknown --schedule {opts.schedule!r}; use one of: "
          f"{', '.join(SCHEDULES)}")
     need(opts.warmup_steps >= 0, f"--warmup_steps must be >= 0 (got {opts.warmup_steps})")
+    need(opts.max_minutes >= 0 and math.isfinite(opts.max_minutes), "--max_minutes must be a "
+         f"number of minutes >= 0, 0 for no budget (got {opts.max_minutes})")
+    need(not opts.max_minutes or opts.schedule == "constant", "--max_minutes stops the run at a "
+         "step no schedule knows beforehand, so --schedule cosine would stop short of 0; use "
+         "--schedule constant, or size the run with --samples and --epochs")
     need(opts.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, 0 for no clipping "
          f"(got {opts.max_grad_norm})")
     for name in ("first_token_ce_weight", "kd_weight", "recon_weight"):

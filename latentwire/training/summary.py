@@ -105,6 +105,10 @@ def summary(trainer, state, status: str, wall: float) -> dict:
         "checkpoints": ({"last": "checkpoints/last", "best": "checkpoints/best"}
                         if trainer.split.train else None),
     }
+    if trainer.opts.max_minutes:
+        planned = trainer.total_steps()
+        out["budget"] = {"max_minutes": trainer.opts.max_minutes, "planned_steps": planned,
+                         "stopped_early": state.step < planned}
     if len(trainer.answerers) > 1:
         out["models"] = {a.name: model_section(a, last["models"][a.name] if last else None,
                                                refs.get(a.name, {}), final)

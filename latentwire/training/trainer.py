@@ -736,6 +736,10 @@ class Trainer:
         b = self.opts.batch_size
         return [order[s:s + b] for s in range(0, len(order), b)]
 
+    def total_steps(self) -> int:
+        """The optimizer steps of the whole run as asked (--max_minutes may stop it sooner)."""
+        return len(self.batches(0)) * self.opts.epochs
+
     def learning_rate(self, step: int) -> float:
         """--lr after a linear warm-up of --warmup_steps, then constant or cosine to zero over
         the whole run; a function of the step alone, so a resumed run follows the same curve."""
@@ -743,8 +747,7 @@ class Trainer:
         if step < o.warmup_steps:
             return o.lr * (step + 1) / o.warmup_steps
         if o.schedule == "cosine":
-            total = len(self.batches(0)) * o.epochs
-            progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+            progress = (step - o.warmup_steps) / max(1, self.total_steps() - o.warmup_steps)
             return o.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return o.lr
 
