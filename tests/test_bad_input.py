@@ -55,6 +55,8 @@ CASES = [
     (["train", "--model_id", f"{B},{B}"], "twice"),
     (["train", "--model_id", "/nonexistent/model"], "does not exist"),
     (["train", "--encoder_model", "/nonexistent/m"], "(--encoder_model) does not exist"),
+    (["train", "--model_id", f"{B},nowhere/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"],
+     "does not exist; `make second-model` assembles it"),
     (["train", "--resume", "yes", "--output_dir", "never/made"], "holds no checkpoint to resume"),
     (["train", "--compression", "abc"], "--compression: invalid float value: 'abc'"),
     (["train", "--resume", "maybe"], "--resume: invalid choice: 'maybe'"),

