@@ -538,12 +538,14 @@ def _kvzip_context_only(base):
 
 @torch.no_grad()
 def answer_pressed(model, prompts: list[tuple], press: Press, ratio: float, aware: bool,
-                   stops, max_new_tokens: int, repeats: list | None = None) -> list[list[int]]:
+                   stops, max_new_tokens: int, repeats: list | None = None,
+                   on_pressed=None) -> list[list[int]]:
     """Greedy answer tokens for each prompt (prefix, context, question, anchor), as embeddings:
     the reader reads prefix + context (+ question when aware, and the press does not refuse
     it) under the press, which prunes the context's keys and values, one prompt at a time;
     then the rest and the answer, at their true positions, the prompts decoding together.
-    `repeats`: each prompt's Repeat, for KVzip."""
+    `repeats`: each prompt's Repeat, for KVzip. `on_pressed(1)` after each prompt's pressing, the
+    slow part."""
     aware = press.reads_question(aware)
     caches, positions, rests = [], [], []
     for n, (prefix, context, question, anchor) in enumerate(prompts):
@@ -552,6 +554,8 @@ def answer_pressed(model, prompts: list[tuple], press: Press, ratio: float, awar
         caches.append(cache)
         positions.append(position)
         rests.append(torch.cat(([] if aware else [question]) + [anchor]))
+        if on_pressed:
+            on_pressed(1)
     return answer_from_caches(model, caches, positions, rests, stops, max_new_tokens)
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from latentwire import data, embed_experiments, experiments, prompts
+from latentwire import data, embed_experiments, experiments, generation, prompts
 from latentwire.analysis import insights as analysis
 from latentwire.cli import main, parser
 from latentwire.embed_experiments import TransformInputs
@@ -33,7 +34,8 @@ from latentwire.options import from_args
 from latentwire.training.options import (RESTARTS, TRANSFORM_OPTIONS, TrainOptions, resume_mode,
                                          validate)
 from latentwire.training.summary import render
-from latentwire.training.trainer import CALIBRATION_EXAMPLES, Trainer, recompute_layers
+from latentwire.training.trainer import (CALIBRATION_EXAMPLES, Tally, Trainer,
+                                         recompute_layers)
 from latentwire.vocab import VocabSpace
 
 from .conftest import ROOT, tiny_lm, unloadable_model
@@ -205,6 +207,30 @@ def test_a_run_trains_only_the_compressor_and_writes_every_output(tmp_path):
     weights, _ = checkpoint.load(out / "checkpoints" / "last")
     start, _ = VocabSpace.from_model(lm.model, len(lm.tokenizer)).codebook(16, 0)
     assert not torch.equal(weights["codes"], start)
+
+
+@pytest.mark.parametrize("encoder", ["truncate", "kvpress:knorm"])
+def test_a_slow_evaluation_says_how_far_it_has_answered_and_a_quick_one_stays_quiet(
+        tmp_path, monkeypatch, encoder):
+    lines = []
+    opts = options(tmp_path, encoder=encoder, compression=4.0, samples=0, eval_samples=8,
+                   keep_question=True)
+    assert run(opts, lines.append, tiny_lm()) == 0
+    assert not [l for l in lines if "answered" in l]
+    monkeypatch.setattr(Tally, "QUIET_SECONDS", 0)
+    monkeypatch.setattr(generation, "MAX_DECODE_ROWS", 2)  # several decode groups, not one
+    lines.clear()
+    assert run(replace(opts, output_dir=str(tmp_path / "slow")), lines.append, tiny_lm()) == 0
+    told = [l for l in lines if "answered" in l]
+    n = json.loads((tmp_path / "slow" / "summary.json").read_text())["split"]["eval_examples"]
+    # Each of the three evaluations (two references, then the compressor) at its quarters,
+    # never its end: its result line says that.
+    counts = [int(re.search(r"(\d+)/(\d+) answered", l)[1]) for l in told]
+    assert all(f"/{n} answered" in l for l in told)
+    assert len(told) >= 3 and all(0 < c < n for c in counts)
+    pressed = [l for l in told if "contexts pressed" in l]
+    assert bool(pressed) == encoder.startswith("kvpress")
+    assert sum("text reference" in l for l in told) >= 1
 
 
 def test_bad_input_is_one_line_and_exit_2_before_the_model_loads(tmp_path, capsys):

@@ -11,6 +11,7 @@ also runs the graph at --mixed_precision); loop.py drives the steps.
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from tqdm import tqdm
 from torch.utils.checkpoint import checkpoint as recompute
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -159,6 +161,39 @@ class State:
     references: dict | None = None
 
 
+class Tally:
+    """How far one evaluation has answered: a bar on a terminal, else a line at each quarter
+    once it has run for a while. A press on the second model takes tens of minutes on a CPU to
+    answer 200 questions, and a run that says nothing for that long looks hung; a quick one
+    stays quiet."""
+
+    QUIET_SECONDS = 30
+
+    def __init__(self, total: int, what: str, log):
+        self.total, self.what, self.log, self.done = total, what, log, 0
+        self.started = time.perf_counter()
+        self.bar = (tqdm(total=total, desc=what, unit="answer", leave=False, dynamic_ncols=True)
+                    if log is not silent and sys.stderr.isatty() else None)
+
+    def __call__(self, n: int) -> None:
+        before, self.done = self.done, self.done + n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        seconds = time.perf_counter() - self.started
+        quarter = 4 * self.done // self.total
+        if quarter > 4 * before // self.total and quarter < 4 and seconds >= self.QUIET_SECONDS:
+            self.log(f"  {self.what}: {self.done}/{self.total} answered in {seconds / 60:.1f} min")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def silent(*_, **__) -> None:
+    """The log of every process but rank 0."""
+
+
 class Answerer:
     """One frozen model that answers from the latents, in its own tokenizer and prompt format:
     its items (the question, the anchor and the answer in its own tokens), its prompt pieces,
@@ -166,8 +201,10 @@ class Answerer:
     stays in eval mode."""
 
     def __init__(self, model_id: str, lm, opts: TrainOptions, split, checkpointing: bool,
-                 weight: float = 1.0, autocast=contextlib.nullcontext, relay_from=None):
+                 weight: float = 1.0, autocast=contextlib.nullcontext, relay_from=None,
+                 log=print):
         self.lm, self.opts, self.weight, self.checkpointing = lm, opts, weight, checkpointing
+        self.log = log
         self.autocast = autocast  # the run's precision for the graph (Accelerator.autocast)
         self.model_id, self.name = model_id, models.model_dirname(model_id)
         model, tok = lm.model, lm.tokenizer
@@ -369,9 +406,13 @@ class Answerer:
 
     # -- evaluation -------------------------------------------------------------------------
 
-    def _answer(self, prompts_: list) -> list[tuple[str, int]]:
-        return generate(self.lm.model, self.lm.tokenizer, prompts_, self.stops,
-                        self.opts.max_new_tokens, prefix=self.prefix)
+    def _answer(self, prompts_: list, what: str) -> list[tuple[str, int]]:
+        tally = Tally(len(prompts_), f"{self.name}, {what}", self.log)
+        try:
+            return generate(self.lm.model, self.lm.tokenizer, prompts_, self.stops,
+                            self.opts.max_new_tokens, on_batch=tally, prefix=self.prefix)
+        finally:
+            tally.close()
 
     def _score(self, answers) -> dict:
         predictions, means = score_answers([i.example for i in self.eval_items], answers)
@@ -407,13 +448,19 @@ class Answerer:
             tok = self.lm.tokenizer
             repeats = [Repeat(self.prefix_ids + i.span, self.anchor_ids, tok)
                        for i in self.eval_items]
-            answers = [(cut_answer(tok.decode(ids, skip_special_tokens=True)), len(ids))
-                       for ids in answer_pressed(
-                           self.lm.model, [(self.prefix, z, q, self.anchor) for z, q in prompts_],
-                           self.field, self.opts.compression, not self.opts.keep_question,
-                           self.stops, self.opts.max_new_tokens, repeats)]
+            tally = Tally(len(prompts_), f"{self.name}, contexts pressed", self.log)
+            try:
+                answers = [(cut_answer(tok.decode(ids, skip_special_tokens=True)), len(ids))
+                           for ids in answer_pressed(
+                               self.lm.model,
+                               [(self.prefix, z, q, self.anchor) for z, q in prompts_],
+                               self.field, self.opts.compression, not self.opts.keep_question,
+                               self.stops, self.opts.max_new_tokens, repeats, tally)]
+            finally:
+                tally.close()
         else:
-            answers = self._answer([torch.cat([z, q, self.anchor]) for z, q in prompts_])
+            answers = self._answer([torch.cat([z, q, self.anchor]) for z, q in prompts_],
+                                   "latents")
         result = self._score(answers)
         keys = diag[0].keys()
         result["latent_diagnostics"] = {k: sum(d[k] for d in diag) / len(diag) for k in keys
@@ -432,8 +479,8 @@ class Answerer:
             q = self.lm.tokenizer(self.fmt.question_text(e.question),
                                   add_special_tokens=False).input_ids
             question.append(torch.cat([self.embed_ids(q), self.anchor]))
-        return {"text": self._score(self._answer(text)),
-                "question_only": self._score(self._answer(question))}
+        return {"text": self._score(self._answer(text, "text reference")),
+                "question_only": self._score(self._answer(question, "question-only reference"))}
 
 
 def paired(results: dict) -> dict:
@@ -467,7 +514,7 @@ class Trainer:
         self.opts, self.out = opts, out
         self.accelerator = accelerator(opts)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        self.log = log if self.rank == 0 else silent
         if shared_store_restarts():
             self.log("warning: torchrun --max-restarts shares its store with the processes, where "
                      "a restart finds the addresses of the round before and fails to join "
@@ -515,7 +562,7 @@ class Trainer:
 
         def answerer(model_id: str, weight: float) -> Answerer:
             return Answerer(model_id, loaded[model_id], opts, self.split, self.checkpointing,
-                            weight, self.accelerator.autocast, source)
+                            weight, self.accelerator.autocast, source, self.log)
 
         answerers = [answerer(m, w) for m, w in zip(opts.model_ids(), opts.weights())]
         if ENCODERS[opts.encoder].relay:  # the one model reads its own tokens of the text
