@@ -183,9 +183,12 @@ class Tally:
         seconds = time.perf_counter() - self.started
         quarter = 4 * self.done // self.total
         if quarter > 4 * before // self.total and quarter < 4 and seconds >= self.QUIET_SECONDS:
-            self.log(f"  {self.what}: {self.done}/{self.total} answered in {seconds / 60:.1f} min")
+            self.log(f"  {self.what}: {self.done} of {self.total} in {seconds / 60:.1f} min")
 
-    def close(self) -> None:
+    def __enter__(self) -> "Tally":
+        return self
+
+    def __exit__(self, *_) -> None:
         if self.bar is not None:
             self.bar.close()
 
@@ -407,12 +410,9 @@ class Answerer:
     # -- evaluation -------------------------------------------------------------------------
 
     def _answer(self, prompts_: list, what: str) -> list[tuple[str, int]]:
-        tally = Tally(len(prompts_), f"{self.name}, {what}", self.log)
-        try:
+        with Tally(len(prompts_), f"{self.name}, {what}", self.log) as tally:
             return generate(self.lm.model, self.lm.tokenizer, prompts_, self.stops,
                             self.opts.max_new_tokens, on_batch=tally, prefix=self.prefix)
-        finally:
-            tally.close()
 
     def _score(self, answers) -> dict:
         predictions, means = score_answers([i.example for i in self.eval_items], answers)
@@ -448,16 +448,13 @@ class Answerer:
             tok = self.lm.tokenizer
             repeats = [Repeat(self.prefix_ids + i.span, self.anchor_ids, tok)
                        for i in self.eval_items]
-            tally = Tally(len(prompts_), f"{self.name}, contexts pressed", self.log)
-            try:
+            with Tally(len(prompts_), f"{self.name}, contexts pressed", self.log) as tally:
                 answers = [(cut_answer(tok.decode(ids, skip_special_tokens=True)), len(ids))
                            for ids in answer_pressed(
                                self.lm.model,
                                [(self.prefix, z, q, self.anchor) for z, q in prompts_],
                                self.field, self.opts.compression, not self.opts.keep_question,
                                self.stops, self.opts.max_new_tokens, repeats, tally)]
-            finally:
-                tally.close()
         else:
             answers = self._answer([torch.cat([z, q, self.anchor]) for z, q in prompts_],
                                    "latents")
