@@ -163,8 +163,8 @@ class State:
 
 class Tally:
     """How far one evaluation has answered: a bar on a terminal, else a line at each quarter
-    once it has run for a while. A press on the second model takes tens of minutes on a CPU to
-    answer 200 questions, and a run that says nothing for that long looks hung; a quick one
+    once it has run for a while. A press on the second model took 10 minutes on one CPU thread
+    to answer 200 questions, and a run that says nothing for that long looks hung; a quick one
     stays quiet."""
 
     QUIET_SECONDS = 30
