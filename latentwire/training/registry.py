@@ -124,6 +124,12 @@ ENCODERS.add("offset:sentences:once", EncoderEntry(
     "question and the context up to it (half the frozen model's work per question)",
     f"{HERE}:StateOffset", needs_model=True, field=f"{FIELD}:Sentences", needs_question=True,
     reads_states=True, encoder_args=(("readings", 1),)))
+ENCODERS.add("offset:kvpress:expected_attention", EncoderEntry(
+    "every token of the context, each plus a learned offset from the frozen model's state there "
+    "after reading the whole context, then pruned by ExpectedAttention to 1/R of its keys and "
+    "values (the press's cache at step 0); reads no question", f"{HERE}:StateOffset",
+    needs_model=True, field=f"{FIELD}:Press", field_args=(("name", "expected_attention"),),
+    reads_states=True))
 ENCODERS.add("attend:sentences:once", EncoderEntry(
     "offset:sentences:once whose kept tokens also attend over the frozen model's states at every "
     "token of the context, the dropped ones too (the kept tokens at step 0)",

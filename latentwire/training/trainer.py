@@ -711,8 +711,11 @@ class Trainer:
         spans = [items[r].span for r in rows]
         states = None
         if ENCODERS[self.opts.encoder].reads_states:
-            states = self.compressor.encoder.gather([self.context_states(items[r]) for r in rows],
-                                                    [items[r].kept_at for r in rows])
+            # A press keeps no tokens: its encoder reads every one, and the press prunes after.
+            states = self.compressor.encoder.gather(
+                [self.context_states(items[r]) for r in rows],
+                [list(range(len(items[r].span))) if items[r].kept_at is None else items[r].kept_at
+                 for r in rows])
         flat = [t for s in spans for t in s]
         return self.compressor.per_model(self.reader.embed_ids(flat).float(),
                                          [len(s) for s in spans], states,
@@ -727,9 +730,10 @@ class Trainer:
         question-blind as its selector, and a study runs it once for both settings."""
         reads = reads_question(self.reader.field, self.opts.keep_question)
         question = tuple(item.question) if reads else ()
-        key = (question, tuple(item.context))
+        context = whole_context(item)
+        key = (question, tuple(context))
         if key not in self._states:
-            self._states[key] = self.compressor.encoder.states(list(question), item.context)
+            self._states[key] = self.compressor.encoder.states(list(question), context)
         return self._states[key]
 
     def loss(self, rows: list[int]):
