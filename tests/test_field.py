@@ -515,6 +515,41 @@ def test_an_offset_encoder_starts_as_its_selector_and_reads_the_models_states_at
     assert t.compressor.encoder.mlp[-1].weight.grad.abs().sum() > 0
 
 
+def test_an_offset_encoder_on_a_press_starts_as_the_press_and_learns_through_what_it_keeps(
+        tmp_path):
+    """offset:kvpress:*: every token of the context is a latent, plus an offset from the model's
+    state there (its second reading); the press prunes their keys and values after. At step 0
+    the loss is the press's own with the identity adapter, and the gradient reaches the offset
+    through the positions the press kept."""
+    import json
+
+    lm = tiny_lm()
+    t = trainer(tmp_path / "offset", lm, encoder="offset:kvpress:expected_attention",
+                compression=4.0, keep_question=True)
+    press = trainer(tmp_path / "press", lm, encoder="kvpress:expected_attention",
+                    compression=4.0, keep_question=True)
+    a, rows = t.answerers[0], range(4)
+    items = a.train_items[:4]
+    assert [i.span for i in items] == [i.span for i in press.answerers[0].train_items[:4]]
+    z, _, _ = t.latents(rows)[0]
+    assert torch.equal(z, a.embed_ids([tok for i in items for tok in i.span]).float())
+    embed = lm.model.get_input_embeddings()
+    for item in items:
+        twice = embed(torch.tensor(item.span * 2))[None]
+        direct = lm.model.base_model(inputs_embeds=twice).last_hidden_state[0, len(item.span):]
+        torch.testing.assert_close(t.context_states(item), direct, rtol=1e-4, atol=1e-5)
+    loss, _ = t.loss(rows)
+    expected, _ = press.loss(rows)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    loss.backward()
+    assert t.compressor.encoder.mlp[-1].weight.grad.abs().sum() > 0
+    opts = options(tmp_path / "run", encoder="offset:kvpress:expected_attention",
+                   compression=4.0, samples=8, eval_samples=3, batch_size=4, keep_question=True)
+    assert run(opts, quiet, lm) == 0
+    summary = json.loads((Path(opts.output_dir) / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["compression_ratio"] > 2
+
+
 def test_an_attending_encoders_kept_tokens_read_every_state_of_their_own_context(tmp_path):
     """attend:*: each kept token's read is multi-head attention over the states of every token
     of its own context, computed directly one query at a time; a dropped token's state reaches
