@@ -379,10 +379,15 @@ def test_a_run_that_diverges_in_its_first_epoch_is_recorded_as_failed(tmp_path, 
         validate(opts)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+@pytest.mark.parametrize("encoder", ["pool", "kvpress:snapkv"])
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, encoder):
+    """Also where a press prunes each example's cache as it is written (on CUDA checkpointing is
+    always on): a layer that writes a cache is not recomputed, which would write it twice."""
     grads = []
     for on in (False, True):
-        t = trainer(tmp_path / str(on), tiny_lm(), gradient_checkpointing=on)
+        flags = {"compression": 4.0, "keep_question": True} if encoder != "pool" else {}
+        t = trainer(tmp_path / str(on), tiny_lm(), gradient_checkpointing=on, encoder=encoder,
+                    **flags)
         loss, _ = t.loss(range(4))
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in t.params]))

@@ -118,9 +118,17 @@ def recompute_layers(model) -> None:
         # once: wrapping again would recompute each layer once more per wrap.
         if isinstance(layer, GradientCheckpointingLayer) and not hasattr(layer, "recomputed"):
             layer.recomputed = True
-            forward = layer.forward
-            layer.forward = (lambda f: lambda *a, **k: recompute(f, *a, use_reentrant=False,
-                                                                 **k))(forward)
+            layer.forward = _recomputed(layer.forward)
+
+
+def _recomputed(forward):
+    def run(*args, **kwargs):
+        # A pass that writes a cache (a press's, pruning as it writes) would write it again.
+        if any(kwargs.get(name) is not None for name in ("past_key_values", "cache")):
+            return forward(*args, **kwargs)
+        return recompute(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def load_models(opts: TrainOptions, given=None) -> dict:
