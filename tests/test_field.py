@@ -517,10 +517,10 @@ def test_an_offset_encoder_starts_as_its_selector_and_reads_the_models_states_at
 
 def test_an_offset_encoder_on_a_press_starts_as_the_press_and_learns_through_what_it_keeps(
         tmp_path):
-    """offset:kvpress:expected_attention: every token of the context is a latent, plus an offset from the model's
-    state there (its second reading); the press prunes their keys and values after. At step 0
-    the loss is the press's own with the identity adapter, and the gradient reaches the offset
-    through the positions the press kept."""
+    """offset:kvpress:expected_attention: every token of the context is a latent, plus an
+    offset from the model's state there (its second reading); the press prunes their keys and
+    values after. At step 0 the loss is the press's own with the identity adapter, and the
+    gradient reaches the offset through the positions the press kept."""
     import json
 
     lm = tiny_lm()

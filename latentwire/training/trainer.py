@@ -82,6 +82,12 @@ def whole_context(item: Item) -> list[int]:
     return item.context if item.context is not None else item.span
 
 
+def kept_positions(item: Item) -> list[int]:
+    """Where the encoder's tokens stand in whole_context(item): every position where nothing
+    was kept before it (a press keeps no tokens: it prunes the encoder's output after)."""
+    return item.kept_at if item.kept_at is not None else list(range(len(item.span)))
+
+
 def encode_items(tokenizer, fmt, examples, keep_question: bool) -> list[Item]:
     items = []
     for e in examples:
@@ -118,13 +124,13 @@ def recompute_layers(model) -> None:
         # once: wrapping again would recompute each layer once more per wrap.
         if isinstance(layer, GradientCheckpointingLayer) and not hasattr(layer, "recomputed"):
             layer.recomputed = True
-            layer.forward = _recomputed(layer.forward)
+            layer.forward = _recomputed(layer.forward, cache_argument(layer))
 
 
-def _recomputed(forward):
+def _recomputed(forward, cache: str):
     def run(*args, **kwargs):
         # A pass that writes a cache (a press's, pruning as it writes) would write it again.
-        if any(kwargs.get(name) is not None for name in ("past_key_values", "cache")):
+        if kwargs.get(cache) is not None:
             return forward(*args, **kwargs)
         return recompute(forward, *args, use_reentrant=False, **kwargs)
 
@@ -719,11 +725,8 @@ class Trainer:
         spans = [items[r].span for r in rows]
         states = None
         if ENCODERS[self.opts.encoder].reads_states:
-            # A press keeps no tokens: its encoder reads every one, and the press prunes after.
-            states = self.compressor.encoder.gather(
-                [self.context_states(items[r]) for r in rows],
-                [list(range(len(items[r].span))) if items[r].kept_at is None else items[r].kept_at
-                 for r in rows])
+            states = self.compressor.encoder.gather([self.context_states(items[r]) for r in rows],
+                                                    [kept_positions(items[r]) for r in rows])
         flat = [t for s in spans for t in s]
         return self.compressor.per_model(self.reader.embed_ids(flat).float(),
                                          [len(s) for s in spans], states,
