@@ -108,10 +108,13 @@ def layer_count(model_id: str) -> int | None:
 
 def checked_ids(spec: str, flag: str = "--model_id") -> list[str]:
     """`A,B`: the models of a run, in the order given, each checked (see `check`); an empty
-    spec or a model named twice is refused."""
-    ids = [m.strip() for m in spec.split(",") if m.strip()]
-    if not ids:
+    spec, an empty name between commas or a model named twice is refused."""
+    ids = [m.strip() for m in spec.split(",")]
+    if not any(ids):
         raise UsageError(f"{flag} is empty; pass a model, or several as {flag} A,B")
+    if not all(ids):
+        raise UsageError(f"{flag} '{spec}' has an empty name between its commas; pass the "
+                         f"models separated by single commas, as {flag} A,B")
     twice = sorted({m for m in ids if ids.count(m) > 1})
     if twice:
         raise UsageError(f"{flag} names {', '.join(twice)} twice; pass each model once")

@@ -28,6 +28,7 @@ CASES = [
     (["sweep", "--model_id", "bundled:Nope"], f"the bundled model is {B}"),
     (["sweep", "--model_id", "emptymodel"], "holds no model (no config.json)"),
     (["sweep", "--model_id", ""], "--model_id is empty"),
+    (["sweep", "--model_id", f"{B},"], "has an empty name between its commas"),
     (["sweep", "--dataset", "datadir"], "dataset datadir is a folder"),
     (["sweep", "--dataset", "missing.json"], "does not exist"),
     (["sweep", "--dataset", "/dev/null"], "/dev/null is not a regular file"),
@@ -53,6 +54,7 @@ CASES = [
     # train
     (["train", "--model_id", f"{B},fake.gguf"], "not a GGUF file"),
     (["train", "--model_id", f"{B},{B}"], "twice"),
+    (["train", "--model_id", f"{B},,{B}"], "has an empty name between its commas"),
     (["train", "--model_id", "/nonexistent/model"], "does not exist"),
     (["train", "--encoder_model", "/nonexistent/m"], "(--encoder_model) does not exist"),
     (["train", "--model_id", f"{B},nowhere/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"],
