@@ -377,7 +377,7 @@ class Press(FieldCompressor):
                 keep=keep, reader=reader)
         inner = getattr(kvpress, PRESSES[self.name])(
             compression_ratio=(context - keep) / total, **self.settings(prefix, question, aware))
-        return _context_only(BasePress)(inner, prefix, prefix + context, keep)
+        return context_only(BasePress)(inner, prefix, prefix + context, keep)
 
 
 @dataclass
@@ -465,7 +465,7 @@ def _hook_arguments(module, kwargs: dict) -> dict:
 
 
 @functools.cache  # one class per press base, not one per prompt
-def _context_only(base):
+def context_only(base):
     @dataclass
     class ContextOnly(base):
         """Prunes `inner`'s lowest-scored positions among [start, end) down to `keep`, every

@@ -92,6 +92,17 @@ class Pool(nn.Module):
         return mean + self.scale * self.mlp(mean)
 
 
+class Kept(nn.Module):
+    """The context's tokens as they are, one latent each, with nothing to train: for a
+    compressor that learns before training starts (a learned press's fit)."""
+
+    def __init__(self, d_model: int, max_latents: int, scale: float):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        return layout.chunk_mean(x)
+
+
 class Attention(nn.Module):
     def __init__(self, d_model: int, max_latents: int, scale: float, heads: int = 4):
         super().__init__()

@@ -100,9 +100,10 @@ def finished(opts: TrainOptions) -> bool:
 def fit(trainer: Trainer, state: State, progress: "Progress", started: float,
                  on_epoch) -> int:
     """The epochs from where `state` stands; 0, or 1 when the loss went non-finite. With no
-    training split (--samples 0) one evaluation of the compressor as it stands."""
+    training split (--samples 0), or nothing to train, one evaluation of the compressor as it
+    stands."""
     opts, main = trainer.opts, trainer.rank == 0
-    epochs = opts.epochs if trainer.split.train else 1
+    epochs = opts.epochs if trainer.params else 1
     try:
         for epoch in range(state.epoch, epochs):
             # A run resumed after its budget's evaluation has nothing left to do.

@@ -426,10 +426,13 @@ def validate(opts: TrainOptions) -> Path:
              "over several models runs it once per model)")
         need(not opts.freeze_encoder and opts.latent_dim is None, f"--encoder {opts.encoder} "
              "is text: it takes no --freeze_encoder or --latent_dim")
-    elif entry is not None and entry.training_free:
+    elif entry is not None and entry.field is not None and not entry.reads_states:
         need(len(opts.model_ids()) == 1 and opts.reader_id() == opts.model_ids()[0],
              f"--encoder {opts.encoder} compresses for the one model that reads it; pass one "
              "--model_id and no --encoder_model")
+    need(not (entry is not None and entry.fitted and opts.samples == 0),
+         f"--encoder {opts.encoder} learns from the training questions and --samples 0 gives "
+         "it none: pass --samples N, the questions it fits on")
     if entry is not None and entry.field is not None:
         need(not (opts.recon_weight and not entry.keeps_tokens),
              f"--recon_weight: --encoder {opts.encoder} prunes a cache, which has no context "

@@ -26,6 +26,9 @@ class EncoderEntry:
     # Its field compressor's output goes on as text, compressed in another model's tokens (the
     # source: --encoder_model) and read in the reader's own (field.Relay).
     relay: bool = False
+    # Its field compressor learns from the training split before training starts (`fit`):
+    # not training-free, though read as it is.
+    fitted: bool = False
 
     def load(self) -> type:
         return load(self.implementation)
@@ -34,7 +37,7 @@ class EncoderEntry:
     def training_free(self) -> bool:
         """A field compressor (or its relay), read as it is or through the small adapter the
         references train: not an encoder that learns what to add to what it kept."""
-        return self.field is not None and not self.reads_states
+        return self.field is not None and not self.reads_states and not self.fitted
 
     @property
     def keeps_tokens(self) -> bool:
@@ -103,6 +106,12 @@ ENCODERS.add("kvpress:kvzip", EncoderEntry(
     "kvpress, KVzip: how much the reader attends to each position when it repeats the "
     "context; query-agnostic: prunes the context's keys and values to 1/R", POOL,
     field=f"{FIELD}:Press", field_args=(("name", "kvzip"), ("query_aware", False))))
+ENCODERS.add("kvpress:learned", EncoderEntry(
+    "a press that learns its scores: a ridge regression, per layer and key-value head, from "
+    "what attention reads at each context position to how much the training questions and "
+    "answers attend to it, fitted on the training split before anything trains; then read "
+    "as it is; query-agnostic: prunes the context's keys and values to 1/R",
+    f"{HERE}:Kept", field="latentwire.training.learned_press:LearnedPress", fitted=True))
 
 # Learned on top of a field compressor: it starts as the compressor's output and trains from there.
 ENCODERS.add("offset:sentences", EncoderEntry(

@@ -36,6 +36,7 @@ from ..stats import bootstrap_ci
 from ..vocab import VocabSpace, shared_tokens, token_anchors, translation
 from . import checkpoint
 from .encoders import RECOMPUTES, build, transform_config
+from .learned_press import LearnedPress, paragraphs_of
 from .options import TrainOptions, shared_store_restarts, with_precision
 from .registry import ENCODERS
 from .spec import CompressorSpec, TransformSpec
@@ -244,6 +245,8 @@ class Answerer:
         if self.field is not None:
             self.reachable(train + evaluated)
         self.train_items = self.kept(train)
+        if isinstance(self.field, LearnedPress) and self.train_items:
+            self.fit_press()
         started = time.perf_counter()
         self.eval_items = self.kept(evaluated)
         # What a token compressor took to compress the evaluation contexts, done here once:
@@ -252,6 +255,19 @@ class Answerer:
         self.stops = StopTokens(tok, model, self.embed.weight.shape[0])
         self.teacher = None  # teacher_targets(), once per run with --kd_weight
         self._prefix_kv = None
+
+    def fit_press(self) -> None:
+        """A learned press's scores, fitted on the training questions: each read after its
+        paragraph as the answer is read after the pruned cache (question, anchor, answer)."""
+        started = time.perf_counter()
+        paragraphs = paragraphs_of(
+            self.train_items, self.embed_ids, self.prefix,
+            lambda i: torch.cat([self.embed_ids(i.question), self.anchor,
+                                 self.embed_ids(i.answer[:-1])]))
+        self.field.fit(self.lm.model, paragraphs, self.autocast)
+        self.log(f"{self.name}: the press's scores fitted on {len(self.train_items)} questions "
+                 f"of {len(paragraphs)} paragraphs in {(time.perf_counter() - started) / 60:.1f} "
+                 "min")
 
     def reachable(self, items: list[Item]) -> None:
         """A training-free compressor keeps at least one of a context's tokens or positions: a
@@ -619,7 +635,8 @@ class Trainer:
             for name, p in compressor.named_parameters():
                 p.requires_grad_(name.startswith("adapters."))
         self.map_adapters(spec, compressor)
-        if not reader.train_items:  # --samples 0: evaluated as it stands, nothing trains
+        trained = [p for p in compressor.parameters() if p.requires_grad]
+        if not (reader.train_items and trained):  # evaluated as it stands, nothing trains
             return spec, compressor, [], None
         calibration = reader.train_items[:CALIBRATION_EXAMPLES]
         spans = reader.embed_ids([t for i in calibration for t in i.span])
@@ -793,7 +810,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.opts.seed * 1000 + epoch)
         order = torch.randperm(len(self.split.train), generator=gen).tolist()
         b = self.opts.batch_size
-        return [order[s:s + b] for s in range(0, len(order), b)]
+        return [order[s:s + b] for s in range(0, len(order), b)] if self.params else []
 
     def total_steps(self) -> int:
         """The optimizer steps of the whole run as asked (--max_minutes may stop it sooner)."""

@@ -1,0 +1,131 @@
+"""The learned press: what it observes equals a direct reading of the whole prompt, its fit is
+the ridge regression computed directly, it keeps per head the positions its weights score
+best, and a run fits it on the training questions and evaluates through it."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentwire.errors import UsageError
+from latentwire.field import budget, pressed
+from latentwire.training.learned_press import RIDGE, LearnedPress, fit, observed, target
+from latentwire.training.loop import run
+from latentwire.training.options import validate
+
+from .conftest import tiny_lm
+from .test_training import options, quiet
+
+
+def _paragraphs(lm, shapes=((5, 30, (6, 9)), (5, 24, (7,))), seed=3):
+    g = torch.Generator().manual_seed(seed)
+    embed = lm.model.get_input_embeddings()
+    with torch.no_grad():
+        def some(n):
+            return embed(torch.randint(3, 200, (n,), generator=g))
+        return [(some(p), some(c), [some(t) for t in tails]) for p, c, tails in shapes]
+
+
+def _direct(lm, prefix, context, tails):
+    """Features and attention from one whole pass per tail, the attention inputs taken where
+    the model computes them, no cache."""
+    model, config = lm.model, lm.model.config
+    groups, heads = config.num_key_value_heads, config.num_attention_heads
+    start, end = len(prefix), len(prefix) + len(context)
+    paid, features = 0, None
+    for tail in tails:
+        got = []
+        hooks = [layer.self_attn.register_forward_pre_hook(
+            lambda m, a, k: got.append(k["hidden_states"]), with_kwargs=True)
+            for layer in model.model.layers]
+        model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                out = model(inputs_embeds=torch.cat([prefix, context, tail])[None],
+                            output_attentions=True)
+        finally:
+            model.set_attn_implementation("sdpa")
+            for h in hooks:
+                h.remove()
+        features = torch.stack([g[0, start:end] for g in got])
+        a = torch.stack([w[0, :, end:, start:end].mean(1) for w in out.attentions])
+        paid = paid + a.view(len(a), groups, heads // groups, -1).mean(2)
+    return features, paid / len(tails)
+
+
+def test_what_the_press_observes_equals_one_whole_pass_per_question():
+    lm = tiny_lm()
+    for prefix, context, tails in _paragraphs(lm):
+        features, attention = observed(lm.model, prefix, context, tails)
+        want_features, want_attention = _direct(lm, prefix, context, tails)
+        torch.testing.assert_close(features, want_features, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attention, want_attention, rtol=1e-5, atol=1e-6)
+    assert lm.model.config._attn_implementation == "sdpa"  # restored after
+
+
+def test_the_fit_is_the_ridge_regression_over_every_position_computed_directly():
+    lm = tiny_lm()
+    paragraphs = _paragraphs(lm)
+    weights, questions = fit(lm.model, paragraphs)
+    assert questions == 3
+    xs, ys = [], []
+    for prefix, context, tails in paragraphs:
+        f, a = _direct(lm, prefix, context, tails)
+        xs.append((f - f.mean(1, keepdim=True)).double())
+        ys.append(target(a).double().transpose(1, 2))  # [layers, positions, heads]
+    x, y = torch.cat(xs, 1), torch.cat(ys, 1)
+    for layer in range(x.shape[0]):
+        # Ridge as least squares over rows augmented with sqrt(ridge) * I.
+        width = x.shape[2]
+        a = torch.cat([x[layer], RIDGE ** 0.5 * torch.eye(width, dtype=x.dtype)])
+        b = torch.cat([y[layer], torch.zeros(width, y.shape[2], dtype=y.dtype)])
+        want = torch.linalg.lstsq(a, b).solution
+        torch.testing.assert_close(weights[layer].double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_press_keeps_per_head_the_context_positions_its_weights_score_best():
+    from transformers import DynamicCache
+
+    lm = tiny_lm()
+    prefix, context, _ = _paragraphs(lm)[0]
+    width = lm.model.config.hidden_size
+    groups = lm.model.config.num_key_value_heads
+    weights = torch.randn(len(lm.model.model.layers), width, groups,
+                          generator=torch.Generator().manual_seed(0))
+    press = LearnedPress(weights=weights)
+    with torch.no_grad():
+        cache, position = pressed(lm.model, prefix, context, None, press, 4.0)
+        features, _ = _direct(lm, prefix, context, [context[:1]])
+        full = DynamicCache(config=lm.model.config)
+        lm.model(inputs_embeds=torch.cat([prefix, context])[None], cache=full, use_cache=True)
+    keep, start = budget(len(context), 4.0), len(prefix)
+    assert position == start + len(context)
+    for layer, (pruned, whole) in enumerate(zip(cache.layers, full.layers)):
+        scores = features[layer] @ weights[layer]  # [positions, heads]
+        for head in range(groups):
+            chosen = sorted((scores[:, head].argsort(descending=True)[:keep] + start).tolist())
+            assert torch.equal(pruned.keys[0, head], whole.keys[0, head, list(range(start)) + chosen])
+
+
+def test_an_unfitted_press_and_a_run_with_nothing_to_fit_on_are_refused():
+    with pytest.raises(UsageError, match="has not been fitted"):
+        LearnedPress().make(3, 20, 0, 4.0, False)
+    with pytest.raises(UsageError, match="--samples 0 gives it none"):
+        validate(options(Path("/tmp/never"), encoder="kvpress:learned", samples=0,
+                         keep_question=True, compression=4.0))
+
+
+def test_a_run_fits_the_press_on_its_training_questions_then_evaluates_through_it(tmp_path):
+    lm = tiny_lm()
+    opts = options(tmp_path, encoder="kvpress:learned", compression=4.0, samples=12,
+                   eval_samples=4, keep_question=True, epochs=3)
+    assert run(opts, quiet, lm) == 0
+    out = Path(opts.output_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    # Nothing trains: one evaluation, however many epochs were asked for.
+    assert summary["steps"] == 0 and len(summary["epochs"]) == 1
+    assert summary["compression_ratio"] > 2
+    recorded = json.loads((out / "config.json").read_text())["provenance"]["field_compressor"]
+    assert recorded["encoder"] == "kvpress:learned"
+    assert recorded["settings"]["questions"] == 12 and recorded["settings"]["ridge"] == RIDGE
