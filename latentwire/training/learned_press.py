@@ -72,10 +72,10 @@ class LearnedPress(Press):
         return context_only(BasePress)(Scores(self.weights), prefix, prefix + context,
                                        budget(context, ratio))
 
-    def fit(self, model, paragraphs: list[tuple], autocast=None) -> None:
+    def fit(self, model, paragraphs: list[tuple], autocast=None, on_read=None) -> None:
         """Fits the weights on `paragraphs`: (prefix, context, [tail, ...]) embeddings, each tail
-        what follows the context when a question is asked of it."""
-        fitted, questions = fit(model, paragraphs, autocast)
+        what follows the context when a question is asked of it. `on_read(1)` after each."""
+        fitted, questions = fit(model, paragraphs, autocast, on_read)
         self.weights = fitted
         self.fitted = {"paragraphs": len(paragraphs), "questions": questions}
 
@@ -142,7 +142,7 @@ def target(attention: torch.Tensor) -> torch.Tensor:
     return y - y.mean(-1, keepdim=True)
 
 
-def fit(model, paragraphs: list[tuple], autocast=None) -> tuple[torch.Tensor, int]:
+def fit(model, paragraphs: list[tuple], autocast=None, on_read=None) -> tuple[torch.Tensor, int]:
     """(weights [layers, width, kv heads], questions read): the ridge regression from a
     position's attention input, centred over its paragraph, to its `target`, over every
     position of every paragraph, by its normal equations."""
@@ -157,6 +157,8 @@ def fit(model, paragraphs: list[tuple], autocast=None) -> tuple[torch.Tensor, in
         xtx = gram if xtx is None else xtx + gram
         xty = cross if xty is None else xty + cross
         questions += len(tails)
+        if on_read:
+            on_read(1)
     eye = RIDGE * torch.eye(xtx.shape[-1], dtype=xtx.dtype)
     # One layer at a time: a batched solve of these sizes fails inside oneMKL here.
     weights = torch.stack([torch.linalg.solve(a + eye, b) for a, b in zip(xtx, xty)])

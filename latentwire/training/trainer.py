@@ -264,7 +264,9 @@ class Answerer:
             self.train_items, self.embed_ids, self.prefix,
             lambda i: torch.cat([self.embed_ids(i.question), self.anchor,
                                  self.embed_ids(i.answer[:-1])]))
-        self.field.fit(self.lm.model, paragraphs, self.autocast)
+        with Tally(len(paragraphs), f"{self.name}, paragraphs read for the press's fit",
+                   self.log) as tally:
+            self.field.fit(self.lm.model, paragraphs, self.autocast, tally)
         self.log(f"{self.name}: the press's scores fitted on {len(self.train_items)} questions "
                  f"of {len(paragraphs)} paragraphs in {(time.perf_counter() - started) / 60:.1f} "
                  "min")
