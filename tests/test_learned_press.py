@@ -125,7 +125,9 @@ def test_a_run_fits_the_press_on_its_training_questions_then_evaluates_through_i
     summary = json.loads((out / "summary.json").read_text())
     # Nothing trains: one evaluation, however many epochs were asked for.
     assert summary["steps"] == 0 and len(summary["epochs"]) == 1
+    assert summary["checkpoints"] is None and not (out / "checkpoints").exists()
     assert summary["compression_ratio"] > 2
     recorded = json.loads((out / "config.json").read_text())["provenance"]["field_compressor"]
     assert recorded["encoder"] == "kvpress:learned"
     assert recorded["settings"]["questions"] == 12 and recorded["settings"]["ridge"] == RIDGE
+    assert recorded["settings"]["seconds"] > 0

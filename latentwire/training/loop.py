@@ -203,7 +203,7 @@ def evaluate_epoch(trainer: Trainer, state: State, progress: "Progress", started
     state.epochs.append(entry)
     write_json(out / "eval" / f"epoch{state.epoch}.json", result)
     progress.evaluation(state, result)
-    trains = bool(trainer.split.train)  # a compressor evaluated as it stands has no weights
+    trains = bool(trainer.params)  # a compressor evaluated as it stands has no weights
     if state.best is None or result["f1"] > state.best["f1"]:
         state.best = {"epoch": state.epoch, "f1": result["f1"], "em": result["em"]}
         if trains:
@@ -213,7 +213,8 @@ def evaluate_epoch(trainer: Trainer, state: State, progress: "Progress", started
     write_json(out / "summary.json", summary(trainer, state, "running", time.time() - started))
     progress.trackers.files([out / "summary.json", *plot(out)], state.step)
     trained = (f"epoch {state.epoch}/{trainer.opts.epochs}: train loss {loss:.3f}"
-               if loss is not None else "not trained (--samples 0):")
+               if loss is not None else "not trained (--samples 0):" if not trainer.split.train
+               else "nothing trained by gradient:")
     trainer.log(f"{trained}  "
                 f"eval F1 {result['f1']:.3f} [{result['ci'][0]:.3f}, {result['ci'][1]:.3f}]  "
                 f"EM {result['em']:.3f}  empty {result['empty_rate']:.0%}  "

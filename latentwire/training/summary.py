@@ -101,9 +101,10 @@ def summary(trainer, state, status: str, wall: float) -> dict:
         "trainable_parameters": sum(p.numel() for p in trainer.params),
         "eval_compress_seconds": round(sum(a.compress_seconds for a in trainer.answerers), 2),
         "split": trainer.split.describe(),
-        # Nothing trained (--samples 0): nothing to keep but the evaluation.
+        # Nothing trained (--samples 0, or a compressor fitted before training): nothing to
+        # keep but the evaluation.
         "checkpoints": ({"last": "checkpoints/last", "best": "checkpoints/best"}
-                        if trainer.split.train else None),
+                        if trainer.params else None),
     }
     if trainer.opts.max_minutes:
         planned = trainer.total_steps()

@@ -267,9 +267,10 @@ class Answerer:
         with Tally(len(paragraphs), f"{self.name}, paragraphs read for the press's fit",
                    self.log) as tally:
             self.field.fit(self.lm.model, paragraphs, self.autocast, tally)
+        seconds = time.perf_counter() - started
+        self.field.fitted["seconds"] = round(seconds, 1)
         self.log(f"{self.name}: the press's scores fitted on {len(self.train_items)} questions "
-                 f"of {len(paragraphs)} paragraphs in {(time.perf_counter() - started) / 60:.1f} "
-                 "min")
+                 f"of {len(paragraphs)} paragraphs in {seconds / 60:.1f} min")
 
     def reachable(self, items: list[Item]) -> None:
         """A training-free compressor keeps at least one of a context's tokens or positions: a
