@@ -184,10 +184,10 @@ class Tally:
 
     QUIET_SECONDS = 30
 
-    def __init__(self, total: int, what: str, log):
+    def __init__(self, total: int, what: str, log, unit: str = "answer"):
         self.total, self.what, self.log, self.done = total, what, log, 0
         self.started = time.perf_counter()
-        self.bar = (tqdm(total=total, desc=what, unit="answer", leave=False, dynamic_ncols=True)
+        self.bar = (tqdm(total=total, desc=what, unit=unit, leave=False, dynamic_ncols=True)
                     if log is not silent and sys.stderr.isatty() else None)
 
     def __call__(self, n: int) -> None:
@@ -265,7 +265,7 @@ class Answerer:
             lambda i: torch.cat([self.embed_ids(i.question), self.anchor,
                                  self.embed_ids(i.answer[:-1])]))
         with Tally(len(paragraphs), f"{self.name}, paragraphs read for the press's fit",
-                   self.log) as tally:
+                   self.log, "paragraph") as tally:
             self.field.fit(self.lm.model, paragraphs, self.autocast, tally)
         seconds = time.perf_counter() - started
         self.field.fitted["seconds"] = round(seconds, 1)
