@@ -162,7 +162,7 @@ def fit(model, paragraphs: list[tuple], autocast=None, on_read=None) -> tuple[to
         questions += len(tails)
         if on_read:
             on_read(1)
-    eye = RIDGE * torch.eye(xtx.shape[-1], dtype=xtx.dtype)
+    eye = RIDGE * torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
     # One layer at a time: a batched solve of these sizes fails inside oneMKL here.
     weights = torch.stack([torch.linalg.solve(a + eye, b) for a, b in zip(xtx, xty)])
     return weights.float(), questions
