@@ -260,10 +260,8 @@ class Answerer:
         """A learned press's scores, fitted on the training questions: each read after its
         paragraph as the answer is read after the pruned cache (question, anchor, answer)."""
         started = time.perf_counter()
-        paragraphs = paragraphs_of(
-            self.train_items, self.embed_ids, self.prefix,
-            lambda i: torch.cat([self.embed_ids(i.question), self.anchor,
-                                 self.embed_ids(i.answer[:-1])]))
+        paragraphs = paragraphs_of(self.train_items, self.embed_ids, self.prefix,
+                                   self.answer_tail)
         with Tally(len(paragraphs), f"{self.name}, paragraphs read for the press's fit",
                    self.log, "paragraph") as tally:
             self.field.fit(self.lm.model, paragraphs, self.autocast, tally)
@@ -344,9 +342,13 @@ class Answerer:
     def answer_logits(self, z: torch.Tensor, offsets, items: list[Item]) -> torch.Tensor:
         """The logits at every answer position of every item (in order), the items read in one
         batch behind the shared prefix: latents, question, anchor, the answer so far."""
-        return self.read_after(z, offsets, [
-            (torch.cat([self.embed_ids(i.question), self.anchor, self.embed_ids(i.answer[:-1])]),
-             len(i.answer)) for i in items])
+        return self.read_after(z, offsets, [(self.answer_tail(i), len(i.answer)) for i in items])
+
+    def answer_tail(self, item: Item) -> torch.Tensor:
+        """What follows the context's latents when the answer is read: the question, the
+        anchor, the answer so far."""
+        return torch.cat([self.embed_ids(item.question), self.anchor,
+                          self.embed_ids(item.answer[:-1])])
 
     def context_logits(self, z: torch.Tensor, offsets, contexts: list[list[int]]) -> torch.Tensor:
         """The logits at every token of each item's whole context, read again right after its
@@ -645,8 +647,7 @@ class Trainer:
         spans = reader.embed_ids([t for i in calibration for t in i.span])
         compressor.calibrate(spans, [len(i.span) for i in calibration],
                              **({} if frozen is None else {"encoder": False}))
-        params = [p for p in compressor.parameters() if p.requires_grad]
-        return spec, compressor, params, torch.optim.AdamW(params, lr=opts.lr)
+        return spec, compressor, trained, torch.optim.AdamW(trained, lr=opts.lr)
 
     def map_adapters(self, spec: CompressorSpec, compressor) -> None:
         """Latents that are the reader's embeddings of kept tokens plus what the encoder added
