@@ -132,3 +132,27 @@ def test_a_run_fits_the_press_on_its_training_questions_then_evaluates_through_i
     assert recorded["settings"]["questions"] == 12 and recorded["settings"]["ridge"] == RIDGE
     # A tiny model's fit can round to 0.0 seconds: the record's presence is what is checked.
     assert isinstance(recorded["settings"]["seconds"], float)
+
+
+def test_offsets_on_the_learned_press_start_as_the_fitted_press_and_learn_through_it(tmp_path):
+    """offset:kvpress:learned: the press is fitted as `kvpress:learned` fits it (the same
+    weights from the same questions); at step 0 the loss is the fitted press's own, and the
+    gradient reaches the offsets through the positions it kept."""
+    from .test_training import trainer
+
+    lm = tiny_lm()
+    kw = dict(compression=4.0, keep_question=True, samples=12)
+    t = trainer(tmp_path / "offset", lm, encoder="offset:kvpress:learned", **kw)
+    press = trainer(tmp_path / "press", lm, encoder="kvpress:learned", **kw)
+    torch.testing.assert_close(t.answerers[0].field.weights, press.answerers[0].field.weights)
+    rows = range(4)
+    loss, _ = t.loss(rows)
+    expected, _ = press.loss(rows)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    loss.backward()
+    assert t.compressor.encoder.mlp[-1].weight.grad.abs().sum() > 0
+    opts = options(tmp_path / "run", encoder="offset:kvpress:learned", compression=4.0,
+                   samples=8, eval_samples=3, batch_size=4, keep_question=True)
+    assert run(opts, quiet, lm) == 0
+    summary = json.loads((Path(opts.output_dir) / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["checkpoints"] is not None

@@ -139,6 +139,12 @@ ENCODERS.add("offset:kvpress:expected_attention", EncoderEntry(
     "values (the press's cache at step 0); reads no question", f"{HERE}:StateOffset",
     needs_model=True, field=f"{FIELD}:Press", field_args=(("name", "expected_attention"),),
     reads_states=True))
+ENCODERS.add("offset:kvpress:learned", EncoderEntry(
+    "offset:kvpress:expected_attention with the learned press (`kvpress:learned`) pruning: "
+    "the press is fitted on the training questions first, then the offsets train through what "
+    "it keeps (the fitted press's cache at step 0); reads no question", f"{HERE}:StateOffset",
+    needs_model=True, field="latentwire.training.learned_press:LearnedPress",
+    reads_states=True, fitted=True))
 ENCODERS.add("attend:sentences:once", EncoderEntry(
     "offset:sentences:once whose kept tokens also attend over the frozen model's states at every "
     "token of the context, the dropped ones too (the kept tokens at step 0)",
