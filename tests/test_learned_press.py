@@ -3,6 +3,7 @@ the ridge regression computed directly, it keeps per head the positions its weig
 best, and a run fits it on the training questions and evaluates through it."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from latentwire.errors import UsageError
 from latentwire.field import budget, pressed
+from latentwire.training import checkpoint
 from latentwire.training.learned_press import RIDGE, LearnedPress, fit, observed, target
 from latentwire.training.loop import run
 from latentwire.training.options import validate
@@ -156,3 +158,33 @@ def test_offsets_on_the_learned_press_start_as_the_fitted_press_and_learn_throug
     assert run(opts, quiet, lm) == 0
     summary = json.loads((Path(opts.output_dir) / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["checkpoints"] is not None
+
+
+def test_a_resumed_run_reads_the_press_it_fitted_instead_of_fitting_again(tmp_path, monkeypatch):
+    """The fit is kept in the run folder as soon as it is made: a run killed after it and
+    resumed reads the same weights back and does not fit again."""
+    from latentwire.training import learned_press
+
+    lm = tiny_lm()
+    opts = options(tmp_path, encoder="offset:kvpress:learned", compression=4.0, samples=8,
+                   eval_samples=3, batch_size=4, epochs=2, keep_question=True)
+
+    def killed(entry):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(opts, quiet, lm, on_epoch=killed)
+    [saved] = Path(opts.output_dir).glob("press-*.safetensors")
+    weights = learned_press.LearnedPress()
+    weights.restore(*checkpoint.load_tensors(saved))
+    assert weights.fitted["questions"] == 8
+
+    def never(*args, **kwargs):
+        raise AssertionError("the resumed run fitted the press again")
+
+    monkeypatch.setattr(learned_press, "fit", never)
+    said = []
+    assert run(replace(opts, resume="yes"), lambda *a, **k: said.append(a[0]), lm) == 0
+    assert any("as this run fitted them" in line for line in said)
+    summary = json.loads((Path(opts.output_dir) / "summary.json").read_text())
+    assert summary["status"] == "finished" and len(summary["epochs"]) == 2

@@ -28,13 +28,13 @@ WEIGHTS, CONFIG = "encoder.safetensors", "config.json"
 OPTIMIZER, STATE = "optimizer.safetensors", "trainer_state.json"
 
 
-def _tensors(path: Path, tensors: dict) -> None:
+def _tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     """Serialised in memory, then written by Python: a full disk is an OSError (safetensors'
     own writer reports it as an error of its own)."""
     from safetensors.torch import save as serialised
 
     with open(path, "wb") as fh:
-        fh.write(serialised(tensors))
+        fh.write(serialised(tensors, metadata))
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -67,6 +67,29 @@ def save(folder, weights: dict, config: dict, optimizer: dict | None = None,
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_tensors(path, tensors: dict, metadata: dict) -> None:
+    """One safetensors file, its string `metadata` beside the tensors, written beside `path` and
+    renamed into place (a reader never sees half of it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _tensors(tmp, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata)
+        tmp.rename(path)
+
+
+def load_tensors(path) -> tuple[dict, dict] | None:
+    """(tensors, metadata) of a file `save_tensors` wrote; None where it is missing or cannot
+    be read (what it holds can be computed again)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata() or {}
+    except (OSError, SafetensorError):
+        return None
 
 
 def existing(folder) -> Path | None:

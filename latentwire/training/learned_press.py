@@ -17,6 +17,7 @@ how many questions each paragraph has: fit on all of them (on Qwen, about two pe
 scored 0.05 F1 below five; docs/results/learned.md).
 """
 
+import json
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -74,6 +75,14 @@ class LearnedPress(Press):
 
         return context_only(BasePress)(Scores(self.weights), prefix, prefix + context,
                                        budget(context, ratio))
+
+    def state(self) -> tuple[dict, dict]:
+        """(tensors, string metadata) of the fitted press: what `restore` reads back."""
+        return {"weights": self.weights}, {"fitted": json.dumps(self.fitted)}
+
+    def restore(self, tensors: dict, metadata: dict) -> None:
+        self.weights = tensors["weights"]
+        self.fitted = json.loads(metadata["fitted"])
 
     def fit(self, model, paragraphs: list[tuple], autocast=None, on_read=None) -> None:
         """Fits the weights on `paragraphs`: (prefix, context, [tail, ...]) embeddings, each tail
