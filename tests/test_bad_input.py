@@ -70,6 +70,8 @@ CASES = [
     (["train", "--lr", "-1"], "--lr must be a positive number"),
     (["train", "--dataset", "datadir"], "is a folder"),
     (["train", "--encoder_lora", "8"], "--encoder_lora adapts the reader of --encoder lm"),
+    (["train", "--encoder", "kvpress:learned", "--keep_question", "--kd_weight", "1"],
+     "trains nothing by gradient"),
     (["train", "--encoder", "lm", "--encoder_layer", "99"], "--encoder_layer must be between 1 and 30"),
     (["train", "--report_to", "nowhere"], "nowhere"),
     (["train", "--samples", "4", "--batch_size", "8"], "smaller than --batch_size"),

@@ -433,6 +433,9 @@ def validate(opts: TrainOptions) -> Path:
     need(not (entry is not None and entry.fitted and opts.samples == 0),
          f"--encoder {opts.encoder} learns from the training questions and --samples 0 gives "
          "it none: pass --samples N, the questions it fits on")
+    need(not (opts.kd_weight and entry is not None and not entry.trains),
+         f"--kd_weight: --encoder {opts.encoder} trains nothing by gradient, so nothing can "
+         "learn from the teacher; drop --kd_weight")
     if entry is not None and entry.field is not None:
         need(not (opts.recon_weight and not entry.keeps_tokens),
              f"--recon_weight: --encoder {opts.encoder} prunes a cache, which has no context "

@@ -45,6 +45,11 @@ class EncoderEntry:
         which keeps keys and values of a cache."""
         return self.field is not None and not self.field.endswith(":Press")
 
+    @property
+    def trains(self) -> bool:
+        """Whether anything of it trains by gradient: not a fitted press read as it is."""
+        return not self.implementation.endswith(":Kept")
+
     def field_compressor(self, seed: int = 0, source: tuple | None = None):
         """The field compressor this entry names, built; None for a learned encoder. A relay's
         compresses in the `source` model's tokens: (its tokenizer, its id)."""
