@@ -15,6 +15,7 @@ from latentwire.training import checkpoint
 from latentwire.training.learned_press import RIDGE, LearnedPress, fit, observed, target
 from latentwire.training.loop import run
 from latentwire.training.options import validate
+from latentwire.training.trainer import Trainer
 
 from .conftest import tiny_lm
 from .test_training import options, quiet
@@ -188,3 +189,36 @@ def test_a_resumed_run_reads_the_press_it_fitted_instead_of_fitting_again(tmp_pa
     assert any("as this run fitted them" in line for line in said)
     summary = json.loads((Path(opts.output_dir) / "summary.json").read_text())
     assert summary["status"] == "finished" and len(summary["epochs"]) == 2
+
+
+
+def test_a_press_run_killed_before_it_finished_reads_its_fit_back_when_started_again(
+        tmp_path, monkeypatch):
+    """kvpress:learned writes no checkpoint (nothing trains): killed in its evaluation, the same
+    command started again finds the fit it made, not another run's."""
+    from latentwire.training import learned_press
+
+    lm = tiny_lm()
+    opts = options(tmp_path, encoder="kvpress:learned", compression=4.0, samples=12,
+                   eval_samples=4, keep_question=True)
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "evaluate", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(opts, quiet, lm)
+    monkeypatch.setattr(learned_press, "fit", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("fitted again")))
+    said = []
+    assert run(opts, lambda *a, **k: said.append(a[0]), lm) == 0
+    assert any("as this run fitted them" in line for line in said)
+    # Another run started in a folder a killed run left (other flags): its own fit.
+    killed_too = replace(opts, output_dir=str(tmp_path / "again"))
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "evaluate", killed)
+        patch.setattr(learned_press, "fit", fit)
+        with pytest.raises(KeyboardInterrupt):
+            run(killed_too, quiet, lm)
+    with pytest.raises(AssertionError, match="fitted again"):
+        run(replace(killed_too, seed=7), quiet, lm)

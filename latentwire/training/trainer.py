@@ -37,7 +37,7 @@ from ..vocab import VocabSpace, shared_tokens, token_anchors, translation
 from . import checkpoint
 from .encoders import RECOMPUTES, build, transform_config
 from .learned_press import LearnedPress, paragraphs_of
-from .options import TrainOptions, shared_store_restarts, with_precision
+from .options import TrainOptions, made_otherwise, shared_store_restarts, with_precision
 from .registry import ENCODERS
 from .spec import CompressorSpec, TransformSpec
 
@@ -259,10 +259,12 @@ class Answerer:
     def fit_press(self) -> None:
         """A learned press's scores, fitted on the training questions: each read after its
         paragraph as the answer is read after the pruned cache (question, anchor, answer).
-        Kept in the run folder as soon as fitted: a resumed run reads them back instead of
-        fitting again (on Qwen the fit is 22 minutes)."""
+        Kept in the run folder as soon as fitted: the same run started again there (resumed,
+        or rerun after a kill before its first checkpoint) reads them back instead of fitting
+        again (on Qwen the fit is 22 minutes)."""
         saved = self.opts.run_dir() / f"press-{self.name}.safetensors"
-        kept = checkpoint.load_tensors(saved) if self.opts.resume == "yes" else None
+        same_run = (self.opts.run_dir() / "config.json").is_file() and not made_otherwise(self.opts)
+        kept = checkpoint.load_tensors(saved) if same_run else None
         if kept is not None:
             self.field.restore(*kept)
             self.log(f"{self.name}: the press's scores as this run fitted them ({saved})")
