@@ -161,6 +161,14 @@ def test_offsets_on_the_learned_press_start_as_the_fitted_press_and_learn_throug
     assert summary["steps"] == 2 and summary["checkpoints"] is not None
 
 
+def _never_fit(*args, **kwargs):
+    raise AssertionError("the press was fitted again")
+
+
+def _killed(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 def test_a_resumed_run_reads_the_press_it_fitted_instead_of_fitting_again(tmp_path, monkeypatch):
     """The fit is kept in the run folder as soon as it is made: a run killed after it and
     resumed reads the same weights back and does not fit again."""
@@ -169,27 +177,18 @@ def test_a_resumed_run_reads_the_press_it_fitted_instead_of_fitting_again(tmp_pa
     lm = tiny_lm()
     opts = options(tmp_path, encoder="offset:kvpress:learned", compression=4.0, samples=8,
                    eval_samples=3, batch_size=4, epochs=2, keep_question=True)
-
-    def killed(entry):
-        raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        run(opts, quiet, lm, on_epoch=killed)
+        run(opts, quiet, lm, on_epoch=_killed)
     [saved] = Path(opts.output_dir).glob("press-*.safetensors")
     weights = learned_press.LearnedPress()
     weights.restore(*checkpoint.load_tensors(saved))
     assert weights.fitted["questions"] == 8
-
-    def never(*args, **kwargs):
-        raise AssertionError("the resumed run fitted the press again")
-
-    monkeypatch.setattr(learned_press, "fit", never)
+    monkeypatch.setattr(learned_press, "fit", _never_fit)
     said = []
     assert run(replace(opts, resume="yes"), lambda *a, **k: said.append(a[0]), lm) == 0
     assert any("as this run fitted them" in line for line in said)
     summary = json.loads((Path(opts.output_dir) / "summary.json").read_text())
     assert summary["status"] == "finished" and len(summary["epochs"]) == 2
-
 
 
 def test_a_press_run_killed_before_it_finished_reads_its_fit_back_when_started_again(
@@ -201,22 +200,18 @@ def test_a_press_run_killed_before_it_finished_reads_its_fit_back_when_started_a
     lm = tiny_lm()
     opts = options(tmp_path, encoder="kvpress:learned", compression=4.0, samples=12,
                    eval_samples=4, keep_question=True)
-    def killed(self, *args, **kwargs):
-        raise KeyboardInterrupt
-
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "evaluate", killed)
+        patch.setattr(Trainer, "evaluate", _killed)
         with pytest.raises(KeyboardInterrupt):
             run(opts, quiet, lm)
-    monkeypatch.setattr(learned_press, "fit", lambda *a, **k: (_ for _ in ()).throw(
-        AssertionError("fitted again")))
+    monkeypatch.setattr(learned_press, "fit", _never_fit)
     said = []
     assert run(opts, lambda *a, **k: said.append(a[0]), lm) == 0
     assert any("as this run fitted them" in line for line in said)
     # Another run started in a folder a killed run left (other flags): its own fit.
     killed_too = replace(opts, output_dir=str(tmp_path / "again"))
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "evaluate", killed)
+        patch.setattr(Trainer, "evaluate", _killed)
         patch.setattr(learned_press, "fit", fit)
         with pytest.raises(KeyboardInterrupt):
             run(killed_too, quiet, lm)
