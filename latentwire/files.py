@@ -37,11 +37,16 @@ def write_json(path: Path, obj) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Beside the target, flushed to disk, then renamed into place (see write_json)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """As write_text, for bytes already serialised (a safetensors file)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with writing(path, tmp):
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UsageError
-from ..files import writing
+from ..files import write_bytes, writing
 
 FORMAT = "latentwire-checkpoint"
 VERSION = 1
@@ -28,13 +28,13 @@ WEIGHTS, CONFIG = "encoder.safetensors", "config.json"
 OPTIMIZER, STATE = "optimizer.safetensors", "trainer_state.json"
 
 
-def _tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+def _tensors(path: Path, tensors: dict) -> None:
     """Serialised in memory, then written by Python: a full disk is an OSError (safetensors'
     own writer reports it as an error of its own)."""
     from safetensors.torch import save as serialised
 
     with open(path, "wb") as fh:
-        fh.write(serialised(tensors, metadata))
+        fh.write(serialised(tensors))
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -70,14 +70,12 @@ def save(folder, weights: dict, config: dict, optimizer: dict | None = None,
 
 
 def save_tensors(path, tensors: dict, metadata: dict) -> None:
-    """One safetensors file, its string `metadata` beside the tensors, written beside `path` and
-    renamed into place (a reader never sees half of it)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with writing(path, tmp):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _tensors(tmp, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata)
-        tmp.rename(path)
+    """One safetensors file, its string `metadata` beside the tensors, written atomically
+    (files.write_bytes: a reader never sees half of it)."""
+    from safetensors.torch import save as serialised
+
+    write_bytes(Path(path), serialised(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata))
 
 
 def load_tensors(path) -> tuple[dict, dict] | None:

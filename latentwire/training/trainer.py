@@ -262,8 +262,9 @@ class Answerer:
         Kept in the run folder as soon as fitted: the same run started again there (resumed,
         or rerun after a kill before its first checkpoint) reads them back instead of fitting
         again (on Qwen the fit is 22 minutes)."""
-        saved = self.opts.run_dir() / f"press-{self.name}.safetensors"
-        same_run = (self.opts.run_dir() / "config.json").is_file() and not made_otherwise(self.opts)
+        folder = self.opts.run_dir()
+        saved = folder / f"press-{self.name}.safetensors"
+        same_run = (folder / "config.json").is_file() and not made_otherwise(self.opts)
         kept = checkpoint.load_tensors(saved) if same_run else None
         if kept is not None:
             self.field.restore(*kept)
