@@ -181,8 +181,9 @@ def test_a_resumed_run_reads_the_press_it_fitted_instead_of_fitting_again(tmp_pa
         run(opts, quiet, lm, on_epoch=_killed)
     [saved] = Path(opts.output_dir).glob("press-*.safetensors")
     weights = learned_press.LearnedPress()
-    weights.restore(*checkpoint.load_tensors(saved))
+    assert weights.restore(*checkpoint.load_tensors(saved))
     assert weights.fitted["questions"] == 8
+    assert not learned_press.LearnedPress().restore({"other": weights.weights}, {})
     monkeypatch.setattr(learned_press, "fit", _never_fit)
     said = []
     assert run(replace(opts, resume="yes"), lambda *a, **k: said.append(a[0]), lm) == 0

@@ -80,9 +80,12 @@ class LearnedPress(Press):
         """(tensors, string metadata) of the fitted press: what `restore` reads back."""
         return {"weights": self.weights}, {"fitted": json.dumps(self.fitted)}
 
-    def restore(self, tensors: dict, metadata: dict) -> None:
-        self.weights = tensors["weights"]
-        self.fitted = json.loads(metadata["fitted"])
+    def restore(self, tensors: dict, metadata: dict) -> bool:
+        """Whether `state`'s tensors and metadata were read back (not another file's)."""
+        if "weights" not in tensors or "fitted" not in metadata:
+            return False
+        self.weights, self.fitted = tensors["weights"], json.loads(metadata["fitted"])
+        return True
 
     def fit(self, model, paragraphs: list[tuple], autocast=None, on_read=None) -> None:
         """Fits the weights on `paragraphs`: (prefix, context, [tail, ...]) embeddings, each tail

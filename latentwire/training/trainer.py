@@ -266,8 +266,7 @@ class Answerer:
         saved = folder / f"press-{self.name}.safetensors"
         same_run = (folder / "config.json").is_file() and not made_otherwise(self.opts)
         kept = checkpoint.load_tensors(saved) if same_run else None
-        if kept is not None:
-            self.field.restore(*kept)
+        if kept is not None and self.field.restore(*kept):
             self.log(f"{self.name}: the press's scores as this run fitted them ({saved})")
             return
         started = time.perf_counter()
