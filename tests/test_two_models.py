@@ -578,3 +578,23 @@ def test_an_offset_encoder_made_for_one_model_is_read_by_another_through_its_own
     assert torch.allclose(z_qwen, qwen.embed_ids(theirs) + adapter.offset_map(z - x), atol=1e-5)
     t.step(list(range(4)), 0)
     assert float(adapter.proj.weight.grad.abs().sum()) > 0
+
+
+def test_each_model_of_a_pair_prunes_its_own_cache_with_the_press_it_fitted(tmp_path):
+    """offset:kvpress:learned over two families: each model fits its own press on its own
+    reading of the training questions (its own layers, width and key-value heads), kept in the
+    run folder under its name, and the one offset encoder trains through both presses."""
+    from latentwire.training.learned_press import LearnedPress
+
+    lms = pair()
+    opts = options(tmp_path, encoder="offset:kvpress:learned", compression=4.0,
+                   keep_question=True, samples=8, eval_samples=3)
+    assert run(opts, quiet, lms) == 0
+    for name, lm in lms.items():
+        press, config = LearnedPress(), lm.model.config
+        assert press.restore(*checkpoint.load_tensors(
+            checkpoint.press_file(tmp_path / "run", name)))
+        assert tuple(press.weights.shape) == (config.num_hidden_layers, config.hidden_size,
+                                              config.num_key_value_heads)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and list(summary["models"]) == ["llama", "qwen"]

@@ -69,6 +69,12 @@ def save(folder, weights: dict, config: dict, optimizer: dict | None = None,
     shutil.rmtree(old, ignore_errors=True)
 
 
+def press_file(run, model_name: str) -> Path:
+    """Where a run keeps the scores its fitted press learned for one of its models (a model's
+    folder name, models.model_dirname): beside its checkpoints, which were trained behind it."""
+    return Path(run) / f"press-{model_name}.safetensors"
+
+
 def save_tensors(path, tensors: dict, metadata: dict) -> None:
     """One safetensors file, its string `metadata` beside the tensors, written atomically
     (files.write_bytes: a reader never sees half of it)."""

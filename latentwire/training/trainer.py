@@ -263,7 +263,7 @@ class Answerer:
         or rerun after a kill before its first checkpoint) reads them back instead of fitting
         again (on Qwen the fit is 22 minutes)."""
         folder = self.opts.run_dir()
-        saved = folder / f"press-{self.name}.safetensors"
+        saved = checkpoint.press_file(folder, self.name)
         same_run = (folder / "config.json").is_file() and not made_otherwise(self.opts)
         kept = checkpoint.load_tensors(saved) if same_run else None
         if kept is not None and self.field.restore(*kept):
