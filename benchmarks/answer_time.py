@@ -15,7 +15,9 @@ for an encoder that reads the frozen model's states, that model's pass over the 
 twice, up to the checkpoint's --encoder_layer), all inside the latents' timing. Where the
 selector reads the question (`sentences`; a checkpoint trained without --keep_question), every
 question's latents are made for it alone, and the latents_kv arm, which shares a paragraph's,
-is left out. Over the questions of N paragraphs (a seeded draw), four arms, each through the
+is left out. A checkpoint trained behind a press (`offset:kvpress:expected_attention`;
+`offset:kvpress:learned` with the scores its run fitted, kept in the run's folder) has its
+latents, every context token plus its offset, read under the press: its one arm is pressed_kv. Over the questions of N paragraphs (a seeded draw), four arms, each through the
 sweep's engine with the instruction prefix cached once:
 
 - text: each question read with its whole paragraph, the engine as it is (prompts batched by
@@ -55,10 +57,12 @@ sys.path.insert(0, str(ROOT))
 
 def trained(path: str):
     """A checkpoint's compressor, to build once the model is loaded, its config, and the field
-    compressor it was trained behind (None for a learned encoder)."""
+    compressor it was trained behind (None for a learned encoder; a fitted press as its run
+    fitted it)."""
     from latentwire.errors import UsageError
-    from latentwire.field import TokenCompressor
+    from latentwire.field import Press, TokenCompressor
     from latentwire.files import read_json
+    from latentwire.models import model_dirname
     from latentwire.training import checkpoint
     from latentwire.training.encoders import Compressor
     from latentwire.training.registry import ENCODERS
@@ -84,12 +88,27 @@ def trained(path: str):
 
     selector = None
     if spec.field:
-        # A selector that draws at random draws with the run's seed, kept in the run's folder.
-        run = Path(path).resolve().parent.parent / "config.json"
-        seed = read_json(run)["options"]["seed"] if run.exists() else None
-        selector = ENCODERS[spec.encoder].field_compressor(seed or 0)
+        # A selector that draws at random draws with the run's seed, kept in the run's folder;
+        # a press fitted by the run, with the scores it kept there.
+        run = Path(path).resolve().parent.parent
+        seed = read_json(run / "config.json")["options"]["seed"] if (
+            run / "config.json").exists() else None
+        entry = ENCODERS[spec.encoder]
+        selector = entry.field_compressor(seed or 0)
         unknown_draw = seed is None and "seed" in selector.describe()
-        if not isinstance(selector, TokenCompressor) or unknown_draw:
+        if isinstance(selector, Press):
+            if selector.reads_question(not spec.keep_question):
+                raise UsageError(f"{path} was trained behind --encoder {spec.encoder} reading "
+                                 "the question before it prunes; this benchmark times presses "
+                                 "query-agnostic: pass a --keep_question checkpoint")
+            if entry.fitted:
+                fit = checkpoint.press_file(run, model_dirname(answerers[0]["model"]["id"]))
+                kept = checkpoint.load_tensors(fit)
+                if kept is None or not selector.restore(*kept):
+                    raise UsageError(f"{path} was trained behind a press its run fitted, and "
+                                     f"{fit} does not hold that fit (a run before the fit was "
+                                     "kept has none); train it again to time it")
+        elif not isinstance(selector, TokenCompressor) or unknown_draw:
             raise UsageError(f"{path} was trained behind --encoder {spec.encoder}, which this "
                              "benchmark cannot replay from a checkpoint alone; time the "
                              f"compressor itself with --encoder {spec.encoder}")
@@ -131,6 +150,7 @@ def main() -> int:
     from latentwire.training import checkpoint
     from latentwire.training.options import TrainOptions
     from latentwire.training.registry import ENCODERS
+    from latentwire.training.spec import CompressorSpec
     from latentwire.vocab import VocabSpace
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -157,11 +177,12 @@ def main() -> int:
         if args.checkpoint:
             compressor, config, selector = trained(args.checkpoint)
             model_id, prompt = config["model"]["id"], config["prompt_format"]["name"]
+            ratio = CompressorSpec.from_json(config["compressor"]).compression
             source = {"checkpoint": str(args.checkpoint),
                       "checkpoint_digest": checkpoint.digest(args.checkpoint)}
         else:
             compressor, model_id, prompt = field(args.encoder), args.model_id, TrainOptions.prompt
-            selector = None
+            selector, ratio = None, args.compression
             source = {"encoder": args.encoder, "compression": args.compression,
                       "field_compressor": compressor.describe()}
     except UsageError as e:
@@ -201,6 +222,9 @@ def main() -> int:
         aware = reads_question(selector, config["compressor"].get("keep_question"))
     else:
         aware = compressor.query_aware is True
+    # A press prunes the cache as the model reads the context: a checkpoint trained behind one
+    # has its latents (every context token plus its offset) read under it.
+    press = next((c for c in (compressor, selector) if isinstance(c, Press)), None)
     units = ([((c, n), c, e.question) for c in contexts for n, e in enumerate(by_context[c])]
              if aware else [(c, c, "") for c in contexts])
 
@@ -218,20 +242,21 @@ def main() -> int:
             texts = [fmt.context_text(c) for _, c, _ in chunk]
             asked = [q for _, _, q in chunk]
             if isinstance(compressor, TokenCompressor):
-                kept = compressor.select(spans, texts, asked, args.compression, tok, model_id)
+                kept = compressor.select(spans, texts, asked, ratio, tok, model_id)
                 latents = [embedded(k) for k in kept]
             else:
-                kept, states, ratio = spans, None, compressor.spec.compression
+                kept, states = spans, None
+                at = [range(len(span)) for span in spans]  # a press keeps every token here
                 if isinstance(selector, Extractive):
                     at = selector.positions(spans, texts, asked, ratio, tok, model_id)
                     kept = [[span[p] for p in ps] for span, ps in zip(spans, at)]
-                    if ENCODERS[compressor.spec.encoder].reads_states:
-                        # As the trainer reads them: after the question where it is read.
-                        states = compressor.encoder.gather([compressor.encoder.states(
-                            ids(fmt.question_text(q)) if aware else [], span)
-                            for span, q in zip(spans, asked)], at)
-                elif selector is not None:
+                elif isinstance(selector, TokenCompressor):
                     kept = selector.select(spans, texts, asked, ratio, tok, model_id)
+                if ENCODERS[compressor.spec.encoder].reads_states:
+                    # As the trainer reads them: after the question where it is read.
+                    states = compressor.encoder.gather([compressor.encoder.states(
+                        ids(fmt.question_text(q)) if aware else [], span)
+                        for span, q in zip(spans, asked)], [list(a) for a in at])
                 z, offsets, _ = compressor(embedded([t for k in kept for t in k]).float(),
                                            [len(k) for k in kept], states)
                 latents = [z[offsets[n]:offsets[n + 1]] for n in range(len(chunk))]
@@ -264,13 +289,15 @@ def main() -> int:
         return out
 
     def pressed_kv():
-        """Each paragraph read once under the press; its questions answered as one batch, each
-        behind its own copy of what the press kept."""
+        """Each paragraph read once under the press (a checkpoint's latents, else its tokens);
+        its questions answered as one batch, each behind its own copy of what the press kept."""
         out = []
+        heads = encoded() if args.checkpoint else {}
         for c in contexts:
             span = ids(fmt.context_text(c))
-            cache, position = pressed(model, prefix, embedded(span), None, compressor,
-                                      args.compression, Repeat(prefix_ids + span, anchor_ids, tok))
+            head = heads[c] if args.checkpoint else embedded(span)
+            cache, position = pressed(model, prefix, head, None, press, ratio,
+                                      Repeat(prefix_ids + span, anchor_ids, tok))
             positions[c] = (len(span), cache.layers[0].keys.shape[2] - len(prefix_ids))
             questions = [question(e) for e in by_context[c]]
             for got in answer_from_caches(model, [copy.deepcopy(cache) for _ in questions],
@@ -280,7 +307,7 @@ def main() -> int:
         return out
 
     arms = {"text": text,
-            **({"pressed_kv": pressed_kv} if isinstance(compressor, Press) else
+            **({"pressed_kv": pressed_kv} if press is not None else
                {"latents": latents} if aware else
                {"latents": latents, "latents_kv": lambda: per_paragraph(encoded())}),
             "text_kv": lambda: per_paragraph(
