@@ -17,8 +17,9 @@ selector reads the question (`sentences`; a checkpoint trained without --keep_qu
 question's latents are made for it alone, and the latents_kv arm, which shares a paragraph's,
 is left out. A checkpoint trained behind a press (`offset:kvpress:expected_attention`;
 `offset:kvpress:learned` with the scores its run fitted, kept in the run's folder) has its
-latents, every context token plus its offset, read under the press: its one arm is pressed_kv. Over the questions of N paragraphs (a seeded draw), four arms, each through the
-sweep's engine with the instruction prefix cached once:
+latents, every context token plus its offset, read under the press: its one arm is pressed_kv.
+Over the questions of N paragraphs (a seeded draw), four arms, each through the sweep's engine
+with the instruction prefix cached once:
 
 - text: each question read with its whole paragraph, the engine as it is (prompts batched by
   length across paragraphs);
@@ -91,8 +92,8 @@ def trained(path: str):
         # A selector that draws at random draws with the run's seed, kept in the run's folder;
         # a press fitted by the run, with the scores it kept there.
         run = Path(path).resolve().parent.parent
-        seed = read_json(run / "config.json")["options"]["seed"] if (
-            run / "config.json").exists() else None
+        recorded = run / "config.json"
+        seed = read_json(recorded)["options"]["seed"] if recorded.exists() else None
         entry = ENCODERS[spec.encoder]
         selector = entry.field_compressor(seed or 0)
         unknown_draw = seed is None and "seed" in selector.describe()
@@ -246,7 +247,7 @@ def main() -> int:
                 latents = [embedded(k) for k in kept]
             else:
                 kept, states = spans, None
-                at = [range(len(span)) for span in spans]  # a press keeps every token here
+                at = [list(range(len(span))) for span in spans]  # a press prunes after
                 if isinstance(selector, Extractive):
                     at = selector.positions(spans, texts, asked, ratio, tok, model_id)
                     kept = [[span[p] for p in ps] for span, ps in zip(spans, at)]
@@ -256,7 +257,7 @@ def main() -> int:
                     # As the trainer reads them: after the question where it is read.
                     states = compressor.encoder.gather([compressor.encoder.states(
                         ids(fmt.question_text(q)) if aware else [], span)
-                        for span, q in zip(spans, asked)], [list(a) for a in at])
+                        for span, q in zip(spans, asked)], at)
                 z, offsets, _ = compressor(embedded([t for k in kept for t in k]).float(),
                                            [len(k) for k in kept], states)
                 latents = [z[offsets[n]:offsets[n + 1]] for n in range(len(chunk))]
