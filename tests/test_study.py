@@ -99,6 +99,16 @@ def test_the_study_recipe_trains_each_recipe_of_record_as_its_cell():
     assert same(cells["agnostic/offset:truncate_x4"]) == same(trained)
     assert [n for n, o in cells.items() if o.answer_kept] == ["agnostic/offset:truncate_x4",
                                                               "agnostic/truncate_x4"]
+    # Qwen's query-agnostic study: its recipe cell is agnostic-offset-learned-press-4x.yaml's run.
+    args = parse(["study", "--config", str(ROOT / "configs/squad/study-qwen-agnostic-4x.yaml")])
+    opts = from_args(StudyOptions, args, base=from_args(TrainOptions, args))
+    cells = {c.name: study._options(opts, c, False) for c in study.cells(opts)}
+    assert set(cells) == {"agnostic/offset:kvpress:learned_x4",
+                          "agnostic/kvpress:expected_attention_x4", "agnostic/constant_x4",
+                          "agnostic/pool_x1"}
+    trained = from_args(TrainOptions, parse(
+        ["train", "--config", str(ROOT / "configs/squad/agnostic-offset-learned-press-4x.yaml")]))
+    assert same(cells["agnostic/offset:kvpress:learned_x4"]) == same(trained)
 
 
 def test_a_study_writes_its_table_and_plot_and_a_rerun_keeps_every_run(tmp_path, tiny_model_dir,
