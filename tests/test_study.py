@@ -109,6 +109,15 @@ def test_the_study_recipe_trains_each_recipe_of_record_as_its_cell():
     trained = from_args(TrainOptions, parse(
         ["train", "--config", str(ROOT / "configs/squad/agnostic-offset-learned-press-4x.yaml")]))
     assert same(cells["agnostic/offset:kvpress:learned_x4"]) == same(trained)
+    # Qwen's query-aware study: study-4x.yaml's aware half, its recipe cell aware-4x.yaml's run.
+    args = parse(["study", "--config", str(ROOT / "configs/squad/study-qwen-aware-4x.yaml")])
+    opts = from_args(StudyOptions, args, base=from_args(TrainOptions, args))
+    cells = {c.name: study._options(opts, c, False) for c in study.cells(opts)}
+    assert set(cells) == {"aware/offset:sentences:once_x4", "aware/sentences_x4",
+                          "aware/constant_x4", "aware/pool_x1"}
+    trained = from_args(TrainOptions, parse(
+        ["train", "--config", str(ROOT / "configs/squad/aware-4x.yaml")]))
+    assert same(cells["aware/offset:sentences:once_x4"]) == same(trained)
 
 
 def test_a_study_writes_its_table_and_plot_and_a_rerun_keeps_every_run(tmp_path, tiny_model_dir,
