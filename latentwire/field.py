@@ -545,18 +545,40 @@ def answer_pressed(model, prompts: list[tuple], press: Press, ratio: float, awar
     it) under the press, which prunes the context's keys and values, one prompt at a time;
     then the rest and the answer, at their true positions, the prompts decoding together.
     `repeats`: each prompt's Repeat, for KVzip. `on_pressed(1)` after each prompt's pressing, the
-    slow part."""
+    slow part. Where the question is not read under the press, a prompt whose prefix, context
+    and Repeat equal an earlier one's (another question on the same paragraph) reads a copy of
+    that pruned cache: the pass would give the same one."""
     aware = press.reads_question(aware)
     caches, positions, rests = [], [], []
     for n, (prefix, context, question, anchor) in enumerate(prompts):
-        cache, position = pressed(model, prefix, context, question if aware else None, press,
-                                  ratio, repeats[n] if repeats else None)
+        repeat = repeats[n] if repeats else None
+        same = next((m for m in range(n) if not aware and _same_pass(prompts[m], prompts[n])
+                     and (not repeats or repeats[m] == repeat)), None)
+        if same is not None:
+            cache, position = _twin(model, caches[same]), positions[same]
+        else:
+            cache, position = pressed(model, prefix, context, question if aware else None,
+                                      press, ratio, repeat)
         caches.append(cache)
         positions.append(position)
         rests.append(torch.cat(([] if aware else [question]) + [anchor]))
         if on_pressed:
             on_pressed(1)
     return answer_from_caches(model, caches, positions, rests, stops, max_new_tokens)
+
+
+def _same_pass(a: tuple, b: tuple) -> bool:
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a[:2], b[:2]))
+
+
+def _twin(model, cache):
+    """A cache of its own with `cache`'s keys and values: each grows by its own prompt's rest."""
+    from transformers import DynamicCache
+
+    twin = DynamicCache(config=model.config)
+    for n, layer in enumerate(cache.layers):
+        twin.update(layer.keys, layer.values, n)
+    return twin
 
 
 def pressed(model, prefix, context, question, press: Press, ratio: float, repeat=None):

@@ -154,6 +154,32 @@ def test_prompts_decoding_together_answer_as_each_alone(aware):
     assert len({tuple(t) for t in together}) > 1  # the rows did not all answer alike
 
 
+@pytest.mark.parametrize("aware", [False, True])
+def test_questions_on_one_paragraph_share_its_pressing_unless_the_press_reads_them(aware,
+                                                                                  monkeypatch):
+    """A paragraph's questions, query-agnostic: the paragraph is pressed once however its
+    questions are spread, and each answers as it does alone; where the question is read under
+    the press, once each."""
+    from latentwire import field
+
+    lm = tiny_lm()
+    prefix, context, first, anchor = _prompt(lm, lengths=(9, 40, 7, 3), seed=0)
+    questions = [first] + [_prompt(lm, lengths=(9, 40, n, 3), seed=s)[2]
+                           for s, n in ((1, 5), (2, 9))]
+    prompts = [(prefix, context.clone(), q, anchor) for q in questions]
+    prompts.insert(1, _prompt(lm, lengths=(9, 23, 6, 3), seed=3))  # another paragraph between
+    press, stops, passes = Press(name="knorm"), _stops(lm), []
+    live = field.pressed
+    monkeypatch.setattr(field, "pressed", lambda *a, **k: passes.append(1) or live(*a, **k))
+    together = answer_pressed(lm.model, prompts, press, 4.0, aware, stops, 10)
+    assert len(passes) == (4 if aware else 2)
+    for (p, c, q, a), got in zip(prompts, together):
+        cache, position = live(lm.model, p, c, q if aware else None, press, 4.0)
+        rest = torch.cat(([] if aware else [q]) + [a])
+        assert got == _answer_alone(lm.model, cache, position, rest, stops, 10)
+    assert len({tuple(together[n]) for n in (0, 2, 3)}) > 1  # the questions answered apart
+
+
 @pytest.mark.parametrize("name", ["snapkv", "expected_attention", "tova", "knorm",
                                   "streaming_llm", "random"])
 @pytest.mark.parametrize("aware", [False, True])
