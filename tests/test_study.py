@@ -99,15 +99,18 @@ def test_the_study_recipe_trains_each_recipe_of_record_as_its_cell():
     assert same(cells["agnostic/offset:truncate_x4"]) == same(trained)
     assert [n for n, o in cells.items() if o.answer_kept] == ["agnostic/offset:truncate_x4",
                                                               "agnostic/truncate_x4"]
-    # Qwen's query-agnostic study: its recipe cell is agnostic-offset-learned-press-4x.yaml's run.
+    # Qwen's query-agnostic study: its recipe cell is agnostic-offset-learned-press-4x.yaml's run
+    # on Qwen, which the study's file names.
     args = parse(["study", "--config", str(ROOT / "configs/squad/study-qwen-agnostic-4x.yaml")])
     opts = from_args(StudyOptions, args, base=from_args(TrainOptions, args))
     cells = {c.name: study._options(opts, c, False) for c in study.cells(opts)}
     assert set(cells) == {"agnostic/offset:kvpress:learned_x4",
                           "agnostic/kvpress:expected_attention_x4", "agnostic/constant_x4",
                           "agnostic/pool_x1"}
+    qwen = ["--model_id", "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"]
     trained = from_args(TrainOptions, parse(
-        ["train", "--config", str(ROOT / "configs/squad/agnostic-offset-learned-press-4x.yaml")]))
+        ["train", "--config", str(ROOT / "configs/squad/agnostic-offset-learned-press-4x.yaml")]
+        + qwen))
     assert same(cells["agnostic/offset:kvpress:learned_x4"]) == same(trained)
     # Qwen's query-aware study: study-4x.yaml's aware half, its recipe cell aware-4x.yaml's run.
     args = parse(["study", "--config", str(ROOT / "configs/squad/study-qwen-aware-4x.yaml")])
@@ -116,7 +119,7 @@ def test_the_study_recipe_trains_each_recipe_of_record_as_its_cell():
     assert set(cells) == {"aware/offset:sentences:once_x4", "aware/sentences_x4",
                           "aware/constant_x4", "aware/pool_x1"}
     trained = from_args(TrainOptions, parse(
-        ["train", "--config", str(ROOT / "configs/squad/aware-4x.yaml")]))
+        ["train", "--config", str(ROOT / "configs/squad/aware-4x.yaml")] + qwen))
     assert same(cells["aware/offset:sentences:once_x4"]) == same(trained)
 
 
