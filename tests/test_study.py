@@ -78,9 +78,12 @@ def test_the_study_recipe_trains_each_recipe_of_record_as_its_cell():
     def same(o):
         return {k: v for k, v in o.identity().items() if k != "output_dir"}
 
-    args = parse(["study", "--config", str(ROOT / "configs/squad/study-4x.yaml")])
-    opts = from_args(StudyOptions, args, base=from_args(TrainOptions, args))
-    cells = {c.name: study._options(opts, c, False) for c in study.cells(opts)}
+    def recipe_cells(name):
+        args = parse(["study", "--config", str(ROOT / "configs/squad" / name)])
+        opts = from_args(StudyOptions, args, base=from_args(TrainOptions, args))
+        return {c.name: study._options(opts, c, False) for c in study.cells(opts)}
+
+    cells = recipe_cells("study-4x.yaml")
     assert set(cells) == {"aware/offset:sentences:once_x4", "aware/sentences_x4",
                           "aware/constant_x4", "aware/pool_x1", "agnostic/offset:truncate_x4",
                           "agnostic/truncate_x4", "agnostic/constant_x4", "agnostic/pool_x1"}
@@ -91,9 +94,7 @@ def test_the_study_recipe_trains_each_recipe_of_record_as_its_cell():
         assert same(cells[cell]) == same(trained), recipe
     # The query-agnostic study trained only where the answer was kept: its recipe cell is
     # agnostic-kept-4x.yaml's run, and its truncate cell the same cut through the adapter.
-    args = parse(["study", "--config", str(ROOT / "configs/squad/study-agnostic-kept-4x.yaml")])
-    opts = from_args(StudyOptions, args, base=from_args(TrainOptions, args))
-    cells = {c.name: study._options(opts, c, False) for c in study.cells(opts)}
+    cells = recipe_cells("study-agnostic-kept-4x.yaml")
     trained = from_args(TrainOptions, parse(
         ["train", "--config", str(ROOT / "configs/squad/agnostic-kept-4x.yaml")]))
     assert same(cells["agnostic/offset:truncate_x4"]) == same(trained)
@@ -101,9 +102,7 @@ def test_the_study_recipe_trains_each_recipe_of_record_as_its_cell():
                                                               "agnostic/truncate_x4"]
     # Qwen's query-agnostic study: its recipe cell is agnostic-offset-learned-press-4x.yaml's run
     # on Qwen, which the study's file names.
-    args = parse(["study", "--config", str(ROOT / "configs/squad/study-qwen-agnostic-4x.yaml")])
-    opts = from_args(StudyOptions, args, base=from_args(TrainOptions, args))
-    cells = {c.name: study._options(opts, c, False) for c in study.cells(opts)}
+    cells = recipe_cells("study-qwen-agnostic-4x.yaml")
     assert set(cells) == {"agnostic/offset:kvpress:learned_x4",
                           "agnostic/kvpress:expected_attention_x4", "agnostic/constant_x4",
                           "agnostic/pool_x1"}
@@ -113,9 +112,7 @@ def test_the_study_recipe_trains_each_recipe_of_record_as_its_cell():
         + qwen))
     assert same(cells["agnostic/offset:kvpress:learned_x4"]) == same(trained)
     # Qwen's query-aware study: study-4x.yaml's aware half, its recipe cell aware-4x.yaml's run.
-    args = parse(["study", "--config", str(ROOT / "configs/squad/study-qwen-aware-4x.yaml")])
-    opts = from_args(StudyOptions, args, base=from_args(TrainOptions, args))
-    cells = {c.name: study._options(opts, c, False) for c in study.cells(opts)}
+    cells = recipe_cells("study-qwen-aware-4x.yaml")
     assert set(cells) == {"aware/offset:sentences:once_x4", "aware/sentences_x4",
                           "aware/constant_x4", "aware/pool_x1"}
     trained = from_args(TrainOptions, parse(
