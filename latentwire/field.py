@@ -13,6 +13,7 @@ own `score` ranks the positions; what is ours is the budget and where it applies
 """
 
 import bisect
+import copy
 import functools
 import logging
 import math
@@ -555,7 +556,8 @@ def answer_pressed(model, prompts: list[tuple], press: Press, ratio: float, awar
         same = next((m for m in range(n) if not aware and _same_pass(prompts[m], prompts[n])
                      and (not repeats or repeats[m] == repeat)), None)
         if same is not None:
-            cache, position = _twin(model, caches[same]), positions[same]
+            # A copy: each cache grows by its own prompt's rest.
+            cache, position = copy.deepcopy(caches[same]), positions[same]
         else:
             cache, position = pressed(model, prefix, context, question if aware else None,
                                       press, ratio, repeat)
@@ -569,16 +571,6 @@ def answer_pressed(model, prompts: list[tuple], press: Press, ratio: float, awar
 
 def _same_pass(a: tuple, b: tuple) -> bool:
     return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a[:2], b[:2]))
-
-
-def _twin(model, cache):
-    """A cache of its own with `cache`'s keys and values: each grows by its own prompt's rest."""
-    from transformers import DynamicCache
-
-    twin = DynamicCache(config=model.config)
-    for n, layer in enumerate(cache.layers):
-        twin.update(layer.keys, layer.values, n)
-    return twin
 
 
 def pressed(model, prefix, context, question, press: Press, ratio: float, repeat=None):
