@@ -12,6 +12,7 @@ import torch
 from latentwire.errors import UsageError
 from latentwire.field import budget, pressed
 from latentwire.training import checkpoint
+from latentwire.training import learned_press
 from latentwire.training.learned_press import RIDGE, LearnedPress, fit, observed, target
 from latentwire.training.loop import run
 from latentwire.training.options import validate
@@ -65,6 +66,18 @@ def test_what_the_press_observes_equals_one_whole_pass_per_question():
         torch.testing.assert_close(features, want_features, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(attention, want_attention, rtol=1e-5, atol=1e-6)
     assert lm.model.config._attn_implementation == "sdpa"  # restored after
+
+
+def test_tails_read_in_several_batches_observe_what_one_pass_per_question_does(monkeypatch):
+    """More tails than one batch holds, of unequal lengths: the batches' padding and their
+    sum over tails give the direct reading's attention."""
+    monkeypatch.setattr(learned_press, "TAILS_AT_ONCE", 2)
+    lm = tiny_lm()
+    for prefix, context, tails in _paragraphs(lm, shapes=((4, 20, (3, 8, 5, 11, 2)),)):
+        features, attention = observed(lm.model, prefix, context, tails)
+        want_features, want_attention = _direct(lm, prefix, context, tails)
+        torch.testing.assert_close(features, want_features, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attention, want_attention, rtol=1e-5, atol=1e-6)
 
 
 def test_the_fit_is_the_ridge_regression_over_every_position_computed_directly():

@@ -17,6 +17,7 @@ how many questions each paragraph has: fit on all of them (on Qwen, about two pe
 scored 0.05 F1 below five; docs/results/learned.md).
 """
 
+import copy
 import json
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -32,6 +33,9 @@ from ..generation import cache_argument
 # SQuAD paragraphs was 0.814 at 10 and 100, 0.813 at 1,000 and 0.808 at 10,000.
 RIDGE = 100.0
 FLOOR = 1e-4  # attention below this is "not read": the logarithm's floor
+# Tails read in one batch from copies of the paragraph's cache: one tail at a time spent most
+# of the fit in passes of a few dozen positions; 16 bounds the attention weights kept at once.
+TAILS_AT_ONCE = 16
 
 
 class Scores:
@@ -128,7 +132,9 @@ def observed(model, prefix, context, tails) -> tuple[torch.Tensor, torch.Tensor]
     """(features [layers, context, width], attention [layers, kv heads, context]) of one
     paragraph: the attention inputs at its positions, and the attention its tails pay them,
     averaged over the tails' positions, the query heads of each key and the tails. The
-    paragraph is read once; each tail reads on from its cache, cropped back after it."""
+    paragraph is read once; its tails read on from copies of its cache, TAILS_AT_ONCE at a
+    time, each padded at its end to the longest: under the causal mask a tail's own positions
+    never see its padding, so only those positions are averaged."""
     from transformers import DynamicCache
 
     config, base = model.config, model.base_model
@@ -140,13 +146,23 @@ def observed(model, prefix, context, tails) -> tuple[torch.Tensor, torch.Tensor]
     features = torch.stack([g[0, start:end].float() for g in got])
     paid = 0
     with eager_attention(model):
-        for tail in tails:
-            at = torch.arange(end, end + len(tail), device=tail.device)[None]
-            out = base(inputs_embeds=tail[None], position_ids=at, use_cache=True,
-                       output_attentions=True, **{name: cache})
-            cache.crop(-len(tail))
-            a = torch.stack([w[0, :, :, start:end].float().mean(1) for w in out.attentions])
-            paid = paid + a.view(len(a), groups, heads // groups, -1).mean(2)
+        for first in range(0, len(tails), TAILS_AT_ONCE):
+            some = tails[first:first + TAILS_AT_ONCE]
+            lengths = torch.tensor([len(t) for t in some], device=some[0].device)
+            width = int(lengths.max())
+            rows = torch.stack([torch.nn.functional.pad(t, (0, 0, 0, width - len(t)))
+                                for t in some])
+            shared = copy.deepcopy(cache)
+            shared.batch_repeat_interleave(len(some))
+            at = torch.arange(end, end + width, device=rows.device).expand(len(some), -1)
+            out = base(inputs_embeds=rows, position_ids=at, use_cache=True,
+                       output_attentions=True, **{name: shared})
+            # [tails, 1, width, 1]: 1/length at a tail's own positions, 0 at its padding
+            mean = ((torch.arange(width, device=rows.device) < lengths[:, None])
+                    / lengths[:, None])[:, None, :, None]
+            a = torch.stack([(w[:, :, :, start:end].float() * mean).sum(2)
+                             for w in out.attentions])  # [layers, tails, heads, context]
+            paid = paid + a.view(len(a), len(some), groups, heads // groups, -1).mean(3).sum(1)
     return features, paid / len(tails)
 
 
