@@ -36,6 +36,8 @@ def main() -> int:
     p.add_argument("--paragraphs", type=int, default=40, help="paragraphs timed per arm and round")
     p.add_argument("--rounds", type=int, default=2, help="alternations of the two arms")
     args = p.parse_args()
+    if args.paragraphs < 1 or args.rounds < 1:
+        p.error("--paragraphs and --rounds must be at least 1")
 
     with tempfile.TemporaryDirectory() as tmp:
         # A press that keeps no tokens leaves every training item whole, as the learned one does.
