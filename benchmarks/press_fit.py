@@ -7,7 +7,7 @@ paragraphs, timed alternately in this run, with the fitted weights of both compa
     .venv/bin/python benchmarks/press_fit.py --dataset runs/data/squad-train.json \
         --model_id models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf --paragraphs 20
 
-The paragraphs are the first of --dataset (all its questions drawn, in the run's order), each with every one of its questions,
+The paragraphs are the first of --dataset (every question drawn, in the run's order), each with every one of its questions,
 read under the run's precision (bf16 autocast where the CPU has it), as `latentwire train
 --encoder kvpress:learned` reads them.
 """
@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     import torch
 
+    from latentwire import data
     from latentwire.errors import UsageError
     from latentwire.training import learned_press
     from latentwire.training.options import TrainOptions, validate
@@ -40,11 +41,13 @@ def main() -> int:
         p.error("--paragraphs and --rounds must be at least 1")
 
     with tempfile.TemporaryDirectory() as tmp:
-        # A press that keeps no tokens leaves every training item whole, as the learned one does.
-        opts = TrainOptions(model_id=args.model_id, encoder="kvpress:knorm", keep_question=True,
-                            compression=4.0, dataset=args.dataset, samples=10**9,
-                            eval_samples=1, output_dir=tmp)
         try:
+            # Every question of --dataset trains (the built-in set is the one evaluated), and a
+            # press that keeps no tokens leaves each item whole, as the learned one does.
+            opts = TrainOptions(model_id=args.model_id, encoder="kvpress:knorm",
+                                keep_question=True, compression=4.0, dataset=args.dataset,
+                                samples=len(data.load_all(args.dataset)),
+                                eval_dataset="builtin", eval_samples=1, output_dir=tmp)
             t = Trainer(opts, validate(opts), log=lambda *a, **k: None)
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
