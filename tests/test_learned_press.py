@@ -12,7 +12,6 @@ import torch
 from latentwire.errors import UsageError
 from latentwire.field import budget, pressed
 from latentwire.training import checkpoint
-from latentwire.training import learned_press
 from latentwire.training.learned_press import RIDGE, LearnedPress, fit, observed, target
 from latentwire.training.loop import run
 from latentwire.training.options import validate
@@ -68,13 +67,12 @@ def test_what_the_press_observes_equals_one_whole_pass_per_question():
     assert lm.model.config._attn_implementation == "sdpa"  # restored after
 
 
-def test_tails_read_in_several_batches_observe_what_one_pass_per_question_does(monkeypatch):
+def test_tails_read_in_several_batches_observe_what_one_pass_per_question_does():
     """More tails than one batch holds, of unequal lengths: the batches' padding and their
     sum over tails give the direct reading's attention."""
-    monkeypatch.setattr(learned_press, "TAILS_AT_ONCE", 2)
     lm = tiny_lm()
     for prefix, context, tails in _paragraphs(lm, shapes=((4, 20, (3, 8, 5, 11, 2)),)):
-        features, attention = observed(lm.model, prefix, context, tails)
+        features, attention = observed(lm.model, prefix, context, tails, at_once=2)
         want_features, want_attention = _direct(lm, prefix, context, tails)
         torch.testing.assert_close(features, want_features, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(attention, want_attention, rtol=1e-5, atol=1e-6)

@@ -128,11 +128,12 @@ def attention_inputs(model):
 
 
 @torch.no_grad()
-def observed(model, prefix, context, tails) -> tuple[torch.Tensor, torch.Tensor]:
+def observed(model, prefix, context, tails,
+             at_once: int = TAILS_AT_ONCE) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [layers, context, width], attention [layers, kv heads, context]) of one
     paragraph: the attention inputs at its positions, and the attention its tails pay them,
     averaged over the tails' positions, the query heads of each key and the tails. The
-    paragraph is read once; its tails read on from copies of its cache, TAILS_AT_ONCE at a
+    paragraph is read once; its tails read on from copies of its cache, `at_once` at a
     time, each padded at its end to the longest: under the causal mask a tail's own positions
     never see its padding, so only those positions are averaged."""
     from transformers import DynamicCache
@@ -146,8 +147,8 @@ def observed(model, prefix, context, tails) -> tuple[torch.Tensor, torch.Tensor]
     features = torch.stack([g[0, start:end].float() for g in got])
     paid = 0
     with eager_attention(model):
-        for first in range(0, len(tails), TAILS_AT_ONCE):
-            some = tails[first:first + TAILS_AT_ONCE]
+        for first in range(0, len(tails), at_once):
+            some = tails[first:first + at_once]
             lengths = torch.tensor([len(t) for t in some], device=some[0].device)
             width = int(lengths.max())
             rows = torch.stack([torch.nn.functional.pad(t, (0, 0, 0, width - len(t)))
@@ -173,7 +174,8 @@ def target(attention: torch.Tensor) -> torch.Tensor:
     return y - y.mean(-1, keepdim=True)
 
 
-def fit(model, paragraphs: list[tuple], autocast=None, on_read=None) -> tuple[torch.Tensor, int]:
+def fit(model, paragraphs: list[tuple], autocast=None, on_read=None,
+        at_once: int = TAILS_AT_ONCE) -> tuple[torch.Tensor, int]:
     """(weights [layers, width, kv heads], questions read): the ridge regression from a
     position's attention input, centred over its paragraph, to its `target`, over every
     position of every paragraph, by its normal equations."""
@@ -181,7 +183,7 @@ def fit(model, paragraphs: list[tuple], autocast=None, on_read=None) -> tuple[to
     questions = 0
     for prefix, context, tails in paragraphs:
         with autocast() if autocast else nullcontext():
-            features, attention = observed(model, prefix, context, tails)
+            features, attention = observed(model, prefix, context, tails, at_once)
         x = (features - features.mean(1, keepdim=True)).double()
         y = target(attention).double()
         gram, cross = torch.einsum("lnd,lne->lde", x, x), torch.einsum("lnd,lgn->ldg", x, y)
