@@ -78,4 +78,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # it writes nothing outside its temporary folder
+        print("press_fit: interrupted, nothing was written", file=sys.stderr)
+        sys.exit(130)
