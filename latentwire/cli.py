@@ -1,4 +1,4 @@
-"""The `latentwire` command: `sweep`, `list`, `analyze`, `train`, `study` and `screen`.
+"""The `latentwire` command: `sweep`, `list`, `analyze`, `train`, `study`, `screen` and `compare`.
 
 Every flag is a field of an options dataclass, declared once with its help; each subcommand's
 parser is built from those fields (options.add_options), so --help shows every default as the
@@ -20,8 +20,8 @@ from .memory import keep_freed_memory
 from .options import (HelpFormatter, Parser, add_options, from_args, is_option, option,
                       read_config)
 from .sweep.options import SweepOptions
-from .training.options import (CELL_OPTIONS, SCHEDULE, TRANSFORM, TRIAL_OPTIONS, ScreenOptions,
-                               StudyOptions, TrainOptions)
+from .training.options import (CELL_OPTIONS, SCHEDULE, TRANSFORM, TRIAL_OPTIONS, CompareOptions,
+                               ScreenOptions, StudyOptions, TrainOptions)
 from .training.registry import ENCODERS
 
 # Each command's own examples; the top-level --help shows one of each.
@@ -77,6 +77,12 @@ SCREEN_EXAMPLES = """examples:
       --experiment 'baseline,rms_scale1.0,batch_dist,anchor_eps0.1'   # a recipe's trials
 """
 
+COMPARE_EXAMPLES = """examples:
+  latentwire compare --runs runs/train/attn4,runs/train/constant4   # the encoder against its control
+  latentwire compare --runs runs/squad/pair/aware,runs/squad/smol/relay,runs/squad/qwen/relay
+  latentwire compare --runs runs/train/attn4,runs/train/text1 --json   # a share of the reference
+"""
+
 OVERVIEW = """examples:
   latentwire sweep --experiment baseline,rms_scale1.0 --samples 20   # a first run, about a minute
   latentwire sweep                                   # all 28 experiments on the bundled model
@@ -85,6 +91,7 @@ OVERVIEW = """examples:
   latentwire train --encoder pool --compression 4 --samples 2000 --epochs 1
   latentwire study --encoders pool,lm --compressions 1,4
   latentwire screen --experiment 'baseline,rms_*,anchor_eps0.1' --max_epochs 10
+  latentwire compare --runs runs/train/attn4,runs/train/constant4
 
 `latentwire COMMAND --help` shows a command's flags and its own examples.
 """
@@ -176,6 +183,12 @@ def cmd_screen(args) -> int:
     return screen.run(from_args(ScreenOptions, args, base=from_args(TrainOptions, args)))
 
 
+def cmd_compare(args) -> int:
+    from .training import compare
+
+    return compare.run(from_args(CompareOptions, args))
+
+
 @dataclass
 class Recipe:
     config: str | None = option(
@@ -235,6 +248,13 @@ COMMANDS = {
         "command continues where it stopped.", SCREEN_EXAMPLES,
         # Each candidate sets its own transform; what is left of that section applies to them all.
         regroup={TRANSFORM: SCHEDULE}),
+    "compare": Command(
+        cmd_compare, lambda: options_of(CompareOptions),
+        "set finished training runs against one another, paired on the same questions",
+        "Read training runs' last evaluations and set the first run against each of the "
+        "others, per model both answered with, on the questions both answered: each F1 with its "
+        "interval, the paired difference with its interval and the ratio (a share, where the "
+        "other is a reference).", COMPARE_EXAMPLES),
 }
 
 

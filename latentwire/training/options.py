@@ -310,6 +310,16 @@ class ScreenOptions(raycluster.WorkerShape):
     base: TrainOptions = field(default_factory=TrainOptions)
 
 
+@dataclass
+class CompareOptions:
+    runs: str = option(
+        metavar="DIRS",
+        help="comma-separated training runs' folders (`latentwire train --output_dir`, or a "
+             "study's cells): the first is set against each of the others, per model that both "
+             "answered with, on the questions both answered")
+    json: bool = option(False, help="print the comparisons as JSON")
+
+
 # The training options each trial sets itself: its candidate's transform, its epochs and folder.
 TRIAL_OPTIONS = (*TRANSFORM_OPTIONS, "epochs", "resume", "output_dir")
 

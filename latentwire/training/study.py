@@ -23,7 +23,7 @@ from . import checkpoint
 from .loop import run as train
 from .options import SETTINGS, StudyOptions, TrainOptions, made_otherwise, validate
 from .registry import ENCODERS, token_keepers
-from .summary import draw_references, references_sentence
+from .summary import draw_references, last_answers, references_sentence
 from .trainer import kept_models, load_models
 
 
@@ -279,13 +279,8 @@ def _on_ray(opts: StudyOptions, left: list, total: int, log) -> list[str]:
 def results(path: Path) -> dict:
     """A finished run's last evaluation per answering model, by name (None for a run over one
     model): (its summary section: final, references, compression_ratio; its F1 per question)."""
-    summary = json.loads((path / "summary.json").read_text())
-    epoch = summary["epochs"][-1]["epoch"]
-    evaluation = json.loads((path / "eval" / f"epoch{epoch}.json").read_text())
-    if "models" not in summary:
-        return {None: (summary, [p["f1"] for p in evaluation["predictions"]])}
-    return {name: (section, [p["f1"] for p in evaluation["models"][name]["predictions"]])
-            for name, section in summary["models"].items()}
+    return {name: (section, [p["f1"] for p in predictions])
+            for name, (section, predictions) in last_answers(path).items()}
 
 
 def _loaded(opts: StudyOptions, todo: list[Cell]) -> dict:

@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from ..files import write_text, writing
+from ..files import read_json, write_text, writing
 from ..plots import pyplot, save
 
 
@@ -56,6 +56,22 @@ class MetricsLog:
             self.fh.close()
         except OSError:  # the flush of a line write() already reported as not written
             pass
+
+
+def last_answers(folder: Path) -> dict | None:
+    """A run's last evaluation per answering model, by name (None for a run over one model): (its
+    summary section: final, references, compression_ratio; its predictions, each with the
+    question's id and F1). None where a file of it is missing or unreadable."""
+    summary = read_json(folder / "summary.json")
+    if not summary or not summary.get("epochs"):
+        return None
+    evaluation = read_json(folder / "eval" / f"epoch{summary['epochs'][-1]['epoch']}.json")
+    if evaluation is None:
+        return None
+    if "models" not in summary:
+        return {None: (summary, evaluation["predictions"])}
+    return {name: (section, evaluation["models"][name]["predictions"])
+            for name, section in summary["models"].items()}
 
 
 def without_predictions(result: dict) -> dict:
