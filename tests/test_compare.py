@@ -2,6 +2,7 @@
 figure checked against a direct computation from the runs' own evaluation files."""
 
 import json
+import shutil
 
 import pytest
 
@@ -94,3 +95,14 @@ def test_bad_runs_are_refused_in_one_line(runs_flag, said, tmp_path, monkeypatch
     assert main(["compare", "--runs", runs_flag]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and said in err
+
+
+def test_a_run_not_finished_is_named_with_the_epoch_compared(runs, tmp_path, capsys):
+    pair, alone, _ = runs
+    running = tmp_path / "running"
+    shutil.copytree(alone, running)
+    summary = json.loads((running / "summary.json").read_text())
+    (running / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    assert main(["compare", "--runs", f"{pair},{running}"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {running} is running: its epoch 1 is compared" in out and str(pair) + " is" not in out

@@ -36,6 +36,17 @@ def answers(folder: str) -> dict:
             for name, (section, predictions) in found.items()}
 
 
+def unfinished(folders: list[str]) -> list[str]:
+    """What the table says of runs not finished: their last evaluated epoch is what it reads."""
+    notes = []
+    for folder in folders:
+        summary = read_json(Path(folder) / "summary.json") or {}
+        if summary.get("status") != "finished":
+            epoch = summary["epochs"][-1]["epoch"]
+            notes.append(f"{folder} is {summary.get('status')}: its epoch {epoch} is compared")
+    return notes
+
+
 def compare(opts: CompareOptions) -> list[dict]:
     """One row per later run and model it shares with the first: both F1s on the questions
     both answered, the paired difference (first - other) and ratio (first / other)."""
@@ -89,5 +100,10 @@ def render(rows: list[dict]) -> str:
 
 def run(opts: CompareOptions) -> int:
     rows = compare(opts)
-    print(json.dumps(rows, indent=2) if opts.json else render(rows))
+    if opts.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(render(rows))
+    for note in unfinished(list(dict.fromkeys([rows[0]["run"], *(r["other"] for r in rows)]))):
+        print(f"note: {note}")
     return 0
