@@ -229,3 +229,35 @@ def test_a_press_run_killed_before_it_finished_reads_its_fit_back_when_started_a
             run(killed_too, quiet, lm)
     with pytest.raises(AssertionError, match="fitted again"):
         run(replace(killed_too, seed=7), quiet, lm)
+
+
+def test_press_from_takes_an_earlier_runs_fit_where_it_is_this_runs_and_fits_otherwise(
+        tmp_path, monkeypatch):
+    """--press_from: a run with another budget and encoder, on the same model and training
+    questions, reads the earlier run's fitted weights (not a refit) and keeps them in its own
+    folder; on other training questions it says what differs and fits its own."""
+    from latentwire.training import learned_press
+
+    lm = tiny_lm()
+    first = options(tmp_path / "first", encoder="kvpress:learned", compression=4.0, samples=12,
+                    eval_samples=4, keep_question=True)
+    assert run(first, quiet, lm) == 0
+    [fitted] = Path(first.output_dir).glob("press-*.safetensors")
+    with monkeypatch.context() as patch:
+        patch.setattr(learned_press, "fit", _never_fit)
+        said = []
+        later = replace(first, encoder="offset:kvpress:learned", batch_size=4, max_minutes=5.0,
+                        press_from=first.output_dir, output_dir=str(tmp_path / "later"))
+        assert run(later, lambda *a, **k: said.append(a[0]), lm) == 0
+    assert any(f"fitted by {first.output_dir}" in line for line in said)
+    recorded = json.loads((Path(later.output_dir) / "config.json").read_text())["provenance"]
+    assert recorded["field_compressor"]["settings"]["fitted_by"] == first.output_dir
+    mine = checkpoint.load_tensors(Path(later.output_dir) / fitted.name)
+    torch.testing.assert_close(mine[0]["weights"], checkpoint.load_tensors(fitted)[0]["weights"])
+    said = []
+    other = replace(first, samples=8, press_from=first.output_dir,
+                    output_dir=str(tmp_path / "other"))
+    assert run(other, lambda *a, **k: said.append(a[0]), lm) == 0
+    assert any("is not this run's (training examples)" in line for line in said)
+    summary = json.loads((Path(other.output_dir) / "config.json").read_text())
+    assert summary["provenance"]["field_compressor"]["settings"]["questions"] == 8

@@ -28,6 +28,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .. import data, experiments, models, prompts, provenance, stats
 from ..embed_experiments import NonFiniteError
 from ..errors import UsageError
+from ..files import read_json
 from ..field import (Extractive, Press, Repeat, TokenCompressor, answer_pressed, budget,
                      pressed, reads_question)
 from ..generation import StopTokens, cache_argument, generate, plain_kv, returned_cache
@@ -246,7 +247,7 @@ class Answerer:
             self.reachable(train + evaluated)
         self.train_items = self.kept(train)
         if isinstance(self.field, LearnedPress) and self.train_items:
-            self.fit_press()
+            self.fit_press(provenance.examples_sha(split.train))
         started = time.perf_counter()
         self.eval_items = self.kept(evaluated)
         # What a token compressor took to compress the evaluation contexts, done here once:
@@ -256,12 +257,13 @@ class Answerer:
         self.teacher = None  # teacher_targets(), once per run with --kd_weight
         self._prefix_kv = None
 
-    def fit_press(self) -> None:
-        """A learned press's scores, fitted on the training questions: each read after its
-        paragraph as the answer is read after the pruned cache (question, anchor, answer).
-        Kept in the run folder as soon as fitted: the same run started again there (resumed,
-        or rerun after a kill before its first checkpoint) reads them back instead of fitting
-        again (on Qwen the fit is 22 minutes)."""
+    def fit_press(self, train_sha: str) -> None:
+        """A learned press's scores, fitted on the training questions (their digest:
+        `train_sha`): each read after its paragraph as the answer is read after the pruned
+        cache (question, anchor, answer). Kept in the run folder as soon as fitted: the same
+        run started again there (resumed, or rerun after a kill before its first checkpoint)
+        reads them back instead of fitting again (on Qwen the fit is 22 minutes), and so does
+        a run given --press_from this folder, where the fit would be the same."""
         folder = self.opts.run_dir()
         saved = checkpoint.press_file(folder, self.name)
         same_run = (folder / "config.json").is_file() and not made_otherwise(self.opts)
@@ -269,6 +271,17 @@ class Answerer:
         if kept is not None and self.field.restore(*kept):
             self.log(f"{self.name}: the press's scores as this run fitted them ({saved})")
             return
+        if self.opts.press_from is not None:
+            earlier, unlike = self.earlier_press(Path(self.opts.press_from), train_sha)
+            if earlier is not None:
+                self.log(f"{self.name}: the press's scores fitted by {self.opts.press_from} (the "
+                         "same model, prompt, precision and training examples)")
+                # The record says whose fit it is: its seconds were spent there, not here.
+                self.field.fitted["fitted_by"] = str(self.opts.press_from)
+                checkpoint.save_tensors(saved, *self.field.state())
+                return
+            self.log(f"{self.name}: the press of {self.opts.press_from} is not this run's "
+                     f"({unlike}), so it fits its own")
         started = time.perf_counter()
         paragraphs = paragraphs_of(self.train_items, self.embed_ids, self.prefix,
                                    self.answer_tail)
@@ -280,6 +293,31 @@ class Answerer:
         self.log(f"{self.name}: the press's scores fitted on {len(self.train_items)} questions "
                  f"of {len(paragraphs)} paragraphs in {seconds / 60:.1f} min")
         checkpoint.save_tensors(saved, *self.field.state())
+
+    def earlier_press(self, folder: Path, train_sha: str) -> tuple[object, str]:
+        """(this model's press fitted by the run in `folder`, restored into self.field) where
+        that run fitted it as this one would: the same model, prompt format, precision,
+        device, versions and training examples (by digest). Else (None, what differs)."""
+        config = read_json(folder / "config.json")
+        if not config:
+            return None, "its config.json is missing or unreadable"
+        theirs = config.get("provenance", {})
+        readers = ([(a["model"], a["prompt_format"]) for a in theirs.get("answerers", [])]
+                   or [(theirs.get("model"), theirs.get("prompt_format"))])
+        ours = self.identity()
+        unlike = [] if (ours["model"], ours["prompt_format"]) in readers else [
+            f"no model of it is {self.model_id} with this prompt format"]
+        if theirs.get("dataset", {}).get("train_examples_sha256") != train_sha:
+            unlike.append("training examples")
+        if config.get("options", {}).get("mixed_precision") != self.opts.mixed_precision:
+            unlike.append("precision")
+        here = provenance.describe(self.model_id, self.lm, self.fmt, self.vocab, {}, {},
+                                   self.opts.seed, self.opts.max_new_tokens)
+        unlike += [k for k in ("device", "versions") if theirs.get(k) != here[k]]
+        kept = checkpoint.load_tensors(checkpoint.press_file(folder, self.name))
+        if not unlike and (kept is None or not self.field.restore(*kept)):
+            unlike.append(f"it holds no fitted press of {self.name}")
+        return (None, ", ".join(unlike)) if unlike else (self.field, "")
 
     def reachable(self, items: list[Item]) -> None:
         """A training-free compressor keeps at least one of a context's tokens or positions: a
