@@ -272,8 +272,8 @@ class Answerer:
             self.log(f"{self.name}: the press's scores as this run fitted them ({saved})")
             return
         if self.opts.press_from is not None:
-            earlier, unlike = self.earlier_press(Path(self.opts.press_from), train_sha)
-            if earlier is not None:
+            unlike = self.earlier_press(Path(self.opts.press_from), train_sha)
+            if not unlike:
                 self.log(f"{self.name}: the press's scores fitted by {self.opts.press_from} (the "
                          "same model, prompt, precision and training examples)")
                 # The record says whose fit it is: its seconds were spent there, not here.
@@ -294,13 +294,13 @@ class Answerer:
                  f"of {len(paragraphs)} paragraphs in {seconds / 60:.1f} min")
         checkpoint.save_tensors(saved, *self.field.state())
 
-    def earlier_press(self, folder: Path, train_sha: str) -> tuple[object, str]:
-        """(this model's press fitted by the run in `folder`, restored into self.field) where
-        that run fitted it as this one would: the same model, prompt format, precision,
-        device, versions and training examples (by digest). Else (None, what differs)."""
+    def earlier_press(self, folder: Path, train_sha: str) -> str:
+        """Reads this model's press fitted by the run in `folder` into self.field, where that
+        run fitted it as this one would: the same model, prompt format, precision, device,
+        versions and training examples (by digest); "" then, else what differs."""
         config = read_json(folder / "config.json")
         if not config:
-            return None, "its config.json is missing or unreadable"
+            return "its config.json is missing or unreadable"
         theirs = config.get("provenance", {})
         readers = ([(a["model"], a["prompt_format"]) for a in theirs.get("answerers", [])]
                    or [(theirs.get("model"), theirs.get("prompt_format"))])
@@ -317,7 +317,7 @@ class Answerer:
         kept = checkpoint.load_tensors(checkpoint.press_file(folder, self.name))
         if not unlike and (kept is None or not self.field.restore(*kept)):
             unlike.append(f"it holds no fitted press of {self.name}")
-        return (None, ", ".join(unlike)) if unlike else (self.field, "")
+        return ", ".join(unlike)
 
     def reachable(self, items: list[Item]) -> None:
         """A training-free compressor keeps at least one of a context's tokens or positions: a
