@@ -304,15 +304,14 @@ class Answerer:
         theirs = config.get("provenance", {})
         readers = ([(a["model"], a["prompt_format"]) for a in theirs.get("answerers", [])]
                    or [(theirs.get("model"), theirs.get("prompt_format"))])
-        ours = self.identity()
-        unlike = [] if (ours["model"], ours["prompt_format"]) in readers else [
+        here = provenance.describe(self.model_id, self.lm, self.fmt, self.vocab, {}, {},
+                                   self.opts.seed, self.opts.max_new_tokens)
+        unlike = [] if (here["model"], here["prompt_format"]) in readers else [
             f"no model of it is {self.model_id} with this prompt format"]
         if theirs.get("dataset", {}).get("train_examples_sha256") != train_sha:
             unlike.append("training examples")
         if config.get("options", {}).get("mixed_precision") != self.opts.mixed_precision:
             unlike.append("precision")
-        here = provenance.describe(self.model_id, self.lm, self.fmt, self.vocab, {}, {},
-                                   self.opts.seed, self.opts.max_new_tokens)
         unlike += [k for k in ("device", "versions") if theirs.get(k) != here[k]]
         kept = checkpoint.load_tensors(checkpoint.press_file(folder, self.name))
         if not unlike and (kept is None or not self.field.restore(*kept)):
