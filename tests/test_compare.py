@@ -89,7 +89,8 @@ def test_runs_that_share_no_model_are_refused_in_one_line(runs, tmp_path, tiny_m
 
 
 @pytest.mark.parametrize("runs_flag, said", [("only_one", "at least two"),
-                                             ("missing,also_missing", "holds no evaluated")])
+                                             ("missing,also_missing", "holds no evaluated"),
+                                             ("a,b,a", "names a more than once")])
 def test_bad_runs_are_refused_in_one_line(runs_flag, said, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["compare", "--runs", runs_flag]) == 2

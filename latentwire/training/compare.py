@@ -54,6 +54,10 @@ def compare(opts: CompareOptions) -> list[dict]:
     if len(folders) < 2:
         raise UsageError(f"--runs takes at least two run folders, comma-separated (got "
                          f"{opts.runs!r}); the first is set against each of the others")
+    twice = sorted({f for f in folders if folders.count(f) > 1})
+    if twice:
+        raise UsageError(f"--runs names {', '.join(twice)} more than once; a run against itself "
+                         "differs by nothing: name each run once")
     first, *others = [(folder, answers(folder)) for folder in folders]
     rows = []
     for folder, theirs in others:
