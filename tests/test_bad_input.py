@@ -68,6 +68,9 @@ CASES = [
      "datadir holds no run (no config.json)"),
     (["train", "--press_from", "datadir"], "--press_from applies to an encoder whose press is fitted"),
     (["train", "--press_from", ""], "--press_from is empty"),
+    (["train", "--press_samples", "600"], "--press_samples applies to an encoder whose press"),
+    (["train", "--encoder", "kvpress:learned", "--press_samples", "-1"],
+     "--press_samples must be >= 0"),
     (["train", "--compression", "0"], "--compression must be at least 1"),
     (["train", "--batch_size", "0"], "--batch_size must be at least 1"),
     (["train", "--encoder", "mlp"], "--encoder: invalid choice: 'mlp'"),
@@ -97,6 +100,8 @@ CASES = [
     (["study", "--encoders", "mlp"], "unknown encoder 'mlp'"),
     (["study", "--settings", "both"], "unknown setting 'both'"),
     (["study", "--encoders", ""], "--encoders is empty"),
+    (["study", "--encoders", "pool", "--press_samples", "600"],
+     "none of --encoders pool is one"),
     (["study", "--only", "aware/zzz_x4"], "unknown cell 'aware/zzz_x4'"),
     (["study", "--model_id", "fake.gguf"], "not a GGUF file"),
     # screen

@@ -3,6 +3,7 @@ the ridge regression computed directly, it keeps per head the positions its weig
 best, and a run fits it on the training questions and evaluates through it."""
 
 import json
+from types import SimpleNamespace
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 from latentwire.errors import UsageError
 from latentwire.field import budget, pressed
 from latentwire.training import checkpoint
-from latentwire.training.learned_press import RIDGE, LearnedPress, fit, observed, target
+from latentwire.training.learned_press import (RIDGE, LearnedPress, fit, observed,
+                                                  paragraphs_of, target)
 from latentwire.training.loop import run
 from latentwire.training.options import validate
 from latentwire.training.trainer import Trainer
@@ -261,3 +263,40 @@ def test_press_from_takes_an_earlier_runs_fit_where_it_is_this_runs_and_fits_oth
     assert any("is not this run's (training examples)" in line for line in said)
     summary = json.loads((Path(other.output_dir) / "config.json").read_text())
     assert summary["provenance"]["field_compressor"]["settings"]["questions"] == 8
+
+
+def test_press_samples_takes_whole_paragraphs_in_first_seen_order_until_enough_questions():
+    spans = [[1, 2], [3], [1, 2], [4, 5], [3], [6], [1, 2]]
+    items = [SimpleNamespace(span=s, tag=n) for n, s in enumerate(spans)]
+    embed, prefix = torch.tensor, torch.zeros(1)
+
+    def read(questions):
+        return [(c.tolist(), tails) for _, c, tails in
+                paragraphs_of(items, embed, prefix, lambda i: i.tag, questions)]
+
+    every = [([1, 2], [0, 2, 6]), ([3], [1, 4]), ([4, 5], [3]), ([6], [5])]
+    assert read(0) == every
+    assert read(3) == every[:1]  # the first paragraph holds three questions: enough
+    assert read(4) == every[:2]  # one more than it holds: the next paragraph, whole
+    assert read(99) == every
+
+
+def test_a_run_fits_its_press_on_press_samples_and_press_from_refits_on_another_count(
+        tmp_path, monkeypatch):
+    """--press_samples: the run's fit reads whole paragraphs until it has that many questions,
+    and records how many; a later run with another count does not take that fit."""
+    lm = tiny_lm()
+    first = options(tmp_path / "first", encoder="kvpress:learned", compression=4.0, samples=12,
+                    eval_samples=4, keep_question=True, press_samples=5)
+    assert run(first, quiet, lm) == 0
+    settings = json.loads((Path(first.output_dir) / "config.json").read_text())[
+        "provenance"]["field_compressor"]["settings"]
+    assert 5 <= settings["questions"] < 12
+    said = []
+    other = replace(first, press_samples=0, press_from=first.output_dir,
+                    output_dir=str(tmp_path / "other"))
+    assert run(other, lambda *a, **k: said.append(a[0]), lm) == 0
+    assert any("is not this run's (--press_samples)" in line for line in said)
+    settings = json.loads((Path(other.output_dir) / "config.json").read_text())[
+        "provenance"]["field_compressor"]["settings"]
+    assert settings["questions"] == 12

@@ -67,6 +67,16 @@ def test_answer_kept_cuts_the_cells_that_keep_tokens_and_no_other(tmp_path):
         study.cells(replace(opts, encoders="kvpress:knorm"))
 
 
+def test_press_samples_sets_the_fit_of_the_fitted_cells_and_no_other(tmp_path):
+    opts = study.StudyOptions(encoders="offset:kvpress:learned,kvpress:knorm", compressions="4",
+                              settings="agnostic", output_dir=str(tmp_path),
+                              base=TrainOptions(press_samples=600))
+    cells = {c.encoder: study._options(opts, c, False) for c in study.cells(opts)}
+    assert {e for e, o in cells.items() if o.press_samples} == {"offset:kvpress:learned"}
+    for o in cells.values():
+        validate(o)  # the controls and the other press would be refused with the count
+
+
 def test_the_study_recipe_trains_each_recipe_of_record_as_its_cell():
     """configs/squad/study-4x.yaml reproduces the table of docs/results/learned.md: its cells
     for the two recipes of record train exactly as `train --config` with those recipes, so a

@@ -198,11 +198,17 @@ def fit(model, paragraphs: list[tuple], autocast=None, on_read=None,
     return weights.float(), questions
 
 
-def paragraphs_of(items, embed, prefix, rest) -> list[tuple]:
+def paragraphs_of(items, embed, prefix, rest, questions: int = 0) -> list[tuple]:
     """The training items grouped by their context, in first-seen order: (prefix, context,
-    [tail of each question]) embeddings, `rest(item)` giving an item's tail."""
+    [tail of each question]) embeddings, `rest(item)` giving an item's tail. With `questions`,
+    only the first paragraphs, whole, until they hold at least that many."""
     grouped = defaultdict(list)
     for item in items:
         grouped[tuple(item.span)].append(item)
-    return [(prefix, embed(list(span)), [rest(i) for i in group])
-            for span, group in grouped.items()]
+    chosen, held = [], 0
+    for span, group in grouped.items():
+        if questions and held >= questions:
+            break
+        chosen.append((span, group))
+        held += len(group)
+    return [(prefix, embed(list(span)), [rest(i) for i in group]) for span, group in chosen]

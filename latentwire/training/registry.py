@@ -177,3 +177,8 @@ def token_keepers() -> list[str]:
     """The encoders whose output keeps some of the context's own tokens: the ones `--answer_kept`
     can look for the answer in."""
     return [name for name, entry in ENCODERS.items() if entry.keeps_tokens]
+
+
+def fitted_presses() -> list[str]:
+    """The encoders whose press is fitted on the training questions before anything trains."""
+    return [name for name, e in ENCODERS.items() if e.fitted]

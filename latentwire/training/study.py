@@ -22,7 +22,7 @@ from ..plots import pyplot, save
 from . import checkpoint
 from .loop import run as train
 from .options import SETTINGS, StudyOptions, TrainOptions, made_otherwise, validate
-from .registry import ENCODERS, token_keepers
+from .registry import ENCODERS, fitted_presses, token_keepers
 from .summary import draw_references, last_answers, references_sentence
 from .trainer import kept_models, load_models
 
@@ -61,6 +61,11 @@ def cells(opts: StudyOptions) -> list[Cell]:
         raise UsageError("--answer_kept cuts the training of the cells whose encoder keeps the "
                          f"context's tokens, and none of --encoders {opts.encoders} does; drop it "
                          f"or add one of: {', '.join(token_keepers())}")
+    if opts.base.press_samples and not any(ENCODERS[e].fitted for e in encoders):
+        raise UsageError("--press_samples sets the fit of the cells whose press is fitted on "
+                         f"the training questions, and none of --encoders {opts.encoders} is "
+                         "one; drop it or add one of: "
+                         f"{', '.join(fitted_presses())}")
     if min(ratios) < 1:
         raise UsageError(f"--compressions must each be at least 1 (got {min(ratios):g}): a ratio "
                          "is text positions per latent, 1 for none")
@@ -147,6 +152,7 @@ def _options(opts: StudyOptions, cell: Cell, resume: bool) -> TrainOptions:
                    keep_question=SETTINGS[cell.setting], resume="yes" if resume else "no",
                    output_dir=str(Path(opts.output_dir) / cell.name),
                    answer_kept=cut, encoder_lora=opts.base.encoder_lora if reads else 0,
+                   press_samples=opts.base.press_samples if ENCODERS[cell.encoder].fitted else 0,
                    encoder_layer=opts.base.encoder_layer if reads else None)
 
 

@@ -284,20 +284,21 @@ class Answerer:
                      f"({unlike}), so it fits its own")
         started = time.perf_counter()
         paragraphs = paragraphs_of(self.train_items, self.embed_ids, self.prefix,
-                                   self.answer_tail)
+                                   self.answer_tail, self.opts.press_samples)
         with Tally(len(paragraphs), f"{self.name}, paragraphs read for the press's fit",
                    self.log, "paragraph") as tally:
             self.field.fit(self.lm.model, paragraphs, self.autocast, tally)
         seconds = time.perf_counter() - started
         self.field.fitted["seconds"] = round(seconds, 1)
-        self.log(f"{self.name}: the press's scores fitted on {len(self.train_items)} questions "
-                 f"of {len(paragraphs)} paragraphs in {seconds / 60:.1f} min")
+        self.log(f"{self.name}: the press's scores fitted on {self.field.fitted['questions']} "
+                 f"questions of {len(paragraphs)} paragraphs in {seconds / 60:.1f} min")
         checkpoint.save_tensors(saved, *self.field.state())
 
     def earlier_press(self, folder: Path, train_sha: str) -> str:
         """Reads this model's press fitted by the run in `folder` into self.field, where that
         run fitted it as this one would: the same model, prompt format, precision, device,
-        versions and training examples (by digest); "" then, else what differs."""
+        versions, training examples (by digest) and --press_samples; "" then, else what
+        differs."""
         config = read_json(folder / "config.json")
         if not config:
             return "its config.json is missing or unreadable"
@@ -312,6 +313,8 @@ class Answerer:
             unlike.append("training examples")
         if config.get("options", {}).get("mixed_precision") != self.opts.mixed_precision:
             unlike.append("precision")
+        if config.get("options", {}).get("press_samples", 0) != self.opts.press_samples:
+            unlike.append("--press_samples")
         unlike += [k for k in ("device", "versions") if theirs.get(k) != here[k]]
         kept = checkpoint.load_tensors(checkpoint.press_file(folder, self.name))
         if not unlike and (kept is None or not self.field.restore(*kept)):
