@@ -291,6 +291,28 @@ def test_only_trains_the_named_cells_and_a_rerun_without_it_trains_the_rest(
         "aware/pool_x4, aware/constant_x1, aware/constant_x4" in capsys.readouterr().err
 
 
+def test_the_fitted_press_cells_of_a_study_fit_each_models_press_once(
+        tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """kvpress:learned and offset:kvpress:learned fit the same press on the same questions:
+    the second cell reads the first one's (the trainer checks it is the same fit)."""
+    from latentwire.training import learned_press
+
+    fits = []
+    real = learned_press.fit
+    monkeypatch.setattr(learned_press, "fit", lambda *a, **k: fits.append(1) or real(*a, **k))
+    args = ["study", "--model_id", str(tiny_model_dir), "--encoders",
+            "kvpress:learned,offset:kvpress:learned", "--compressions", "4", "--settings",
+            "agnostic", "--samples", "8", "--eval_samples", "3", "--batch_size", "4",
+            "--max_new_tokens", "3", "--output_dir", str(tmp_path),
+            "--only", "agnostic/kvpress:learned_x4,agnostic/offset:kvpress:learned_x4"]
+    assert main(args) == 0
+    assert len(fits) == 1
+    assert "the press's scores fitted by" in capsys.readouterr().out
+    later = json.loads((tmp_path / "agnostic/offset:kvpress:learned_x4/config.json").read_text())
+    assert later["provenance"]["field_compressor"]["settings"]["fitted_by"].endswith(
+        "agnostic/kvpress:learned_x4")
+
+
 def test_a_failed_cell_is_recorded_and_the_others_finish(tmp_path, tiny_model_dir, capsys,
                                                           monkeypatch):
     """One cell's loss is made to diverge (a huge learning rate, no clipping): the study goes

@@ -207,6 +207,21 @@ def _finished(opts: StudyOptions, cell: Cell) -> str | None:
     return next((str(p) for p in done if _status(p) == "finished"), None)
 
 
+def _with_press(opts: StudyOptions, cell: Cell, o: TrainOptions) -> TrainOptions:
+    """A cell whose press is fitted on the training questions, given the folder of another such
+    cell for the same models that has fitted its press by now (--press_from): the trainer takes
+    that fit only where it is the one this cell would make, so kvpress:learned and
+    offset:kvpress:learned of one study fit each model's press once (on Qwen2.5-Coder-0.5B, 20
+    minutes each)."""
+    if not ENCODERS[cell.encoder].fitted or o.samples == 0:
+        return o
+    fitted = [Path(opts.output_dir) / c.name for c in cells(opts)
+              if c.model == cell.model and c.name != cell.name and ENCODERS[c.encoder].fitted]
+    done = next((str(p) for p in fitted if (p / "config.json").is_file()
+                 and any(p.glob(checkpoint.press_file(p, "*").name))), None)
+    return replace(o, press_from=done) if done else o
+
+
 def _here(opts: StudyOptions, left: list, total: int, log) -> list[str]:
     """The cells one after another in this process, sharing one load of the model; the names
     of those that failed."""
@@ -214,7 +229,7 @@ def _here(opts: StudyOptions, left: list, total: int, log) -> list[str]:
     for n, cell, o in left:
         log(f"[{n}/{total}] {cell.name}{' (resumed)' if o.resume == 'yes' else ''}")
         loaded.update(load_models(o, loaded))
-        if train(o, log, loaded, references_from=_finished(opts, cell)):
+        if train(_with_press(opts, cell, o), log, loaded, references_from=_finished(opts, cell)):
             # Its summary says failed and why; the cells after it do not depend on it.
             log(f"[{n}/{total}] {cell.name}: failed; the study goes on without it")
             failed.append(cell.name)
@@ -249,7 +264,7 @@ def _on_ray(opts: StudyOptions, left: list, total: int, log) -> list[str]:
         def launch() -> None:
             n, cell, o = queue.popleft()
             log(f"[{n}/{total}] {cell.name}: started on Ray")
-            o = replace(o, output_dir=str(Path(o.output_dir).resolve()))
+            o = replace(_with_press(opts, cell, o), output_dir=str(Path(o.output_dir).resolve()))
             pending[task.remote(o, driver, _finished(opts, cell))] = (n, cell)
 
         log(f"Ray: {len(left)} cells as tasks, at most {capacity} at once ({cpus:g} CPU, "
