@@ -171,7 +171,8 @@ class TrainOptions:
         help="take each model's fitted press (kvpress:learned, offset:kvpress:learned) from an "
              "earlier run's folder, where it was fitted exactly as this run would fit it: the "
              "same model, prompt, precision, device, versions, training examples and "
-             "--press_samples; else fit it. Saves the fit's minutes (on Qwen2.5-Coder-0.5B, 20-30 on two cores)")
+             "--press_samples; else fit it. Saves the fit's minutes (on Qwen2.5-Coder-0.5B, "
+             "20-30 on two cores)")
     device: str | None = option(None, group=RUN, choices=["cpu", "cuda"],
                                 help="unset: CUDA when available, else CPU")
     mixed_precision: str | None = option(
