@@ -135,9 +135,10 @@ class TrainOptions:
                                help="linear warm-up from 0 to --lr over N steps")
     max_minutes: float = option(
         0.0, group=OPTIMISATION, metavar="M",
-        help="a training budget: after M minutes of training steps (evaluations and loading not "
-             "counted, a resumed run's earlier steps counted) stop where the run stands and "
-             "evaluate there; 0 for none. With --schedule constant: cosine needs its length")
+        help="a training budget: after M minutes of training steps (evaluations, loading and a "
+             "fitted press's fit not counted, a resumed run's earlier steps counted) stop where "
+             "the run stands and evaluate there; 0 for none. With --schedule constant: cosine "
+             "needs its length")
     max_grad_norm: float = option(1.0, group=OPTIMISATION, metavar="X",
                                   help="gradient clipping, 0 for none")
     first_token_ce_weight: float = option(1.0, group=OPTIMISATION, metavar="W",
