@@ -2,6 +2,7 @@
 the ridge regression computed directly, it keeps per head the positions its weights score
 best, and a run fits it on the training questions and evaluates through it."""
 
+import itertools
 import json
 from types import SimpleNamespace
 from dataclasses import replace
@@ -300,3 +301,59 @@ def test_a_run_fits_its_press_on_press_samples_and_press_from_refits_on_another_
     settings = json.loads((Path(other.output_dir) / "config.json").read_text())[
         "provenance"]["field_compressor"]["settings"]
     assert settings["questions"] == 12
+
+
+def _one_context_twice(t):
+    """The trainer's first three training items with the second asking its own question of the
+    first's context, as SQuAD's questions of one paragraph do."""
+    for a in {id(a): a for a in (*t.answerers, t.reader)}.values():
+        first = a.train_items[0]
+        a.train_items[1] = replace(a.train_items[1], span=first.span, context=first.context,
+                                   kept_at=first.kept_at)
+    assert t.answerers[0].train_items[1].question != t.answerers[0].train_items[0].question
+
+
+def test_questions_of_one_context_read_its_pruned_cache_once_as_each_alone_reads_it(tmp_path):
+    """A press that reads no question prunes a context's prompt once for all its questions in
+    the micro-batch; their loss and gradient are what reading each question alone gives."""
+    from .test_training import trainer
+
+    t = trainer(tmp_path, tiny_lm(), encoder="offset:kvpress:learned", compression=4.0,
+                keep_question=True, samples=12)
+    _one_context_twice(t)
+    alone = []
+    for r in range(3):
+        t.optimizer.zero_grad(set_to_none=True)
+        loss, _ = t.loss([r])
+        loss.backward()
+        alone.append((float(loss.detach()), [p.grad.clone() for p in t.params]))
+    t.optimizer.zero_grad(set_to_none=True)
+    loss, _ = t.loss([0, 1, 2])
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(sum(l for l, _ in alone), rel=1e-5)
+    for n, p in enumerate(t.params):
+        torch.testing.assert_close(p.grad, sum(g[n] for _, g in alone), rtol=1e-4, atol=1e-6)
+
+
+def test_by_paragraph_orders_each_paragraphs_questions_together_and_steps_per_paragraph(tmp_path):
+    from latentwire.data import Example
+
+    from .test_training import trainer
+
+    t = trainer(tmp_path, tiny_lm(), encoder="offset:kvpress:learned", compression=4.0,
+                keep_question=True, samples=12, batch_size=5, by_paragraph=True)
+    contexts = [f"context {n % 4}" for n in range(12)]
+    t.split = replace(t.split, train=[Example(str(n), c, f"q{n}", ("a",))
+                                      for n, c in enumerate(contexts)])
+    for epoch in (0, 1):
+        order = [r for b in t.batches(epoch) for r in b]
+        assert sorted(order) == list(range(12))
+        runs = [c for c, _ in itertools.groupby(contexts[r] for r in order)]
+        assert len(runs) == 4  # each paragraph's questions together
+        assert t.batches(epoch) == t.batches(epoch)  # seeded by the epoch alone
+        for batch in t.batches(epoch):
+            parts = t.micro_batches(batch)
+            assert [r for p in parts for r in p] == batch
+            assert all(len({contexts[r] for r in p}) == 1 for p in parts)
+            assert len(parts) == len({contexts[r] for r in batch})
+    assert t.batches(0) != t.batches(1)

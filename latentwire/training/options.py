@@ -128,6 +128,12 @@ class TrainOptions:
                              help="global batch, over all processes")
     grad_accum_steps: int = option(1, group=OPTIMISATION, metavar="N",
                                    help="micro-batches per step on each process")
+    by_paragraph: bool = option(
+        False, group=OPTIMISATION,
+        help="each epoch's seeded order with every paragraph's questions together, and a "
+             "step's micro-batches one paragraph each: a press that reads no question then "
+             "prunes each paragraph's cache once for all its questions in the step, not once "
+             "per question (with --grad_accum_steps 1)")
     lr: float = option(1e-3, group=OPTIMISATION, help="AdamW learning rate")
     schedule: str = option("constant", group=OPTIMISATION, choices=list(SCHEDULES),
                            help="learning rate after warm-up: constant, or cosine to 0")
@@ -494,6 +500,9 @@ def validate(opts: TrainOptions) -> Path:
          f"--batch_size ({opts.batch_size}); lower the batch or train on more samples")
     need(1 <= opts.grad_accum_steps <= opts.batch_size, "--grad_accum_steps must be between 1 "
          f"and --batch_size (got {opts.grad_accum_steps})")
+    need(not (opts.by_paragraph and opts.grad_accum_steps > 1), "--by_paragraph makes each "
+         "paragraph of a step its own micro-batch; drop --grad_accum_steps "
+         f"{opts.grad_accum_steps}")
     need(opts.lr > 0 and math.isfinite(opts.lr), f"--lr must be a positive number (got {opts.lr})")
     need(opts.schedule in SCHEDULES, f"unknown --schedule {opts.schedule!r}; use one of: "
          f"{', '.join(SCHEDULES)}")

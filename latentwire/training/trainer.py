@@ -10,6 +10,7 @@ also runs the graph at --mixed_precision); loop.py drives the steps.
 """
 
 import contextlib
+import itertools
 import math
 import sys
 import time
@@ -433,24 +434,42 @@ class Answerer:
     def pressed_logits(self, z: torch.Tensor, offsets, items: list[Item]) -> torch.Tensor:
         """As answer_logits, each item read as evaluate() reads it under a press: the prompt
         (with the question where the press observes it) pruned by the press, then the rest and
-        the answer so far at their true positions; one item at a time, since the press prunes
-        each prompt's own cache. The gradient reaches the latents through the positions kept."""
+        the answer so far at their true positions. The press prunes each prompt's own cache,
+        so items are read one prompt at a time; items of one context whose press reads no
+        question share its prompt, pruned once, and read on from copies of its cache in one
+        batch (their latents are the same). The gradient reaches the latents through the
+        positions kept."""
         aware = self.field.reads_question(not self.opts.keep_question)
-        model, out = self.lm.model, []
+        model = self.lm.model
         base = model.base_model
+        prompts_ = {}  # the items reading each pruned prompt
         for n, item in enumerate(items):
-            question = self.embed_ids(item.question)
+            prompts_.setdefault(n if aware else tuple(item.span), []).append(n)
+        out = [None] * len(items)
+        for members in prompts_.values():
+            first = items[members[0]]
             with self.autocast():
                 cache, position = pressed(
-                    model, self.prefix, z[offsets[n]:offsets[n + 1]].to(self.embed.weight.dtype),
-                    question if aware else None, self.field, self.opts.compression,
-                    Repeat(self.prefix_ids + item.span, self.anchor_ids, self.lm.tokenizer))
-                rest = torch.cat(([] if aware else [question])
-                                 + [self.anchor, self.embed_ids(item.answer[:-1])])
-                positions = torch.arange(position, position + rest.shape[0], device=self.device)
-                hidden = base(inputs_embeds=rest[None], position_ids=positions[None],
-                              use_cache=True, **{cache_argument(base): cache}).last_hidden_state
-                out.append(model.get_output_embeddings()(hidden[0, -len(item.answer):]).float())
+                    model, self.prefix,
+                    z[offsets[members[0]]:offsets[members[0] + 1]].to(self.embed.weight.dtype),
+                    self.embed_ids(first.question) if aware else None, self.field,
+                    self.opts.compression,
+                    Repeat(self.prefix_ids + first.span, self.anchor_ids, self.lm.tokenizer))
+                rests = [torch.cat(([] if aware else [self.embed_ids(items[n].question)])
+                                   + [self.anchor, self.embed_ids(items[n].answer[:-1])])
+                         for n in members]
+                width = max(r.shape[0] for r in rests)
+                if len(members) > 1:
+                    cache.batch_repeat_interleave(len(members))
+                # Right padding needs no mask: under causal attention no real token sees a pad.
+                rows = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rests])
+                positions = torch.arange(position, position + width, device=self.device)
+                hidden = base(inputs_embeds=rows,
+                              position_ids=positions.expand(len(members), -1), use_cache=True,
+                              **{cache_argument(base): cache}).last_hidden_state
+                for row, (n, rest) in enumerate(zip(members, rests)):
+                    answer = hidden[row, rest.shape[0] - len(items[n].answer):rest.shape[0]]
+                    out[n] = model.get_output_embeddings()(answer).float()
         return torch.cat(out)
 
     def prefix_cache(self, rows: int):
@@ -864,6 +883,11 @@ class Trainer:
         resumed run sees exactly the batches it would have seen."""
         gen = torch.Generator().manual_seed(self.opts.seed * 1000 + epoch)
         order = torch.randperm(len(self.split.train), generator=gen).tolist()
+        if self.opts.by_paragraph:  # paragraphs in the order of their first question drawn
+            together = {}
+            for r in order:
+                together.setdefault(self.split.train[r].context, []).append(r)
+            order = [r for rows in together.values() for r in rows]
         b = self.opts.batch_size
         return [order[s:s + b] for s in range(0, len(order), b)] if self.params else []
 
@@ -882,17 +906,25 @@ class Trainer:
             return o.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return o.lr
 
+    def micro_batches(self, mine: list[int]) -> list[list[int]]:
+        """This rank's share of a step in --grad_accum_steps parts, or with --by_paragraph one
+        part per paragraph (consecutive in the epoch's order)."""
+        if self.opts.by_paragraph:
+            train = self.split.train
+            return [list(rows) for _, rows in itertools.groupby(mine, lambda r: train[r].context)]
+        size = -(-len(mine) // self.opts.grad_accum_steps) if mine else 1
+        return [mine[s:s + size] for s in range(0, len(mine), size)]
+
     def step(self, batch: list[int], step: int = 0) -> dict:
         """Optimizer step number `step` (from 0) on a global batch: this rank's share, in
         grad_accum_steps micro-batches, gradients summed over ranks; the loss is the batch mean."""
         o = self.opts
         mine = batch[self.rank::self.world]
-        size = -(-len(mine) // o.grad_accum_steps) if mine else 1
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0}
-        for s in range(0, len(mine), size):
+        for micro in self.micro_batches(mine):
             try:
-                loss, parts = self.loss(mine[s:s + size])
+                loss, parts = self.loss(micro)
             except NonFiniteError:  # the compressor's latents are already NaN or inf
                 raise NonFiniteLoss
             (loss / len(batch)).backward()
