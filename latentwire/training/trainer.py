@@ -916,8 +916,8 @@ class Trainer:
         return [mine[s:s + size] for s in range(0, len(mine), size)]
 
     def step(self, batch: list[int], step: int = 0) -> dict:
-        """Optimizer step number `step` (from 0) on a global batch: this rank's share, in
-        grad_accum_steps micro-batches, gradients summed over ranks; the loss is the batch mean."""
+        """Optimizer step number `step` (from 0) on a global batch: this rank's share, in its
+        micro-batches, gradients summed over ranks; the loss is the batch mean."""
         o = self.opts
         mine = batch[self.rank::self.world]
         self.optimizer.zero_grad(set_to_none=True)
