@@ -55,7 +55,7 @@ CASES = [
     (["train", "--model_id", f"{B},fake.gguf"], "not a GGUF file"),
     (["train", "--model_id", f"{B},{B}"], "twice"),
     (["train", "--model_id", f"{B},,{B}"], "has an empty name between its commas"),
-    (["train", "--by_paragraph", "--grad_accum_steps", "2"], "drop --grad_accum_steps 2"),
+    (["train", "--by_paragraph", "--grad_accum_steps", "2"], "--grad_accum_steps 2 cannot apply: pass --grad_accum_steps 1"),
     (["train", "--model_id", "/nonexistent/model"], "does not exist"),
     (["train", "--encoder_model", "/nonexistent/m"], "(--encoder_model) does not exist"),
     (["train", "--model_id", f"{B},nowhere/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"],

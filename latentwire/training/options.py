@@ -501,8 +501,8 @@ def validate(opts: TrainOptions) -> Path:
     need(1 <= opts.grad_accum_steps <= opts.batch_size, "--grad_accum_steps must be between 1 "
          f"and --batch_size (got {opts.grad_accum_steps})")
     need(not (opts.by_paragraph and opts.grad_accum_steps > 1), "--by_paragraph makes each "
-         "paragraph of a step its own micro-batch; drop --grad_accum_steps "
-         f"{opts.grad_accum_steps}")
+         "paragraph of a step its own micro-batch, so --grad_accum_steps "
+         f"{opts.grad_accum_steps} cannot apply: pass --grad_accum_steps 1")
     need(opts.lr > 0 and math.isfinite(opts.lr), f"--lr must be a positive number (got {opts.lr})")
     need(opts.schedule in SCHEDULES, f"unknown --schedule {opts.schedule!r}; use one of: "
          f"{', '.join(SCHEDULES)}")
