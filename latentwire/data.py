@@ -253,6 +253,16 @@ def sample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
     return order[:n]
 
 
+def grouped(things, key) -> dict:
+    """`things` by `key(thing)`, each group in the given order and the groups in the order of
+    their first member: a paragraph's questions brought together without reordering the rest
+    (a seeded epoch, a press's fit, a batch read behind one pruned cache)."""
+    groups = {}
+    for thing in things:
+        groups.setdefault(key(thing), []).append(thing)
+    return groups
+
+
 @dataclass
 class Split:
     train: list[Example]

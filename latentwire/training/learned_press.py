@@ -19,12 +19,12 @@ scored 0.05 F1 below five; docs/results/learned.md).
 
 import copy
 import json
-from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
+from ..data import grouped
 from ..errors import UsageError
 from ..field import Press, adapt_kvpress, budget, context_only
 from ..generation import cache_argument
@@ -202,11 +202,8 @@ def paragraphs_of(items, embed, prefix, rest, questions: int = 0) -> list[tuple]
     """The training items grouped by their context, in first-seen order: (prefix, context,
     [tail of each question]) embeddings, `rest(item)` giving an item's tail. With `questions`,
     only the first paragraphs, whole, until they hold at least that many."""
-    grouped = defaultdict(list)
-    for item in items:
-        grouped[tuple(item.span)].append(item)
     chosen, held = [], 0
-    for span, group in grouped.items():
+    for span, group in grouped(items, lambda item: tuple(item.span)).items():
         if questions and held >= questions:
             break
         chosen.append((span, group))

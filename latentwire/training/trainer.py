@@ -442,11 +442,9 @@ class Answerer:
         aware = self.field.reads_question(not self.opts.keep_question)
         model = self.lm.model
         base = model.base_model
-        prompts_ = {}  # the items reading each pruned prompt
-        for n, item in enumerate(items):
-            prompts_.setdefault(n if aware else tuple(item.span), []).append(n)
+        by_prompt = data.grouped(range(len(items)), lambda n: n if aware else tuple(items[n].span))
         out = [None] * len(items)
-        for members in prompts_.values():
+        for members in by_prompt.values():
             first = items[members[0]]
             with self.autocast():
                 cache, position = pressed(
@@ -884,9 +882,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.opts.seed * 1000 + epoch)
         order = torch.randperm(len(self.split.train), generator=gen).tolist()
         if self.opts.by_paragraph:  # paragraphs in the order of their first question drawn
-            together = {}
-            for r in order:
-                together.setdefault(self.split.train[r].context, []).append(r)
+            together = data.grouped(order, lambda r: self.split.train[r].context)
             order = [r for rows in together.values() for r in rows]
         b = self.opts.batch_size
         return [order[s:s + b] for s in range(0, len(order), b)] if self.params else []
