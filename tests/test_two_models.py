@@ -421,16 +421,25 @@ def test_two_models_named_alike_are_refused_before_they_load(tmp_path):
         validate(options(tmp_path, model_id=f"{tmp_path / 'a' / 'tiny'},{tmp_path / 'b' / 'tiny'}"))
 
 
-def test_the_command_trains_the_pair(tmp_path, tiny_model_dir, tiny_qwen_other_dir):
+def test_the_command_trains_the_pair(tmp_path, tiny_model_dir, tiny_qwen_other_dir, capsys):
     ids = [str(tiny_model_dir), str(tiny_qwen_other_dir)]
-    assert main(["train", "--model_id", ",".join(ids), "--model_weights", "1,2",
-                 "--latent_dim", "16", "--samples", "8", "--eval_samples", "3", "--batch_size",
-                 "4", "--max_new_tokens", "2", "--output_dir", str(tmp_path / "run")]) == 0
+    args = ["train", "--model_id", ",".join(ids), "--latent_dim", "16", "--samples", "8",
+            "--eval_samples", "3", "--batch_size", "4", "--max_new_tokens", "2"]
+    assert main(args + ["--model_weights", "1,2", "--output_dir", str(tmp_path / "run")]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [m["weight"] for m in summary["models"].values()] == [1.0, 2.0]
     _, config = checkpoint.load(tmp_path / "run" / "checkpoints" / "best")
     assert config["compressor"]["latent_dim"] == 16
     assert [a["model"]["id"] for a in config["answerers"]] == ids
+    # Other loss weights train otherwise, but the untrained models answer alike: the earlier
+    # run's references are taken over.
+    capsys.readouterr()
+    assert main(args + ["--references_from", str(tmp_path / "run"),
+                        "--output_dir", str(tmp_path / "other")]) == 0
+    out = capsys.readouterr().out
+    assert "references: those of" in out and "not this run's" not in out
+    assert (json.loads((tmp_path / "other" / "references.json").read_text())
+            == json.loads((tmp_path / "run" / "references.json").read_text()))
 
 
 def test_the_vocabulary_map_is_the_least_squares_fit_over_the_tokens_both_spell_alike():

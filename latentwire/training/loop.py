@@ -167,11 +167,22 @@ def earlier_references(trainer: Trainer, folder: Path) -> tuple[dict | None, str
     if not config or not refs:
         return None, "its config.json or references.json is missing"
     theirs, ours = config.get("provenance", {}), trainer.provenance
-    unlike = [k for k in REFERENCE_KEYS if not alike(theirs.get(k), ours.get(k))]
+    kept, own = reference_record(theirs), reference_record(ours)
+    unlike = [k for k in REFERENCE_KEYS if not alike(kept[k], own[k])]
     if (theirs.get("dataset", {}).get("eval_examples_sha256")
             != ours["dataset"]["eval_examples_sha256"]):
         unlike.append("evaluation examples")
     return (None, ", ".join(unlike) + " differ") if unlike else (refs, "")
+
+
+def reference_record(described: dict) -> dict:
+    """A run's provenance under REFERENCE_KEYS, each answering model without its loss weight
+    (--model_weights): a weight steers training, not the untrained model's answers."""
+    record = {k: described.get(k) for k in REFERENCE_KEYS}
+    if record["answerers"] is not None:
+        record["answerers"] = [{k: v for k, v in a.items() if k != "weight"}
+                               for a in record["answerers"]]
+    return record
 
 
 def alike(a, b) -> bool:
