@@ -204,9 +204,7 @@ def main() -> int:
         return embed(torch.tensor(ids, dtype=torch.long))
 
     prefix, anchor = embedded(prefix_ids), embedded(anchor_ids)
-    by_context: dict[str, list] = {}
-    for e in examples:
-        by_context.setdefault(e.context, []).append(e)
+    by_context = data.grouped(examples, lambda e: e.context)
     contexts = sorted(by_context)
     random.Random(args.seed).shuffle(contexts)
     contexts = contexts[:args.paragraphs]

@@ -284,9 +284,7 @@ def split(examples: list[Example], n_train: int | None, n_eval: int, seed: int) 
     """Whole groups go to evaluation (seeded order) until it holds n_eval examples; the training
     split is a seeded sample of n_train from the other groups. Examples without a group form a
     group of their own context, so a context is never on both sides."""
-    groups: dict[str, list[Example]] = {}
-    for e in examples:
-        groups.setdefault(e.group or e.context, []).append(e)
+    groups = grouped(examples, lambda e: e.group or e.context)
     order = sorted(groups)
     random.Random(seed).shuffle(order)
     held, rest = [], []
