@@ -245,9 +245,7 @@ def test_bad_input_is_one_line_and_exit_2_before_the_model_loads(tmp_path, capsy
                           (["--resume"], "holds no checkpoint to resume"),
                           (["--dataset", "nope"], "unknown dataset"),
                           (["--max_minutes", "-1"], "--max_minutes must be a number of minutes"),
-                          (["--max_minutes", "nan"], "--max_minutes must be a number of minutes"),
-                          (["--max_minutes", "5", "--schedule", "cosine"],
-                           "use --schedule constant")]:
+                          (["--max_minutes", "nan"], "--max_minutes must be a number of minutes")]:
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, (extra, err)
@@ -261,9 +259,9 @@ def test_max_minutes_stops_every_epoch_loop_evaluates_there_and_a_resume_adds_no
     # is spent after the third step, in the first of two epochs of three steps each.
     now, real_step = [0.0], Trainer.step
 
-    def slow_step(self, batch, step=0):
+    def slow_step(self, batch, step=0, elapsed=0.0):
         now[0] += 40
-        return real_step(self, batch, step)
+        return real_step(self, batch, step, elapsed)
 
     monkeypatch.setattr(Trainer, "step", slow_step)
     monkeypatch.setattr(loop, "time", SimpleNamespace(time=lambda: now[0]))
@@ -288,6 +286,14 @@ def test_max_minutes_stops_every_epoch_loop_evaluates_there_and_a_resume_adds_no
     assert run(whole, quiet, lm) == 0
     summary = json.loads((Path(whole.output_dir) / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["budget"]["stopped_early"] is False
+    # Cosine over a budget of 2 minutes: the steps start 0, 40 and 80 s into it.
+    cosine = options(tmp_path, epochs=2, max_minutes=2, save_every=0, schedule="cosine",
+                     output_dir=str(tmp_path / "cosine"))
+    assert run(cosine, quiet, lm) == 0
+    rows = [json.loads(l) for l in (Path(cosine.output_dir) / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert ([r["lr"] for r in rows if r["type"] == "step"]
+            == pytest.approx([cosine.lr, cosine.lr * 0.75, cosine.lr * 0.25]))
 
 
 def test_resume_refuses_other_flags_and_a_run_is_not_overwritten(tmp_path, capsys):
@@ -446,8 +452,9 @@ def test_resume_after_sigkill_ends_bitwise_identical(tmp_path, tiny_model_dir, p
 @pytest.mark.slow
 def test_two_processes_under_torchrun_reach_the_weights_of_one(tmp_path, tiny_model_dir):
     torchrun = Path(sys.executable).parent / "torchrun"
-    # A budget never reached: the processes agree on it at every step, and it changes nothing.
-    flags = ("--epochs", "1", "--max_minutes", "600")
+    # A budget never reached: the processes agree on it at every step, and it changes nothing;
+    # the cosine over its 600 minutes (the processes' mean time) stays at --lr to 1e-8.
+    flags = ("--epochs", "1", "--max_minutes", "600", "--schedule", "cosine")
     one = subprocess.run(_command(tiny_model_dir, tmp_path / "one", *flags),
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr
@@ -513,6 +520,10 @@ def test_learning_rate_warms_up_then_follows_its_schedule(tmp_path):
     assert rates[-1] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
     flat = trainer(tmp_path / "flat", tiny_lm(), lr=0.1)
     assert {flat.learning_rate(s) for s in range(total)} == {0.1}
+    # With a budget the cosine runs over its seconds, whatever the step: 0 once it is spent.
+    timed = trainer(tmp_path / "timed", tiny_lm(), lr=0.1, schedule="cosine", max_minutes=2)
+    assert [timed.learning_rate(5, s) for s in (0, 60, 120, 150)] == pytest.approx(
+        [0.1, 0.05, 0.0, 0.0])
 
 
 def test_the_lm_reader_starts_on_the_vocabularys_distribution_per_dimension(tmp_path):

@@ -112,7 +112,7 @@ def fit(trainer: Trainer, state: State, progress: "Progress", started: float,
             stopped = False
             for batch in trainer.batches(epoch)[state.batch:]:
                 t0 = time.time()
-                metrics = trainer.step(batch, state.step)
+                metrics = trainer.step(batch, state.step, state.elapsed)
                 seconds = time.time() - t0
                 state.step, state.batch, state.elapsed = (state.step + 1, state.batch + 1,
                                                           state.elapsed + seconds)

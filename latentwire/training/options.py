@@ -136,15 +136,16 @@ class TrainOptions:
              "per question (with --grad_accum_steps 1)")
     lr: float = option(1e-3, group=OPTIMISATION, help="AdamW learning rate")
     schedule: str = option("constant", group=OPTIMISATION, choices=list(SCHEDULES),
-                           help="learning rate after warm-up: constant, or cosine to 0")
+                           help="learning rate after warm-up: constant, or cosine to 0 over "
+                                "the run's steps (with --max_minutes, over its minutes)")
     warmup_steps: int = option(0, group=OPTIMISATION, metavar="N",
                                help="linear warm-up from 0 to --lr over N steps")
     max_minutes: float = option(
         0.0, group=OPTIMISATION, metavar="M",
         help="a training budget: after M minutes of training steps (evaluations, loading and a "
              "fitted press's fit not counted, a resumed run's earlier steps counted) stop where "
-             "the run stands and evaluate there; 0 for none. With --schedule constant: cosine "
-             "needs its length")
+             "the run stands and evaluate there; 0 for none. --schedule cosine then falls "
+             "to 0 over these minutes")
     max_grad_norm: float = option(1.0, group=OPTIMISATION, metavar="X",
                                   help="gradient clipping, 0 for none")
     first_token_ce_weight: float = option(1.0, group=OPTIMISATION, metavar="W",
@@ -509,9 +510,6 @@ def validate(opts: TrainOptions) -> Path:
     need(opts.warmup_steps >= 0, f"--warmup_steps must be >= 0 (got {opts.warmup_steps})")
     need(opts.max_minutes >= 0 and math.isfinite(opts.max_minutes), "--max_minutes must be a "
          f"number of minutes >= 0, 0 for no budget (got {opts.max_minutes})")
-    need(not opts.max_minutes or opts.schedule == "constant", "--max_minutes stops the run at a "
-         "step no schedule knows beforehand, so --schedule cosine would stop short of 0; use "
-         "--schedule constant, or size the run with --samples and --epochs")
     need(opts.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, 0 for no clipping "
          f"(got {opts.max_grad_norm})")
     for name in ("first_token_ce_weight", "kd_weight", "recon_weight"):

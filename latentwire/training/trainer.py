@@ -891,14 +891,18 @@ class Trainer:
         """The optimizer steps of the whole run as asked (--max_minutes may stop it sooner)."""
         return len(self.batches(0)) * self.opts.epochs
 
-    def learning_rate(self, step: int) -> float:
+    def learning_rate(self, step: int, elapsed: float = 0.0) -> float:
         """--lr after a linear warm-up of --warmup_steps, then constant or cosine to zero over
-        the whole run; a function of the step alone, so a resumed run follows the same curve."""
+        the whole run: over its steps, or with --max_minutes over the budget's seconds, of
+        which `elapsed` are spent (a budget ends at a step no one knows beforehand, and a
+        run that stops at a high rate ends on its noisiest weights). Either way a resumed run
+        follows the same curve: its elapsed time counts the steps before the resume."""
         o = self.opts
         if step < o.warmup_steps:
             return o.lr * (step + 1) / o.warmup_steps
         if o.schedule == "cosine":
-            progress = (step - o.warmup_steps) / max(1, self.total_steps() - o.warmup_steps)
+            progress = (elapsed / (o.max_minutes * 60) if o.max_minutes else
+                        (step - o.warmup_steps) / max(1, self.total_steps() - o.warmup_steps))
             return o.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return o.lr
 
@@ -911,9 +915,10 @@ class Trainer:
         size = -(-len(mine) // self.opts.grad_accum_steps) if mine else 1
         return [mine[s:s + size] for s in range(0, len(mine), size)]
 
-    def step(self, batch: list[int], step: int = 0) -> dict:
-        """Optimizer step number `step` (from 0) on a global batch: this rank's share, in its
-        micro-batches, gradients summed over ranks; the loss is the batch mean."""
+    def step(self, batch: list[int], step: int = 0, elapsed: float = 0.0) -> dict:
+        """Optimizer step number `step` (from 0) on a global batch, after `elapsed` seconds of
+        training: this rank's share, in its micro-batches, gradients summed over ranks; the
+        loss is the batch mean."""
         o = self.opts
         mine = batch[self.rank::self.world]
         self.optimizer.zero_grad(set_to_none=True)
@@ -934,6 +939,9 @@ class Trainer:
             flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), "sum")
             sums = self.accelerator.reduce(sums, "sum")
             grads = list(flat.split([g.numel() for g in grads]))
+            # Each process times its own steps; a rate from the budget must be one for all.
+            elapsed = float(self.accelerator.reduce(
+                torch.tensor([elapsed], dtype=torch.float64), "mean"))
         for p, g in zip(self.params, grads):
             p.grad = g.view_as(p)
         metrics = {k: float(v) / len(batch) for k, v in zip(keys, sums)}
@@ -941,7 +949,7 @@ class Trainer:
             raise NonFiniteLoss
         norm = torch.nn.utils.clip_grad_norm_(
             self.params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
-        lr = self.learning_rate(step)
+        lr = self.learning_rate(step, elapsed)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
