@@ -207,10 +207,10 @@ def test_a_resumed_run_continues_each_trackers_run_and_sends_each_step_once(
     opts = options(tmp_path, epochs=2, save_every=2, report_to="tensorboard,mlflow,wandb")
     step = Trainer.step
 
-    def dies_at_step_6(self, batch, n=0):
+    def dies_at_step_6(self, batch, n=0, elapsed=0.0):
         if n == 5:
             raise Killed
-        return step(self, batch, n)
+        return step(self, batch, n, elapsed)
 
     monkeypatch.setattr(Trainer, "step", dies_at_step_6)
     with pytest.raises(Killed):
