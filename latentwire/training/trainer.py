@@ -934,17 +934,17 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + v
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         keys = sorted(totals)
-        sums = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+        # Each process times its own steps, and a rate from the budget must be one for all:
+        # the elapsed time rides last in the sums the processes add anyway, and becomes the mean.
+        sums = torch.tensor([totals[k] for k in keys] + [elapsed], dtype=torch.float64)
         if self.world > 1:
             flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), "sum")
             sums = self.accelerator.reduce(sums, "sum")
             grads = list(flat.split([g.numel() for g in grads]))
-            # Each process times its own steps; a rate from the budget must be one for all.
-            elapsed = float(self.accelerator.reduce(
-                torch.tensor([elapsed], dtype=torch.float64), "mean"))
         for p, g in zip(self.params, grads):
             p.grad = g.view_as(p)
-        metrics = {k: float(v) / len(batch) for k, v in zip(keys, sums)}
+        metrics = {k: float(v) / len(batch) for k, v in zip(keys, sums[:-1])}
+        elapsed = float(sums[-1]) / self.world
         if not math.isfinite(metrics["loss"]):
             raise NonFiniteLoss
         norm = torch.nn.utils.clip_grad_norm_(
